@@ -1,0 +1,374 @@
+"""The typed schema of every sgt_jax setting.
+
+The dataclasses below *are* the documentation of the configuration: each field's comment says what it
+means. A run's configuration is the schema's defaults, overlaid by a YAML file from ``configs/`` and then
+by dotted ``key=value`` command-line overrides, merged and type-checked by OmegaConf structured configs.
+Unknown keys and wrong types are refused with a one-line :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING re-exported for configs)
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "CloakConfig",
+    "ObjectiveConfig",
+    "OptimizerConfig",
+    "DataConfig",
+    "MeshConfig",
+    "CheckpointConfig",
+    "TrackingConfig",
+    "ValidationConfig",
+    "GenerationConfig",
+    "TrainConfig",
+    "SGTConfig",
+    "load_config",
+    "to_yaml",
+    "DEFAULT_MODEL",
+]
+
+# The embedded default base model (shipped inside the package, see the user's-path issue).
+DEFAULT_MODEL = "embedded:tiny-llama"
+
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+OBJECTIVE_MODES = ("ssl", "lm", "distill")
+SCHEDULES = ("cosine", "linear", "constant")
+DATA_FORMATS = ("alpaca", "openorca", "chat", "text")
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem, reported in one sentence naming the setting and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # Directory of the frozen base model in Hugging Face layout (config.json, safetensors, tokenizer),
+    # or "embedded:tiny-llama" for the tiny model shipped with the package.
+    path: str = DEFAULT_MODEL
+    # Compute/storage dtype of the frozen base model. The cloak is always float32.
+    dtype: str = "bfloat16"
+    # Build and load only embeddings + layers 0..k (ssl mode). None: the whole model. The seed
+    # recommends 12 for 32-layer models (13 layers kept).
+    truncate_at_layer: Optional[int] = None
+    # Attention kernel of the base model: xla (everywhere), cudnn (flash, GPU), splash (TPU).
+    attention_impl: str = "xla"
+    # Rematerialisation of the scanned layers: none, full, dots_saveable, dots_with_no_batch_dims_saveable.
+    remat_policy: str = "none"
+
+
+@dataclass
+class CloakConfig:
+    # (min_scale, max_scale) bounds of sigma. None: (1e-8, 1.0) when directly_learn_stds else (1e-3, 1.0).
+    scale: Optional[List[float]] = None
+    # Decoder family of the estimators; None: read from config_path's model_type. Must match it.
+    transformer_type: Optional[str] = None
+    # Base model directory the estimators are built from; None: model.path.
+    config_path: Optional[str] = None
+    # Fraction in [0, 1] of features per token replaced by the deterministic part (experimental; keep 0).
+    percent_to_mask: float = 0.0
+    # Temperature of the rho parameterisation (directly_learn_stds=False); keep 1.0.
+    shallow: float = 1.0
+    # None: fresh OS entropy for the noise (secure). An int: reproducible noise (debug only, never secure).
+    seed: Optional[int] = None
+    # Initial std head output; None: 0.0 when directly_learn_stds else -3.0.
+    rho_init: Optional[float] = None
+    std_dropout: float = 0.1
+    mean_dropout: float = 0.1
+    directly_learn_stds: bool = True
+    mean_num_experts: int = 0
+    std_num_experts: int = 0
+    use_causal_mask: bool = True
+    # Passed to the estimators' decoder config (the seed's **kwargs), e.g. num_hidden_layers.
+    estimator_kwargs: Dict[str, Any] = field(default_factory=lambda: {"num_hidden_layers": 1})
+
+
+@dataclass
+class ObjectiveConfig:
+    # Utility loss L_M: ssl (hidden state at truncate_at_layer; recommended), lm, or distill.
+    mode: str = "ssl"
+    alpha: float = 0.54
+    transform_variance_priority: float = 0.01
+    transform_strength_priority: float = 0.75
+    weight: float = 12.0
+    # ssl: weight of the optional relative-L2 term added to (1 - cos).
+    ssl_relative_l2_weight: float = 0.0
+    # Weight of the mixture-of-experts load-balancing loss (only with *_num_experts > 0).
+    moe_aux_loss_weight: float = 0.01
+    # lm/distill: vocabulary chunk for the cross-entropy (0: no chunking).
+    vocab_chunk_size: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = 3e-5
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-5
+    # Decoupled weight decay for every cloak parameter except the estimator heads (always 0 there).
+    weight_decay: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    # Final learning rate of the cosine/linear decay as a fraction of learning_rate.
+    end_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    # Micro-batches accumulated inside one compiled optimizer step.
+    grad_accum_steps: int = 1
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" (the embedded corpus), a local json/jsonl/csv/parquet/arrow file, a save_to_disk
+    # directory, or a hub dataset name (needs a network).
+    source: str = "synthetic"
+    format: str = "alpaca"
+    split: str = "train"
+    # Validation: an explicit file/directory, or a split name of source, else a seeded hold-out fraction.
+    validation_source: Optional[str] = None
+    validation_split: Optional[str] = None
+    validation_fraction: float = 0.02
+    # Column for format=text; column of the message list for format=chat.
+    text_column: str = "text"
+    messages_column: str = "messages"
+    max_length: int = 256
+    # Batch lengths are padded up to the smallest bucket that fits (bounded set of compiled shapes).
+    buckets: List[int] = field(default_factory=lambda: [64, 128, 256])
+    # Concatenate examples with eos and cut to max_length (drops the last partial sequence).
+    packing: bool = False
+    # Transform every non-pad token, not just the prompt's content tokens.
+    transform_all_tokens: bool = False
+    # Global batch size (examples per optimizer micro-batch, summed over hosts).
+    batch_size: int = 8
+    shuffle_seed: int = 0
+    num_epochs: int = 1
+    # Grain worker processes; -1: 4 where there are enough cores, else 0.
+    num_workers: int = -1
+    prefetch_buffer_size: int = 2
+    # Tokenized-data cache directory; None: ~/.cache/sgt_jax.
+    cache_dir: Optional[str] = None
+    # Size of the embedded synthetic corpus.
+    synthetic_num_examples: int = 4000
+    synthetic_seed: int = 1234
+
+
+@dataclass
+class MeshConfig:
+    # Sizes of the (data, fsdp, tensor) mesh axes; one may be -1 to take the remaining devices.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Multi-host start-up: "auto" initialises jax.distributed when the environment says multi-host.
+    distributed: str = "auto"
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    # Directory of the checkpoints; None: <tracking.run_dir>/checkpoints.
+    directory: Optional[str] = None
+    every_minutes: float = 30.0
+    # Also save every N steps (None: only by time, preemption and at the end).
+    every_steps: Optional[int] = None
+    keep: int = 3
+    save_on_preemption: bool = True
+    async_save: bool = True
+    # Resume automatically from the latest complete checkpoint in directory.
+    resume: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    run_dir: str = "runs/sgt"
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "sgt_jax"
+    log_every_steps: int = 10
+    histogram_every_steps: int = 100
+    progress_bar: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: Optional[int] = 200
+    every_minutes: Optional[float] = None
+    # Batches of the validation set per validation (None: all).
+    max_batches: Optional[int] = 8
+    # Prompts of the generation set (0 disables generation metrics during training).
+    generation_examples: int = 8
+
+
+@dataclass
+class GenerationConfig:
+    do_sample: bool = True
+    temperature: float = 0.6
+    top_k: int = 5000
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    renormalize_logits: bool = True
+    max_new_tokens: int = 64
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps; None: num_epochs over the training set.
+    max_steps: Optional[int] = None
+    # Run key seed: the per-step keys derive from (run key, step), so a resumed run draws the same noise.
+    seed: int = 0
+    # Consecutive non-finite steps (skipped) after which the run stops.
+    max_nonfinite_steps: int = 10
+    # Where the SGT artifact goes at the end; None: <tracking.run_dir>/sgt.
+    artifact_dir: Optional[str] = None
+
+
+@dataclass
+class SGTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cloak: CloakConfig = field(default_factory=CloakConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    if key and key not in msg:
+        msg = f"{key}: {msg}"
+    return msg
+
+
+def load_config(
+    path: Optional[str | os.PathLike] = None,
+    overrides: Sequence[str] = (),
+) -> SGTConfig:
+    """Defaults ← YAML file ← ``key=value`` overrides, type-checked, then validated.
+
+    Returns a plain :class:`SGTConfig` dataclass instance (not an OmegaConf node).
+    """
+    schema = OmegaConf.structured(SGTConfig)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file from configs/.")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # yaml parse errors
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.learning_rate=1e-4).")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad override: {_one_line(exc)}") from None
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg: SGTConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid configuration: {_one_line(exc)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _choice(value: str, choices: Sequence[str], key: str) -> None:
+    _check(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}.")
+
+
+def validate(cfg: SGTConfig) -> None:
+    """Cross-field checks a type system cannot express; each error names the setting and the fix."""
+    _choice(cfg.model.dtype, DTYPES, "model.dtype")
+    _choice(cfg.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
+    _choice(cfg.model.remat_policy, REMAT_POLICIES, "model.remat_policy")
+    if cfg.model.truncate_at_layer is not None:
+        _check(cfg.model.truncate_at_layer >= 0, "model.truncate_at_layer must be >= 0 (or null for the whole model).")
+    c = cfg.cloak
+    if c.scale is not None:
+        _check(len(c.scale) == 2, f"cloak.scale must be [min_scale, max_scale], got {list(c.scale)}.")
+        lo, hi = c.scale
+        _check(lo > 0, f"cloak.scale min_scale={lo} must be > 0.")
+        _check(lo < hi, f"cloak.scale min_scale={lo} must be smaller than max_scale={hi}.")
+    _check(0.0 <= c.percent_to_mask <= 1.0, f"cloak.percent_to_mask={c.percent_to_mask} must be in [0, 1].")
+    _check(c.shallow > 0, f"cloak.shallow={c.shallow} must be > 0 (keep 1.0).")
+    if c.directly_learn_stds and c.rho_init not in (None, 0.0):
+        raise ConfigError(
+            f"cloak.rho_init={c.rho_init} must be 0.0 when cloak.directly_learn_stds=true (other values diverge); "
+            "set rho_init=0.0 or directly_learn_stds=false."
+        )
+    _check(0.0 <= c.std_dropout < 1.0 and 0.0 <= c.mean_dropout < 1.0, "cloak.std_dropout and cloak.mean_dropout must be in [0, 1).")
+    _check(c.mean_num_experts >= 0 and c.std_num_experts >= 0, "cloak.mean_num_experts and cloak.std_num_experts must be >= 0.")
+    o = cfg.objective
+    _choice(o.mode, OBJECTIVE_MODES, "objective.mode")
+    _check(0.0 <= o.alpha <= 1.0, f"objective.alpha={o.alpha} must be in [0, 1].")
+    for name in ("transform_variance_priority", "transform_strength_priority", "weight"):
+        _check(getattr(o, name) >= 0, f"objective.{name} must be >= 0.")
+    if o.mode != "ssl" and cfg.model.truncate_at_layer is not None:
+        raise ConfigError(
+            f"model.truncate_at_layer={cfg.model.truncate_at_layer} only applies to objective.mode=ssl; "
+            f"mode {o.mode!r} needs the whole model (set model.truncate_at_layer=null)."
+        )
+    opt = cfg.optimizer
+    _choice(opt.schedule, SCHEDULES, "optimizer.schedule")
+    _check(opt.learning_rate > 0, "optimizer.learning_rate must be > 0.")
+    _check(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps must be >= 1.")
+    _check(opt.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0.")
+    d = cfg.data
+    _choice(d.format, DATA_FORMATS, "data.format")
+    _check(d.batch_size >= 1, "data.batch_size must be >= 1.")
+    _check(d.max_length >= 2, "data.max_length must be >= 2.")
+    _check(len(d.buckets) > 0 and all(b > 0 for b in d.buckets), "data.buckets must be a non-empty list of positive lengths.")
+    _check(max(d.buckets) >= d.max_length, f"data.buckets' largest ({max(d.buckets)}) must be >= data.max_length ({d.max_length}).")
+    _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction must be in [0, 1).")
+    m = cfg.mesh
+    sizes = [m.data, m.fsdp, m.tensor]
+    _check(sum(1 for s in sizes if s == -1) <= 1, "mesh: at most one of data, fsdp, tensor may be -1.")
+    _check(all(s == -1 or s >= 1 for s in sizes), "mesh.data, mesh.fsdp and mesh.tensor must be >= 1 or -1.")
+    _choice(m.distributed, ("auto", "true", "false"), "mesh.distributed")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1.")
+    _check(cfg.checkpoint.every_minutes > 0, "checkpoint.every_minutes must be > 0.")
+    g = cfg.generation
+    _check(g.temperature > 0, "generation.temperature must be > 0 (use do_sample=false for greedy).")
+    _check(0.0 < g.top_p <= 1.0, "generation.top_p must be in (0, 1].")
+    _check(g.top_k >= 0, "generation.top_k must be >= 0 (0 disables it).")
+
+
+def to_yaml(cfg: SGTConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: SGTConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: Dict[str, Any]) -> SGTConfig:
+    """Rebuild a config saved with :func:`to_dict` (e.g. from a checkpoint or artifact)."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SGTConfig), OmegaConf.create(d)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid saved configuration: {_one_line(exc)}") from None
+    validate(cfg)  # type: ignore[arg-type]
+    return cfg  # type: ignore[return-value]
