@@ -1,0 +1,129 @@
+"""Attention masks and the one switch between attention kernels (XLA everywhere, cuDNN flash, TPU splash).
+
+Tensors are laid out (batch, seq, heads, head_dim). Masks follow Hugging Face semantics: the causal order and
+the sliding window are over sequence *indices* (not position ids), padding is masked on the key side, and a
+query at index i sees key j when ``j <= i`` and ``i - j < sliding_window``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+# A finite large negative logit: fully masked rows (left-pad queries) give a uniform, NaN-free softmax.
+_MASKED_LOGIT = -1e30
+
+
+class AttentionConfigError(ValueError):
+    """The requested attention kernel cannot run here; the message names model.attention_impl and the fix."""
+
+
+def check_attention_impl(attention_impl: str) -> None:
+    """Refuse, in one line, a kernel the current backend lacks (called at construction, outside jit)."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise AttentionConfigError(
+            f"model.attention_impl={attention_impl!r} is unknown; use one of {', '.join(ATTENTION_IMPLS)}."
+        )
+    backend = jax.default_backend()
+    needed = {"cudnn": "gpu", "splash": "tpu"}.get(attention_impl)
+    if needed is not None and backend != needed:
+        raise AttentionConfigError(
+            f"model.attention_impl={attention_impl!r} needs a {needed.upper()} but the JAX backend is "
+            f"{backend!r}; set model.attention_impl=xla (works everywhere)."
+        )
+
+
+def attention_mask_4d(attention_mask, *, causal: bool = True, sliding_window: int | None = None) -> jax.Array:
+    """Boolean (B, 1, S, S) mask, True where query i may attend key j: padding + causal + sliding window."""
+    seq_len = attention_mask.shape[-1]
+    allowed = attention_mask.astype(bool)[:, None, None, :]
+    query_index = jnp.arange(seq_len)[:, None]
+    key_index = jnp.arange(seq_len)[None, :]
+    structure = jnp.ones((seq_len, seq_len), bool)
+    if causal:
+        structure &= key_index <= query_index
+    if sliding_window is not None:
+        distance = query_index - key_index
+        # HF: causal window keeps i - j < w; bidirectional window keeps |i - j| <= w.
+        structure &= (distance < sliding_window) if causal else (jnp.abs(distance) <= sliding_window)
+    return allowed & structure[None, None]
+
+
+def _xla_attention(query, key, value, mask, scale):
+    """Plain dot-product attention with the softmax in float32 (the reference kernel, also for the fp32 cloak)."""
+    num_heads, num_kv_heads = query.shape[2], key.shape[2]
+    batch, q_len, _, head_dim = query.shape
+    # Group queries by their shared kv head (GQA) instead of repeating k/v in memory.
+    grouped = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", grouped, key, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, :, None], logits, _MASKED_LOGIT)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _cudnn_attention(query, key, value, mask, scale):
+    # Left padding is not expressible as cuDNN's (right-padded) sequence lengths: pass it as an additive bias.
+    bias = jnp.where(mask, 0.0, _MASKED_LOGIT).astype(query.dtype)
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, scale=scale, implementation="cudnn")
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(seq_len: int, num_heads: int, causal: bool, sliding_window: int | None):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    shape = (seq_len, seq_len)
+    if sliding_window is not None:
+        window = (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+        head_mask = masks.LocalMask(shape, window_size=window, offset=0)
+    elif causal:
+        head_mask = masks.CausalMask(shape)
+    else:
+        head_mask = masks.FullMask(shape)
+    return kernel.make_splash_mha_single_device(mask=masks.MultiHeadMask([head_mask] * num_heads))
+
+
+def _splash_attention(query, key, value, padding_mask, scale, causal, sliding_window):
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    batch, seq_len, num_heads, _ = query.shape
+    if seq_len % 128:
+        raise AttentionConfigError(
+            f"model.attention_impl='splash' needs sequence lengths that are multiples of 128 (got {seq_len}); "
+            "set data.buckets to multiples of 128 or model.attention_impl=xla."
+        )
+    repeat = num_heads // key.shape[2]
+    key, value = jnp.repeat(key, repeat, axis=2), jnp.repeat(value, repeat, axis=2)
+    kernel = _splash_kernel(seq_len, num_heads, causal, sliding_window)
+    # Padding as segment ids: pad tokens (0) never attend real tokens (1), nor the reverse.
+    segments = padding_mask.astype(jnp.int32)
+    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (B, H, S, D)
+
+    def one_example(q, k, v, seg):
+        return kernel(q, k, v, segment_ids=SegmentIds(q=seg, kv=seg))
+
+    out = jax.vmap(one_example)(to_heads_first(query * scale), to_heads_first(key), to_heads_first(value), segments)
+    return to_heads_first(out)
+
+
+def dot_product_attention(query, key, value, padding_mask, *, attention_impl="xla", causal=True,
+                          sliding_window=None, scale=None):
+    """Attention over (B, S, H, D) queries and (B, S, K, D) keys/values (GQA: H a multiple of K).
+
+    padding_mask: (B, S), 1 for real tokens. Returns (B, S, H, D) in the value dtype.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if attention_impl == "splash":
+        return _splash_attention(query, key, value, padding_mask, scale, causal, sliding_window)
+    mask = attention_mask_4d(padding_mask, causal=causal, sliding_window=sliding_window)
+    if attention_impl == "cudnn":
+        return _cudnn_attention(query, key, value, mask, scale)
+    return _xla_attention(query, key, value, mask, scale)
+
+
+__all__ = ["ATTENTION_IMPLS", "AttentionConfigError", "attention_mask_4d", "check_attention_impl",
+           "dot_product_attention"]

@@ -1,0 +1,154 @@
+"""Device mesh, the logical-axis sharding rules, multi-host start-up, and host batches -> global arrays.
+
+Parameters carry *logical* axis names (``embed``, ``mlp``, ``heads``, ...) as ``logical_axes`` metadata on
+their ``nnx.Param``; the one rule table below maps them to mesh axes (MaxText style). A mesh axis whose size
+does not divide a dimension is dropped for that dimension (replicated) rather than crashing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The one logical -> mesh axis rule table. None: replicated along that dimension.
+LOGICAL_AXIS_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "sequence": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "experts": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+class MeshConfigError(ValueError):
+    """A mesh that cannot be built on these devices; the message names the mesh.* settings and the fix."""
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh; one axis may be -1 to take the devices the others leave."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+    described = ", ".join(f"mesh.{name}={size}" for name, size in zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
+        raise MeshConfigError(f"{described} is invalid: give positive sizes, at most one of them -1.")
+    known = math.prod(size for size in sizes if size != -1)
+    if len(devices) % known:
+        raise MeshConfigError(
+            f"{described} needs a multiple of {known} devices but {len(devices)} are available; "
+            f"choose sizes whose product divides {len(devices)}."
+        )
+    sizes = [len(devices) // known if size == -1 else size for size in sizes]
+    if math.prod(sizes) != len(devices):
+        raise MeshConfigError(
+            f"{described} uses {math.prod(sizes)} devices but {len(devices)} are available; "
+            "make the product equal the device count or set one axis to -1."
+        )
+    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, mesh: Mesh,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for logical axis names; with ``shape``, mesh axes that don't divide a dim are dropped."""
+    if not logical_axes:
+        return PartitionSpec()
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical_axes):
+        rule = LOGICAL_AXIS_RULES.get(name) if name is not None else None
+        mesh_axes = [rule] if isinstance(rule, str) else list(rule or ())
+        # A mesh axis shards at most one dimension, and only where it is larger than 1.
+        mesh_axes = [axis for axis in mesh_axes if axis not in used and mesh.shape[axis] > 1]
+        if shape is not None and mesh_axes:
+            while mesh_axes and shape[dim] % math.prod(mesh.shape[a] for a in mesh_axes):
+                dropped = mesh_axes.pop()
+                logger.debug("dim %d (%s) of size %d not divisible along mesh axis %r: replicated there",
+                             dim, name, shape[dim], dropped)
+        used.update(mesh_axes)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+    return PartitionSpec(*spec)
+
+
+def logical_to_sharding(logical_axes, mesh: Mesh, shape=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, shape))
+
+
+def _is_variable(x) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(abstract_state, mesh: Mesh):
+    """NamedSharding per leaf of an nnx State (abstract or concrete), from each Param's ``logical_axes``."""
+
+    def sharding_of(variable):
+        if not _is_variable(variable):
+            return NamedSharding(mesh, PartitionSpec())
+        axes = variable.get_metadata().get("logical_axes")
+        return variable.replace(logical_to_sharding(axes, mesh, variable.shape))
+
+    return jax.tree.map(sharding_of, abstract_state, is_leaf=_is_variable)
+
+
+def shard_params(state_or_model, mesh: Mesh):
+    """Place a model (in place, returned) or an nnx State (a new one) on the mesh by its logical axes."""
+    from flax import nnx
+
+    if isinstance(state_or_model, nnx.Module):
+        graphdef, state = nnx.split(state_or_model)
+        nnx.update(state_or_model, shard_params(state, mesh))
+        return state_or_model
+    shardings = param_shardings(state_or_model, mesh)
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), state_or_model, shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-host numpy batch -> global arrays sharded over ("data", "fsdp") on the batch dimension."""
+    return {
+        name: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+        for name, value in batch.items()
+    }
+
+
+def maybe_initialize_distributed(mesh_cfg) -> bool:
+    """Start jax.distributed for multi-host runs; returns True when it was initialised here."""
+    mode = str(mesh_cfg.distributed).lower()
+    if mode not in ("auto", "true", "false"):
+        raise MeshConfigError(f"mesh.distributed={mode!r} is unknown; use auto, true or false.")
+    explicit = mesh_cfg.coordinator_address is not None
+    # Environments where jax.distributed.initialize() can discover the cluster by itself.
+    cluster_env = any(var in os.environ for var in (
+        "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    if mode == "false" or (mode == "auto" and not (explicit or cluster_env)):
+        return False
+    kwargs = {}
+    if explicit:
+        kwargs = dict(coordinator_address=mesh_cfg.coordinator_address, num_processes=mesh_cfg.num_processes,
+                      process_id=mesh_cfg.process_id)
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfigError", "batch_sharding", "host_batch_to_global",
+           "logical_to_sharding", "logical_to_spec", "make_mesh", "maybe_initialize_distributed",
+           "param_shardings", "shard_params"]

@@ -1,0 +1,70 @@
+"""The configuration schema: YAML + dotted overrides, typed, with one-line errors naming the key."""
+
+import pytest
+
+from sgt_jax.config import ConfigError, SGTConfig, from_dict, load_config, to_dict
+
+
+def test_defaults_follow_the_seed_recommendations():
+    cfg = load_config()
+    assert isinstance(cfg, SGTConfig)
+    assert (cfg.objective.alpha, cfg.objective.transform_variance_priority) == (0.54, 0.01)
+    assert (cfg.objective.transform_strength_priority, cfg.objective.weight) == (0.75, 12.0)
+    assert (cfg.optimizer.b1, cfg.optimizer.b2, cfg.optimizer.eps) == (0.9, 0.95, 1e-5)
+    assert (cfg.optimizer.learning_rate, cfg.optimizer.weight_decay) == (3e-5, 0.1)
+    assert cfg.cloak.directly_learn_stds and cfg.cloak.use_causal_mask
+    assert (cfg.cloak.std_dropout, cfg.cloak.mean_dropout, cfg.cloak.percent_to_mask) == (0.1, 0.1, 0.0)
+    assert cfg.cloak.estimator_kwargs == {"num_hidden_layers": 1}
+    g = cfg.generation
+    assert (g.temperature, g.top_k, g.top_p, g.repetition_penalty, g.renormalize_logits) == (0.6, 5000, 0.9, 1.0, True)
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer:\n  learning_rate: 1.0e-4\n  warmup_steps: 7\ncloak:\n  scale: [1.0e-3, 2.0]\n")
+    cfg = load_config(path, ["optimizer.learning_rate=5e-4", "cloak.estimator_kwargs.num_hidden_layers=2"])
+    assert cfg.optimizer.learning_rate == 5e-4
+    assert cfg.optimizer.warmup_steps == 7
+    assert list(cfg.cloak.scale) == [1e-3, 2.0]
+    assert cfg.cloak.estimator_kwargs["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["optimizer.lr=1"], "optimizer.lr"),
+        (["optimizer.learning_rate=abc"], "optimizer.learning_rate"),
+        (["nosuchsection.x=1"], "nosuchsection"),
+        (["data.batch_size=1.5"], "data.batch_size"),
+        (["cloak.rho_init=-3"], "cloak.rho_init"),
+        (["cloak.scale=[1.0,0.5]"], "cloak.scale"),
+        (["cloak.percent_to_mask=1.5"], "cloak.percent_to_mask"),
+        (["objective.mode=magic"], "objective.mode"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
+        (["learning_rate"], "learning_rate"),
+    ],
+)
+def test_bad_settings_give_one_line_errors_naming_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_unknown_key_in_yaml_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optimizer:\n  learnig_rate: 1.0\n")
+    with pytest.raises(ConfigError, match="learnig_rate"):
+        load_config(path)
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_round_trip_through_a_plain_dict():
+    cfg = load_config(overrides=["train.seed=7", "cloak.seed=3"])
+    again = from_dict(to_dict(cfg))
+    assert again == cfg
