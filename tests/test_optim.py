@@ -21,7 +21,7 @@ class _FakeCloak(nnx.Module):
         self.std_head = nnx.Linear(4, 4, rngs=rngs)
         # biases start at 0 in nnx.Linear: make them non-zero so "unchanged" is a real check.
         for lin in (self.mean_head, self.std_head):
-            lin.bias.value = jnp.full((4,), 0.5)
+            lin.bias[...] = jnp.full((4,), 0.5)
 
 
 def _params():
@@ -35,7 +35,7 @@ def test_decay_mask_is_false_exactly_on_head_leaves():
     for names, m in flat.items():
         assert bool(m) == (names[0] not in ("mean_head", "std_head")), names
     # a plain dict works as well
-    pure = decay_mask(_params().to_pure_dict())
+    pure = decay_mask(nnx.to_pure_dict(_params()))
     assert pure["std_head"]["bias"] is False and pure["mean_estimator"]["norm"]["kernel"] is True
 
 
