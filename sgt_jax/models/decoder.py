@@ -1,0 +1,395 @@
+"""The Llama / Mistral / Qwen2 decoder family in Flax NNX: RMSNorm, RoPE, GQA attention, SwiGLU (or MoE) MLP,
+layers stacked on a leading ``layers`` axis and run under ``lax.scan``, and the causal LM around them.
+
+Every parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (see :mod:`sgt_jax.parallel`).
+Numerics follow Hugging Face's PyTorch implementations so that checkpoints reproduce their logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgt_jax.models.attention import check_attention_impl, dot_product_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+class ModelLoadError(ValueError):
+    """A user-caused problem with a base model (path, family, checkpoint); one line naming the fix."""
+
+
+def _as_dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    # Hashable (sorted key, value) pairs of HF's llama3 rope parameters; None for plain RoPE.
+    rope_scaling: tuple | None
+    max_position_embeddings: int
+    # Effective window for every layer (None: full attention).
+    sliding_window: int | None
+    attention_bias: bool
+    tie_word_embeddings: bool
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, config_dict_or_dir: Mapping[str, Any] | str | Path, **overrides) -> "DecoderConfig":
+        """Build from a Hugging Face config.json (dict, file or model directory), then apply overrides."""
+        if isinstance(config_dict_or_dir, (str, Path)):
+            path = Path(config_dict_or_dir)
+            path = path / "config.json" if path.is_dir() else path
+            if not path.is_file():
+                raise ModelLoadError(f"{path} does not exist; point model.path at a directory with config.json.")
+            hf = json.loads(path.read_text())
+        else:
+            hf = dict(config_dict_or_dir)
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(
+                f"model_type={model_type!r} is not supported; use a {', '.join(SUPPORTED_MODEL_TYPES)} checkpoint."
+            )
+        num_heads = hf["num_attention_heads"]
+        num_layers = hf["num_hidden_layers"]
+        rope_theta, rope_scaling = _rope_from_hf(hf)
+        fields = dict(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            sliding_window=_sliding_window_from_hf(hf, model_type, num_layers),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 0)) or 0),
+            num_experts_per_tok=int(hf.get("num_experts_per_tok", 2) or 2),
+            bos_token_id=_first_id(hf.get("bos_token_id")),
+            eos_token_id=_first_id(hf.get("eos_token_id")),
+            pad_token_id=_first_id(hf.get("pad_token_id")),
+        )
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown decoder config override(s) {', '.join(unknown)}; valid names: {', '.join(fields)}."
+            )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def rope_scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+
+def _first_id(token_id):
+    return token_id[0] if isinstance(token_id, (list, tuple)) else token_id
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
+    # transformers 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ModelLoadError(
+            f"rope_type={rope_type!r} in config.json is not supported; only default and llama3 RoPE are."
+        )
+    params.pop("type", None)
+    params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 8192))
+    return theta, tuple(sorted(params.items()))
+
+
+def _sliding_window_from_hf(hf: Mapping[str, Any], model_type: str, num_layers: int) -> int | None:
+    window = hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None
+    if model_type == "qwen2":
+        if not hf.get("use_sliding_window", False):
+            return None
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else "full_attention"
+            for i in range(num_layers)
+        ]
+        if all(t == "full_attention" for t in layer_types):
+            return None
+        if not all(t == "sliding_attention" for t in layer_types):
+            raise ModelLoadError(
+                "qwen2 use_sliding_window with a mix of sliding and full layers (max_window_layers) is not "
+                "supported; set use_sliding_window=false in config.json."
+            )
+    return int(window)
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+def _param(rngs: nnx.Rngs, shape, axes, param_dtype, std=0.02):
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(param_dtype), logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias), kernel laid out (in, out) — the transpose of HF's ``weight``."""
+
+    def __init__(self, in_features, out_features, axes, *, use_bias=False, dtype, param_dtype, rngs):
+        self.dtype = dtype
+        self.kernel = _param(rngs, (in_features, out_features), axes, param_dtype)
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=axes[1:]) if use_bias else None
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """HF semantics: normalise in float32, cast back to the input dtype, then multiply by the scale."""
+
+    def __init__(self, size, *, eps, param_dtype, rngs=None):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((size,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
+    """Inverse frequencies (head_dim/2,), with HF's `_compute_llama3_parameters` when rope_scaling is llama3."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    scaling = config.rope_scaling_dict()
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(position_ids, inv_freq):
+    """(B, S, head_dim) cos and sin in float32, halves duplicated as in HF."""
+    freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, S, H, D); HF's rotate_half convention, computed in x's dtype."""
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, dtype, param_dtype, attention_impl, rngs):
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.sliding_window, self.attention_impl = config.sliding_window, attention_impl
+        kw = dict(use_bias=config.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), **kw)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype,
+                             rngs=rngs)
+
+    def __call__(self, x, attention_mask, cos, sin, causal=True):
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = dot_product_attention(q, k, v, attention_mask, attention_impl=self.attention_impl, causal=causal,
+                                    sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, dtype, param_dtype, rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x, token_mask=None):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)), jnp.zeros((), jnp.float32)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, dtype, param_dtype, attention_impl, rngs):
+        self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.attention = Attention(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                   rngs=rngs)
+        self.post_attention_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        if config.num_experts > 0:
+            from sgt_jax.models.moe import MoeMLP
+
+            self.mlp = MoeMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, hidden, attention_mask, cos, sin, causal=True):
+        hidden = hidden + self.attention(self.input_norm(hidden), attention_mask, cos, sin, causal)
+        mlp_out, aux_loss = self.mlp(self.post_attention_norm(hidden), attention_mask.astype(bool))
+        return hidden + mlp_out, jnp.asarray(aux_loss, jnp.float32)
+
+
+def _remat(fn, remat_policy: str):
+    if remat_policy == "none":
+        return fn
+    if remat_policy == "full":
+        return jax.checkpoint(fn, prevent_cse=False)
+    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
+
+
+def position_ids_from_mask(attention_mask):
+    """Like HF generate: count real tokens (left padding), pad positions clipped to 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class DecoderStack(nnx.Module):
+    """The scanned layers (+ optional final norm). No embedding, no head. Used by the base model AND by the
+    SGT's estimators (fp32). Layer parameters are stacked on a leading ``layers`` axis."""
+
+    def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla",
+                 remat_policy="none", final_norm=True, rngs: nnx.Rngs):
+        check_attention_impl(attention_impl)
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy={remat_policy!r} is unknown; use one of {', '.join(REMAT_POLICIES)}.")
+        self.config, self.remat_policy = config, remat_policy
+        self.dtype, param_dtype = _as_dtype(dtype), _as_dtype(param_dtype)
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_layers(layer_rngs):
+            return DecoderLayer(config, dtype=self.dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        for _, variable in nnx.iter_graph(self.layers):
+            if isinstance(variable, nnx.Variable) and variable.get_metadata().get("logical_axes") is not None:
+                variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
+        self.final_norm = (RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+                           if final_norm else None)
+
+    def __call__(self, hidden, attention_mask, *, position_ids=None, causal=True, last_layer: int | None = None):
+        """Run layers 0..last_layer (default: all, then the final norm; with last_layer the raw residual stream
+        after that layer is returned). Returns (hidden_out, summed MoE aux loss)."""
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        cos, sin = rope_cos_sin(position_ids, rope_inverse_frequencies(self.config))
+        graphdef, layer_state = nnx.split(self.layers)
+        if last_layer is not None:
+            layer_state = jax.tree.map(lambda x: x[: last_layer + 1], layer_state)
+
+        def one_layer(carry, state):
+            layer_hidden, aux_total = carry
+            layer_hidden, aux = nnx.merge(graphdef, state)(layer_hidden, attention_mask, cos, sin, causal)
+            return (layer_hidden, aux_total + aux), None
+
+        carry = (hidden.astype(self.dtype), jnp.zeros((), jnp.float32))
+        (hidden, aux_loss), _ = jax.lax.scan(_remat(one_layer, self.remat_policy), carry, layer_state)
+        if self.final_norm is not None and last_layer is None:
+            hidden = self.final_norm(hidden)
+        return hidden, aux_loss
+
+
+class CausalLM(nnx.Module):
+    """Embedding + DecoderStack + LM head; with truncate_at_layer=k only embeddings and layers 0..k exist."""
+
+    def __init__(self, config: DecoderConfig, *, dtype="bfloat16", param_dtype=None, truncate_at_layer=None,
+                 attention_impl="xla", remat_policy="none", rngs: nnx.Rngs):
+        if truncate_at_layer is not None and not 0 <= truncate_at_layer < config.num_hidden_layers:
+            raise ModelLoadError(
+                f"model.truncate_at_layer={truncate_at_layer} is out of range for a {config.num_hidden_layers}-layer "
+                f"model; use 0..{config.num_hidden_layers - 1} or null."
+            )
+        self.config, self.truncate_at_layer = config, truncate_at_layer
+        self.dtype = _as_dtype(dtype)
+        param_dtype = self.dtype if param_dtype is None else _as_dtype(param_dtype)
+        truncated = truncate_at_layer is not None
+        stack_config = dataclasses.replace(config, num_hidden_layers=truncate_at_layer + 1) if truncated else config
+        self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
+        self.decoder = DecoderStack(stack_config, dtype=self.dtype, param_dtype=param_dtype,
+                                    attention_impl=attention_impl, remat_policy=remat_policy, final_norm=not truncated,
+                                    rngs=rngs)
+        has_head = not truncated and not config.tie_word_embeddings
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=self.dtype,
+                              param_dtype=param_dtype, rngs=rngs) if has_head else None
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="bfloat16", truncate_at_layer=None, mesh=None, attention_impl="xla",
+                        remat_policy="none") -> "CausalLM":
+        from sgt_jax.models.hf import load_causal_lm
+
+        return load_causal_lm(path, dtype=dtype, truncate_at_layer=truncate_at_layer, mesh=mesh,
+                              attention_impl=attention_impl, remat_policy=remat_policy)
+
+    @property
+    def num_layers(self) -> int:
+        return self.decoder.config.num_hidden_layers
+
+    @property
+    def embedding_table(self) -> jax.Array:
+        return self.embed_tokens[...]
+
+    def embed(self, input_ids) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
+                 return_hidden_at: int | None = None) -> jax.Array:
+        """Logits (B, S, V) float32; hidden state after layer k (B, S, D) when truncated at k or return_hidden_at=k."""
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        if attention_mask is None:
+            attention_mask = jnp.ones(hidden.shape[:2], jnp.int32)
+        if return_hidden_at is not None:
+            if not 0 <= return_hidden_at < self.num_layers:
+                raise ValueError(f"return_hidden_at={return_hidden_at} is outside the model's layers "
+                                 f"0..{self.num_layers - 1}.")
+            return self.decoder(hidden, attention_mask, position_ids=position_ids, last_layer=return_hidden_at)[0]
+        hidden, _ = self.decoder(hidden, attention_mask, position_ids=position_ids)
+        if self.truncate_at_layer is not None:
+            return hidden
+        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.dot(hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+__all__ = ["CausalLM", "DecoderConfig", "DecoderStack", "ModelLoadError", "position_ids_from_mask"]
