@@ -52,7 +52,7 @@ def test_moe_forward_matches_per_token_reference():
     y, aux = moe(x, mask)
     assert y.shape == (2, 3, 8) and y.dtype == jnp.float32 and aux.shape == ()
 
-    W_r = np.asarray(moe.router.kernel[...])
+    W_r = np.asarray(moe.router[...])
     G, U, Dn = (np.asarray(p[...]) for p in (moe.gate_proj, moe.up_proj, moe.down_proj))
     xs = np.asarray(x).reshape(-1, 8)
     ref = np.zeros_like(xs)

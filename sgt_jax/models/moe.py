@@ -66,15 +66,18 @@ class MoeMLP(nnx.Module):
         self.dtype = dtype
         hidden, inner = int(config.hidden_size), int(config.intermediate_size)
         init = nnx.initializers.normal(float(getattr(config, "initializer_range", 0.02) or 0.02))
-        self.router = nnx.Linear(hidden, num_experts, use_bias=False, kernel_init=init, dtype=jnp.float32,
-                                 param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inner), param_dtype))
-        self.up_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inner), param_dtype))
-        self.down_proj = nnx.Param(init(rngs.params(), (num_experts, inner, hidden), param_dtype))
+        # Logical axis names for sgt_jax.parallel's sharding rules (same convention as the dense MLP).
+        self.router = nnx.Param(init(rngs.params(), (hidden, num_experts), param_dtype), logical_axes=("embed", "experts"))
+        self.gate_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inner), param_dtype),
+                                   logical_axes=("experts", "embed", "mlp"))
+        self.up_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inner), param_dtype),
+                                 logical_axes=("experts", "embed", "mlp"))
+        self.down_proj = nnx.Param(init(rngs.params(), (num_experts, inner, hidden), param_dtype),
+                                   logical_axes=("experts", "mlp", "embed"))
 
     def __call__(self, x: jax.Array, token_mask: jax.Array) -> Tuple[jax.Array, jax.Array]:
         # Routing in float32 whatever the compute dtype: top-k ties and the aux loss are precision-sensitive.
-        router_logits = self.router(x.astype(jnp.float32))
+        router_logits = jnp.dot(x.astype(jnp.float32), self.router[...].astype(jnp.float32))
         probs, combine, top_index = route_top_k(router_logits, self.top_k)
         aux_loss = load_balancing_loss(probs, top_index, token_mask)
 
