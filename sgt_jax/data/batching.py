@@ -1,0 +1,137 @@
+"""Per-example token sources, left-padding collation to bucketed lengths, and packing."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from sgt_jax.data.formats import TokenizedExamples
+
+BATCH_KEYS = ("input_ids", "attention_mask", "noise_mask", "loss_mask")
+
+
+def effective_buckets(buckets: Sequence[int], max_length: int) -> List[int]:
+    """Sorted bucket lengths below max_length, plus max_length itself (the longest any row can be)."""
+    return sorted({int(b) for b in buckets if 0 < int(b) < max_length} | {int(max_length)})
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if b >= length:
+            return b
+    return buckets[-1]
+
+
+class TokenizedSource:
+    """A random-access source of examples for `grain.MapDataset.source`.
+
+    Reads ragged rows from flat arrays, optionally through an index array (a split of the data);
+    index -1 is an empty example (used to pad validation to whole batches). Arrays stored in a cache
+    directory are memory-mapped and re-opened in worker processes instead of being pickled.
+    """
+
+    def __init__(self, data: TokenizedExamples, indices: Optional[np.ndarray] = None,
+                 directory: Optional[str] = None):
+        self._data = data
+        self._directory = directory
+        self._indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._data) if self._indices is None else len(self._indices)
+
+    def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
+        j = int(i) if self._indices is None else int(self._indices[i])
+        if j < 0:
+            empty = np.zeros(0, np.int32)
+            return {"input_ids": empty, "noise_mask": empty, "loss_mask": empty}
+        d = self._data
+        s, e = int(d.offsets[j]), int(d.offsets[j + 1])
+        return {"input_ids": np.asarray(d.input_ids[s:e]), "noise_mask": np.asarray(d.noise_mask[s:e]),
+                "loss_mask": np.asarray(d.loss_mask[s:e])}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self._directory is not None:
+            state["_data"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._data is None:
+            from sgt_jax.data.cache import read_tokenized
+
+            self._data = read_tokenized(self._directory)
+
+    def __repr__(self):
+        return f"TokenizedSource(len={len(self)}, directory={self._directory!r})"
+
+
+class LeftPadCollator:
+    """Stack examples left-padded to the longest in the batch rounded up to a bucket.
+
+    Returns int32 (B, L) arrays: input_ids (pad id on the left), attention_mask, noise_mask,
+    loss_mask. Picklable so Grain worker processes can run it.
+    """
+
+    def __init__(self, pad_id: int, buckets: Sequence[int]):
+        self.pad_id = int(pad_id)
+        self.buckets = list(buckets)
+
+    def __call__(self, examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+        longest = max((len(e["input_ids"]) for e in examples), default=0)
+        length = bucket_length(max(longest, 1), self.buckets)
+        n = len(examples)
+        out = {
+            "input_ids": np.full((n, length), self.pad_id, np.int32),
+            "attention_mask": np.zeros((n, length), np.int32),
+            "noise_mask": np.zeros((n, length), np.int32),
+            "loss_mask": np.zeros((n, length), np.int32),
+        }
+        for row, e in enumerate(examples):
+            k = len(e["input_ids"])
+            if k == 0:
+                continue
+            out["input_ids"][row, length - k:] = e["input_ids"]
+            out["attention_mask"][row, length - k:] = 1
+            out["noise_mask"][row, length - k:] = e["noise_mask"]
+            out["loss_mask"][row, length - k:] = e["loss_mask"]
+        return out
+
+
+def pack_examples(data: TokenizedExamples, indices: Sequence[int], max_length: int, eos_id: int) -> TokenizedExamples:
+    """Concatenate the examples (in `indices` order) separated by eos and cut into max_length rows.
+
+    An eos is inserted after every example that does not already end with one (its masks: no noise,
+    loss on, so the model learns the boundary). The last partial row is dropped. Packed rows are plain
+    causal rows: tokens attend across example boundaries, as in standard pre-training packing.
+    """
+    ids_parts, noise_parts, loss_parts = [], [], []
+    eos_arr = np.asarray([eos_id], np.int32)
+    one, zero = np.ones(1, np.uint8), np.zeros(1, np.uint8)
+    for j in indices:
+        s, e = int(data.offsets[j]), int(data.offsets[j + 1])
+        ids = np.asarray(data.input_ids[s:e])
+        ids_parts.append(ids)
+        noise_parts.append(np.asarray(data.noise_mask[s:e]))
+        loss_parts.append(np.asarray(data.loss_mask[s:e]))
+        if len(ids) == 0 or ids[-1] != eos_id:
+            ids_parts.append(eos_arr)
+            noise_parts.append(zero)
+            loss_parts.append(one)
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
+    rows = len(ids) // max_length
+    keep = rows * max_length
+    return TokenizedExamples(
+        input_ids=ids[:keep].astype(np.int32),
+        noise_mask=np.concatenate(noise_parts)[:keep].astype(np.uint8) if rows else np.zeros(0, np.uint8),
+        loss_mask=np.concatenate(loss_parts)[:keep].astype(np.uint8) if rows else np.zeros(0, np.uint8),
+        offsets=np.arange(rows + 1, dtype=np.int64) * max_length,
+    )
+
+
+def default_num_workers(num_workers: int) -> int:
+    if num_workers is None or num_workers < 0:
+        return 4 if (os.cpu_count() or 1) >= 8 else 0
+    return int(num_workers)

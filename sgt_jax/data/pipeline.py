@@ -1,0 +1,325 @@
+"""The Grain pipeline: seeded global shuffle, epochs, per-host sharding, bucketed batches, workers,
+prefetch, and an exactly restorable iterator state.
+
+    train, validation = build_datasets(cfg.data, tokenizer)
+    it = iter(train)
+    batch = next(it)          # numpy int32 (B, L): input_ids, attention_mask, noise_mask, loss_mask
+    state = it.get_state()    # JSON-serialisable; save it in the checkpoint
+    it.set_state(state)       # continue exactly after the saved batch
+
+Host batches hold this host's `batch_size // process_count` rows; turn them into global jax arrays
+with `sgt_jax.parallel.host_batch_to_global(batch, mesh)`.
+
+Order of operations (all index-based, so restoring is exact and independent of num_workers):
+source (tokenized once, cached) → shuffle(seed) → repeat(num_epochs) → cut to whole global batches →
+shard [process_index::process_count] → batch (left pad to bucket) → to_iter_dataset → mp_prefetch.
+A global batch is the union of the hosts' batches with the same index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+
+from sgt_jax.data import sources as _sources
+from sgt_jax.data.batching import (
+    LeftPadCollator, TokenizedSource, default_num_workers, effective_buckets, pack_examples,
+)
+from sgt_jax.data.cache import cache_key, load_or_tokenize
+from sgt_jax.data.errors import DataError
+from sgt_jax.data.formats import FORMATS, TokenizedExamples, required_columns, tokenize_examples
+from sgt_jax.data.synthetic import GENERATOR_VERSION, generate_corpus
+from sgt_jax.data.tokenizer import tokenizer_fingerprint
+
+log = logging.getLogger("sgt_jax.data")
+
+STATE_VERSION = 1
+
+
+class DataIterator:
+    """Iterator over host batches with `get_state()` / `set_state(state)` for checkpoints."""
+
+    def __init__(self, pipeline: "DataPipeline"):
+        self._pipeline = pipeline
+        self._batch_index = 0
+        self._iter = None
+
+    def _start(self):
+        self.close()
+        self._iter = iter(self._pipeline._iter_dataset(self._batch_index))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        if self._iter is None:
+            self._start()
+        batch = next(self._iter)
+        self._batch_index += 1
+        return batch
+
+    def get_state(self) -> Dict[str, Any]:
+        """JSON-serialisable position: the number of batches consumed, plus what it is valid for."""
+        return {"version": STATE_VERSION, "batch_index": self._batch_index,
+                "global_batch_size": self._pipeline.global_batch_size,
+                "fingerprint": self._pipeline.fingerprint}
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        if isinstance(state, (bytes, str)):
+            state = json.loads(state)
+        if state.get("fingerprint") != self._pipeline.fingerprint:
+            raise DataError(
+                "the saved data-iterator state belongs to a different data pipeline (source, tokenizer, "
+                "format, seed, epochs, batch size or buckets changed); resume with the original data "
+                "settings or start a fresh run directory"
+            )
+        self._batch_index = int(state["batch_index"])
+        self._start()
+
+    def close(self) -> None:
+        if self._iter is not None and hasattr(self._iter, "close"):
+            self._iter.close()
+        self._iter = None
+
+
+class DataPipeline:
+    """A restartable source of host batches for one split (train or validation)."""
+
+    def __init__(
+        self,
+        source: TokenizedSource,
+        *,
+        global_batch_size: int,
+        collator: LeftPadCollator,
+        process_index: int,
+        process_count: int,
+        shuffle: bool,
+        seed: int,
+        num_epochs: Optional[int],
+        num_workers: int,
+        prefetch_buffer_size: int,
+        pad_final_batch: bool,
+        fingerprint: str,
+        name: str = "train",
+    ):
+        import grain
+
+        if global_batch_size % process_count:
+            raise DataError(
+                f"data.batch_size={global_batch_size} is not divisible by the {process_count} processes; "
+                "set it to a multiple of the process count"
+            )
+        self.name = name
+        self.global_batch_size = global_batch_size
+        self.batch_size = global_batch_size // process_count
+        self.process_index, self.process_count = process_index, process_count
+        self.num_workers = num_workers
+        self.prefetch_buffer_size = prefetch_buffer_size
+        self.num_examples = len(source)
+        self.fingerprint = fingerprint
+        self.source = source
+
+        ds = grain.MapDataset.source(source)
+        if pad_final_batch:
+            # Pad with empty rows (all masks 0) so every host gets the same number of whole batches.
+            n = len(source)
+            total = -(-n // global_batch_size) * global_batch_size
+            ds = grain.MapDataset.source(_PaddedSource(source, total))
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs if num_epochs and num_epochs > 0 else None)
+        finite = len(ds) < sys.maxsize
+        if finite:
+            ds = ds[: (len(ds) // global_batch_size) * global_batch_size]
+        ds = ds[process_index::process_count]
+        self._dataset = ds.batch(self.batch_size, drop_remainder=True, batch_fn=collator)
+        n = len(source)
+        self.num_batches_per_epoch = -(-n // global_batch_size) if pad_final_batch else n // global_batch_size
+        self.num_batches = len(self._dataset) if finite else None
+
+    def _iter_dataset(self, start: int):
+        import grain
+
+        ds = self._dataset[start:] if start else self._dataset
+        prefetch = max(int(self.prefetch_buffer_size), 0)
+        ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch else 0,
+                                                   prefetch_buffer_size=prefetch))
+        if self.num_workers > 0:
+            ids = ids.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.num_workers, per_worker_buffer_size=max(prefetch, 1)))
+        return ids
+
+    def __iter__(self) -> DataIterator:
+        return DataIterator(self)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError(f"the {self.name} pipeline repeats forever (num_epochs <= 0)")
+        return self.num_batches
+
+    def __repr__(self):
+        return (f"DataPipeline({self.name}, examples={self.num_examples}, host_batch={self.batch_size}, "
+                f"batches={self.num_batches}, workers={self.num_workers})")
+
+
+class _PaddedSource:
+    def __init__(self, source, total: int):
+        self.source, self.total = source, total
+
+    def __len__(self):
+        return self.total
+
+    def __getitem__(self, i):
+        if i < len(self.source):
+            return self.source[i]
+        empty = np.zeros(0, np.int32)
+        return {"input_ids": empty, "noise_mask": empty, "loss_mask": empty}
+
+
+def _iter_rows(ds) -> Iterable[dict]:
+    for chunk in ds.iter(batch_size=1000):
+        keys = list(chunk)
+        for values in zip(*(chunk[k] for k in keys)):
+            yield dict(zip(keys, values))
+
+
+def _tokenized(data_cfg, tokenizer, source: str, split: str, fmt: str, seed_for_synthetic: int):
+    """(TokenizedExamples, cache entry directory) for a whole source/split, tokenized once and cached."""
+    kind = _sources.source_kind(source)
+    if kind == "synthetic":
+        fingerprint = f"synthetic-{data_cfg.synthetic_num_examples}-{seed_for_synthetic}-v{GENERATOR_VERSION}"
+    else:
+        fingerprint = _sources.source_fingerprint(source, split if kind != "file" else None)
+    max_length = None if data_cfg.packing else int(data_cfg.max_length)
+    key = cache_key(
+        source=fingerprint, tokenizer=tokenizer_fingerprint(tokenizer), format=fmt, max_length=max_length,
+        transform_all_tokens=bool(data_cfg.transform_all_tokens),
+        columns=[data_cfg.text_column, data_cfg.messages_column],
+    )
+
+    def tokenize() -> TokenizedExamples:
+        if kind == "synthetic":
+            rows = generate_corpus(int(data_cfg.synthetic_num_examples), int(seed_for_synthetic))
+        else:
+            ds = _sources.load_raw(source, split, data_cfg.cache_dir)
+            _sources.check_columns(ds, required_columns(fmt, data_cfg.text_column, data_cfg.messages_column),
+                                   source, fmt)
+            rows = _iter_rows(ds)
+        data = tokenize_examples(rows, tokenizer, fmt, max_length=max_length,
+                                 transform_all_tokens=bool(data_cfg.transform_all_tokens),
+                                 text_column=data_cfg.text_column, messages_column=data_cfg.messages_column)
+        if len(data) == 0:
+            raise DataError(f"data.source={source!r} has no examples; point it at non-empty data")
+        return data
+
+    data, directory, hit = load_or_tokenize(
+        data_cfg.cache_dir, key, {"source": source, "split": split, "format": fmt}, tokenize)
+    log.info("data: %s %s (%d examples, cache %s: %s)", source, split, len(data), "hit" if hit else "written",
+             directory)
+    return data, directory, key
+
+
+def _warn_truncation(data: TokenizedExamples, what: str, max_length: int) -> None:
+    if data.num_truncated:
+        log.warning("data: %d of %d %s examples (%.1f%%) were longer than data.max_length=%d and truncated",
+                    data.num_truncated, len(data), what, 100.0 * data.num_truncated / max(len(data), 1),
+                    max_length)
+
+
+def build_datasets(
+    data_cfg,
+    tokenizer,
+    *,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    seed: Optional[int] = None,
+    num_workers: Optional[int] = None,
+) -> Tuple[DataPipeline, Optional[DataPipeline]]:
+    """(train_pipeline, validation_pipeline or None) for `data_cfg` (a `sgt_jax.config.DataConfig`).
+
+    `tokenizer`: from `load_tokenizer(model_dir)` (pad = eos, left padding). process_index /
+    process_count default to jax's. `seed` overrides data_cfg.shuffle_seed (the shuffle and the
+    hold-out split); `num_workers` overrides data_cfg.num_workers. Validation is never shuffled, runs
+    one epoch, and its last batch is padded with empty rows (all masks 0) so every example is seen
+    and all hosts run the same number of batches.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} is outside [0, {process_count})")
+    fmt = data_cfg.format
+    if fmt not in FORMATS:
+        raise DataError(f"data.format={fmt!r} is not known; choose one of {', '.join(FORMATS)}")
+    if tokenizer.pad_token_id is None:
+        raise DataError("the tokenizer has no pad token; load it with sgt_jax.data.load_tokenizer (pad = eos)")
+    seed = int(data_cfg.shuffle_seed if seed is None else seed)
+    workers = default_num_workers(data_cfg.num_workers if num_workers is None else num_workers)
+    max_length = int(data_cfg.max_length)
+    buckets = effective_buckets(data_cfg.buckets, max_length)
+    collator = LeftPadCollator(tokenizer.pad_token_id, buckets)
+
+    train_data, train_dir, train_key = _tokenized(data_cfg, tokenizer, data_cfg.source, data_cfg.split, fmt,
+                                                  data_cfg.synthetic_seed)
+    train_indices = np.arange(len(train_data))
+    val_data, val_dir, val_key, val_indices = None, None, None, None
+    if data_cfg.validation_source:
+        val_data, val_dir, val_key = _tokenized(data_cfg, tokenizer, data_cfg.validation_source, "train", fmt,
+                                                data_cfg.synthetic_seed + 1)
+    elif data_cfg.validation_split:
+        val_data, val_dir, val_key = _tokenized(data_cfg, tokenizer, data_cfg.source, data_cfg.validation_split,
+                                                fmt, data_cfg.synthetic_seed)
+    elif data_cfg.validation_fraction and data_cfg.validation_fraction > 0:
+        if not 0 < data_cfg.validation_fraction < 1:
+            raise DataError(f"data.validation_fraction={data_cfg.validation_fraction} must be in [0, 1)")
+        order = np.random.default_rng(seed).permutation(len(train_data))
+        num_val = max(1, int(round(data_cfg.validation_fraction * len(train_data))))
+        if num_val >= len(train_data):
+            raise DataError(
+                f"data.source={data_cfg.source!r} has {len(train_data)} examples, too few to hold out "
+                f"data.validation_fraction={data_cfg.validation_fraction}; add data or set validation_source"
+            )
+        val_data, val_dir, val_key = train_data, train_dir, train_key
+        val_indices, train_indices = np.sort(order[:num_val]), np.sort(order[num_val:])
+
+    _warn_truncation(train_data, "training", max_length)
+    if val_data is not None and val_dir != train_dir:
+        _warn_truncation(val_data, "validation", max_length)
+
+    def make(data, directory, key, indices, name):
+        if data_cfg.packing:
+            packed = pack_examples(data, np.arange(len(data)) if indices is None else indices, max_length,
+                                   tokenizer.eos_token_id)
+            source = TokenizedSource(packed)
+        else:
+            source = TokenizedSource(data, indices, directory=directory)
+        is_train = name == "train"
+        epochs = int(data_cfg.num_epochs) if is_train else 1
+        fingerprint = hashlib.sha256(json.dumps(
+            [key, None if indices is None else hashlib.sha256(np.asarray(indices).tobytes()).hexdigest(),
+             name, seed, epochs, int(data_cfg.batch_size), buckets, bool(data_cfg.packing), max_length]
+        ).encode()).hexdigest()[:16]
+        pipeline = DataPipeline(
+            source, global_batch_size=int(data_cfg.batch_size), collator=collator,
+            process_index=process_index, process_count=process_count, shuffle=is_train, seed=seed,
+            num_epochs=epochs, num_workers=workers, prefetch_buffer_size=int(data_cfg.prefetch_buffer_size),
+            pad_final_batch=not is_train, fingerprint=fingerprint, name=name,
+        )
+        if is_train and pipeline.num_batches_per_epoch == 0:
+            rows = "packed rows" if data_cfg.packing else "examples"
+            raise DataError(
+                f"the training data has {len(source)} {rows}, fewer than data.batch_size={data_cfg.batch_size}; "
+                "lower data.batch_size or add data"
+            )
+        return pipeline
+
+    train = make(train_data, train_dir, train_key, train_indices, "train")
+    validation = make(val_data, val_dir, val_key, val_indices, "validation") if val_data is not None else None
+    return train, validation
