@@ -316,3 +316,52 @@ def test_preemption_guard_sigint_twice_interrupts():
         assert guard.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+
+SHARDED_RESTORE = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {repo!r})
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from sgt_jax.checkpoint import Checkpointer
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
+    keys = jax.random.split(jax.random.key(7), 4)
+    state = {{
+        "w": jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("fsdp", None))),
+        "run_key": jax.device_put(jax.random.key(3), NamedSharding(mesh, P())),
+        "keys": jax.device_put(keys, NamedSharding(mesh, P("data"))),
+    }}
+    ckpt = Checkpointer({directory!r}, every_minutes=30.0)
+    ckpt.save(1, state, data_state={{}}, config={{}})
+    ckpt.wait()
+
+    # Restore onto a different layout than the one saved.
+    target = {{
+        "w": NamedSharding(mesh, P(None, ("data", "fsdp"))),
+        "run_key": NamedSharding(mesh, P()),
+        "keys": NamedSharding(mesh, P("fsdp")),
+    }}
+    abstract = {{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=target[k]) for k, v in state.items()}}
+    restored, _, _ = ckpt.restore(abstract_state=abstract)
+    for k in state:
+        assert restored[k].sharding == target[k], (k, restored[k].sharding)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert len(restored["w"].addressable_shards) == 4 and restored["w"].addressable_shards[0].data.shape == (8, 1)
+    np.testing.assert_array_equal(jax.random.key_data(restored["run_key"]), jax.random.key_data(state["run_key"]))
+    np.testing.assert_array_equal(jax.random.key_data(restored["keys"]), jax.random.key_data(keys))
+    ckpt.close()
+    print("OK")
+    """
+)
+
+
+def test_restore_lands_sharded_on_a_mesh(tmp_path):
+    script = SHARDED_RESTORE.format(repo=str(REPO), directory=str(tmp_path / "ckpt"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
