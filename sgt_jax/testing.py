@@ -1,0 +1,65 @@
+"""Helpers for tests and examples: tiny Hugging Face checkpoints built with transformers' PyTorch classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_TINY_DEFAULTS = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def make_tiny_checkpoint(out_dir, model_type: str = "llama", *, dtype: str = "float32", seed: int = 0,
+                         init_std: float = 0.1, **config_overrides) -> Path:
+    """Save a tiny random llama / mistral / qwen2 model (config.json + safetensors) to out_dir and return it.
+
+    Weights are drawn with std ``init_std`` (larger than HF's 0.02) so logits are well separated and
+    comparisons between implementations are meaningful. ``max_shard_size`` in the overrides makes a
+    sharded (index) checkpoint.
+    """
+    import torch
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }
+    if model_type not in classes:
+        raise ValueError(f"model_type={model_type!r} has no tiny checkpoint; use one of {', '.join(classes)}.")
+    max_shard_size = config_overrides.pop("max_shard_size", None)
+    config_cls, model_cls = classes[model_type]
+    settings = {**_TINY_DEFAULTS, "initializer_range": init_std, **config_overrides}
+    if model_type == "mistral":
+        settings.setdefault("sliding_window", None)
+    config = config_cls(**settings)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                # Norm scales around 1 (not exactly 1) so a wrong norm mapping cannot pass unnoticed.
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, init_std)
+    model = model.to(getattr(torch, dtype))
+    out_dir = Path(out_dir)
+    kwargs = {"safe_serialization": True}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out_dir, **kwargs)
+    return out_dir
+
+
+__all__ = ["make_tiny_checkpoint"]
