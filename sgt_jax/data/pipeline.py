@@ -150,6 +150,7 @@ class DataPipeline:
         ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch else 0,
                                                    prefetch_buffer_size=prefetch))
         if self.num_workers > 0:
+            _ensure_absl_flags_parsed()
             ids = ids.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self.num_workers, per_worker_buffer_size=max(prefetch, 1)))
         return ids
@@ -165,6 +166,14 @@ class DataPipeline:
     def __repr__(self):
         return (f"DataPipeline({self.name}, examples={self.num_examples}, host_batch={self.batch_size}, "
                 f"batches={self.num_batches}, workers={self.num_workers})")
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # Grain's multiprocessing reads absl flags; outside an absl app (pytest, notebooks) they are unparsed.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 class _PaddedSource:
