@@ -1,0 +1,234 @@
+"""The SGT objective (SPEC §3, the seed's "SGT Loss Function")::
+
+    L = (1 - alpha) * weight * L_M + alpha * (transform_variance_priority * L_N + transform_strength_priority * L_S)
+        (+ moe_aux_loss_weight * aux when the estimators have experts)
+
+L_M (utility) is ``ssl`` (cosine to the clean hidden state at the truncation layer, recommended), ``lm``
+(next-token cross-entropy on the transformed input, labels shifted by one) or ``distill`` (KL from the clean
+to the transformed next-token distribution). L_N = -mean(log(sigma / max_scale)) pushes sigma up;
+L_S = mean(|cos(x, x_t)|) pushes x_t away from x.
+
+Every mean is ``masked sum / denominator``. With ``denominator=None`` a function averages over its own
+mask; the train step (``sgt_jax.step``) passes the *global* counts instead, so that micro-batch partial
+results add up to the exact global mean (then every returned metric is such a partial sum too).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "stochasticity_loss",
+    "semantic_similarity_loss",
+    "ssl_loss",
+    "lm_loss",
+    "distill_loss",
+    "composite",
+    "local_denominators",
+    "sgt_objective",
+    "objective_terms",
+    "make_loss_fn",
+]
+
+_COS_EPS = 1e-8
+
+
+def _mean(total: jax.Array, weights: jax.Array, denominator: Optional[jax.Array]) -> jax.Array:
+    if denominator is None:
+        denominator = jnp.maximum(weights.astype(jnp.float32).sum(), 1.0)
+    return total / denominator
+
+
+def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Cosine similarity over the last axis in float32 (each norm clamped like torch's cosine_similarity)."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    norm_a = jnp.maximum(jnp.linalg.norm(a, axis=-1), _COS_EPS)
+    norm_b = jnp.maximum(jnp.linalg.norm(b, axis=-1), _COS_EPS)
+    return jnp.sum(a * b, axis=-1) / (norm_a * norm_b)
+
+
+# ------------------------------------------------------------------------------------------ components
+
+
+def stochasticity_loss(sigma, transform_mask, max_scale: float, *, feature_mask=None, denominator=None):
+    """L_N = -mean(log(sigma / max_scale)) over transformed elements (token in ``transform_mask`` and, with
+    percent_to_mask, feature not replaced by mu — those carry no noise). ≥ 0 since sigma ≤ max_scale."""
+    weights = jnp.broadcast_to(transform_mask.astype(bool)[..., None], sigma.shape)
+    if feature_mask is not None:
+        weights = weights & ~feature_mask
+    weights = weights.astype(jnp.float32)
+    # log of a masked-out sigma is still computed: where() keeps its value out of the sum and the gradient.
+    neg_log = -jnp.log(jnp.where(weights > 0, sigma.astype(jnp.float32), max_scale) / max_scale)
+    return _mean(jnp.sum(neg_log * weights), weights, denominator)
+
+
+def semantic_similarity_loss(x, x_t, transform_mask, *, denominator=None):
+    """L_S = mean over transformed tokens of |cos(x, x_t)|."""
+    weights = transform_mask.astype(jnp.float32)
+    return _mean(jnp.sum(jnp.abs(_cosine(x, x_t)) * weights), weights, denominator)
+
+
+def ssl_loss(hidden_t, hidden_clean, valid_mask, *, relative_l2_weight: float = 0.0, denominator=None):
+    """L_M (ssl) = mean over valid tokens of 1 - cos(h_k(x_t), sg(h_k(x)))
+    (+ relative_l2_weight · ||h_k(x_t) - h_k(x)|| / ||h_k(x)||)."""
+    target = jax.lax.stop_gradient(hidden_clean).astype(jnp.float32)
+    hidden_t = hidden_t.astype(jnp.float32)
+    per_token = 1.0 - _cosine(hidden_t, target)
+    if relative_l2_weight:
+        relative = jnp.linalg.norm(hidden_t - target, axis=-1) / jnp.maximum(jnp.linalg.norm(target, axis=-1), _COS_EPS)
+        per_token = per_token + relative_l2_weight * relative
+    weights = valid_mask.astype(jnp.float32)
+    return _mean(jnp.sum(per_token * weights), weights, denominator)
+
+
+def lm_target_mask(attention_mask, loss_mask):
+    """(B, S-1): position n's logits predict token n+1, which counts when it is real (not pad) and in loss_mask."""
+    return attention_mask.astype(bool)[:, 1:] & loss_mask.astype(bool)[:, 1:]
+
+
+def lm_loss(logits, input_ids, attention_mask, loss_mask, *, denominator=None):
+    """Next-token cross-entropy: logits at n score token n+1 (the shift the seed warns about), counted where
+    the *target* token has loss_mask = 1 and is not padding."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    weights = lm_target_mask(attention_mask, loss_mask).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return _mean(jnp.sum((log_z - target_logit) * weights), weights, denominator)
+
+
+def distill_loss(clean_logits, transformed_logits, valid_mask, *, denominator=None):
+    """KL(p(·|x) ‖ p(·|x_t)) of the next-token distributions, mean over valid positions."""
+    log_p = jax.nn.log_softmax(jax.lax.stop_gradient(clean_logits).astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(transformed_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    weights = valid_mask.astype(jnp.float32)
+    return _mean(jnp.sum(kl * weights), weights, denominator)
+
+
+def composite(utility_loss, stochasticity, similarity, objective_cfg, *, moe_aux_loss=None,
+              extra: Optional[Mapping[str, jax.Array]] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """(1-alpha)·weight·L_M + alpha·(tvp·L_N + tsp·L_S) (+ moe_aux_loss_weight·aux); every component and its
+    weighted term in the metrics."""
+    c = objective_cfg
+    utility_term = (1.0 - c.alpha) * c.weight * utility_loss
+    stochasticity_term = c.alpha * c.transform_variance_priority * stochasticity
+    similarity_term = c.alpha * c.transform_strength_priority * similarity
+    aux = jnp.zeros((), jnp.float32) if moe_aux_loss is None else jnp.asarray(moe_aux_loss, jnp.float32)
+    moe_aux_term = c.moe_aux_loss_weight * aux
+    loss = utility_term + stochasticity_term + similarity_term + moe_aux_term
+    metrics = {
+        "loss": loss,
+        "utility_loss": utility_loss,
+        "utility_term": utility_term,
+        "stochasticity_loss": stochasticity,
+        "stochasticity_term": stochasticity_term,
+        "similarity_loss": similarity,
+        "similarity_term": similarity_term,
+        "moe_aux_loss": aux,
+        "moe_aux_term": moe_aux_term,
+    }
+    if extra:
+        metrics.update(extra)
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def local_denominators(batch: Mapping[str, jax.Array], hidden_size: int) -> Dict[str, jax.Array]:
+    """The counts each mean divides by, from this batch alone (same keys as ``sgt_jax.step``'s global ones)."""
+    valid = batch["attention_mask"].astype(bool)
+    transformed = valid & batch["noise_mask"].astype(bool)
+    count = lambda m: jnp.maximum(m.sum(), 1).astype(jnp.float32)  # noqa: E731
+    return {
+        "tokens": count(valid),
+        "transformed_tokens": count(transformed),
+        "transformed_elements": count(transformed) * hidden_size,
+        "lm_targets": count(lm_target_mask(batch["attention_mask"], batch["loss_mask"])),
+        "micro_batches": jnp.ones((), jnp.float32),
+    }
+
+
+def _frozen(module: nnx.Module) -> nnx.Module:
+    """The same module with stop_gradient on every state leaf: the base model can never receive gradient."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.lax.stop_gradient(state))
+
+
+def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, objective_cfg,
+                    denominators: Optional[Mapping[str, jax.Array]] = None, deterministic: bool = False,
+                    ssl_layer: Optional[int] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Loss and metrics of one (micro-)batch; with global ``denominators`` both are additive partial sums."""
+    mode = objective_cfg.mode
+    if mode not in ("ssl", "lm", "distill"):
+        raise ValueError(f"objective.mode={mode!r} is not one of ssl, lm, distill.")
+    base = _frozen(base_model)
+    input_ids = batch["input_ids"]
+    attention_mask = batch["attention_mask"].astype(bool)
+    transform_mask = attention_mask & batch["noise_mask"].astype(bool)
+    base_dtype = getattr(base, "dtype", jnp.float32)
+
+    x_base = jax.lax.stop_gradient(base.embed(input_ids))
+    x = x_base.astype(jnp.float32)  # the cloak is float32 whatever the base dtype
+    out = cloak(x, attention_mask, batch["noise_mask"], key=key, deterministic=deterministic)
+    x_t_base = out.x_t.astype(base_dtype)  # the one cast at the boundary
+    hidden_size = x.shape[-1]
+    den = dict(local_denominators(batch, hidden_size) if denominators is None else denominators)
+
+    if mode == "ssl":
+        truncated = getattr(base, "truncate_at_layer", None) is not None
+        if truncated:
+            run = lambda e: base(inputs_embeds=e, attention_mask=attention_mask)  # noqa: E731
+        else:
+            layer = base.num_layers - 1 if ssl_layer is None else ssl_layer
+            run = lambda e: base(inputs_embeds=e, attention_mask=attention_mask, return_hidden_at=layer)  # noqa: E731
+        clean = jax.lax.stop_gradient(run(x_base))
+        utility = ssl_loss(run(x_t_base), clean, attention_mask,
+                           relative_l2_weight=objective_cfg.ssl_relative_l2_weight, denominator=den["tokens"])
+    elif mode == "lm":
+        logits = base(inputs_embeds=x_t_base, attention_mask=attention_mask)
+        utility = lm_loss(logits, input_ids, attention_mask, batch["loss_mask"], denominator=den["lm_targets"])
+    else:
+        clean_logits = jax.lax.stop_gradient(base(inputs_embeds=x_base, attention_mask=attention_mask))
+        logits = base(inputs_embeds=x_t_base, attention_mask=attention_mask)
+        utility = distill_loss(clean_logits, logits, attention_mask, denominator=den["tokens"])
+
+    # Elements with noise: the percent_to_mask-replaced features carry none, so they are not counted.
+    masked_per_token = getattr(cloak, "num_masked_features", 0) if out.feature_mask is not None else 0
+    noisy_elements = den["transformed_tokens"] * max(hidden_size - masked_per_token, 1)
+    stochasticity = stochasticity_loss(out.sigma, transform_mask, cloak.max_scale, feature_mask=out.feature_mask,
+                                       denominator=noisy_elements)
+    similarity = semantic_similarity_loss(x, out.x_t, transform_mask, denominator=den["transformed_tokens"])
+    element_weights = transform_mask[..., None].astype(jnp.float32)
+    extra = {
+        "mean_sigma": jnp.sum(out.sigma * element_weights) / den["transformed_elements"],
+        "mean_abs_mu": jnp.sum(jnp.abs(out.mu) * element_weights) / den["transformed_elements"],
+    }
+    # The balance loss is a per-batch statistic: average it over the micro-batches.
+    aux = out.aux_loss / den["micro_batches"]
+    return composite(utility, stochasticity, similarity, objective_cfg, moe_aux_loss=aux, extra=extra)
+
+
+def sgt_objective(cloak, base_model, batch: Mapping[str, jax.Array], *, key, objective_cfg,
+                  deterministic: bool = False, ssl_layer: Optional[int] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """(loss, metrics) of one batch ``dict(input_ids, attention_mask, noise_mask, loss_mask)``, means over
+    this batch. ``key``: one PRNG key or one per example. ``ssl_layer``: for ssl on an untruncated model, the
+    layer whose hidden state is compared (default: the last; a model loaded with truncate_at_layer=k uses k).
+    Differentiate w.r.t. the cloak only; the base model is frozen (stop_gradient on its state)."""
+    return objective_terms(cloak, base_model, batch, key=key, objective_cfg=objective_cfg, denominators=None,
+                           deterministic=deterministic, ssl_layer=ssl_layer)
+
+
+def make_loss_fn(objective_cfg, *, ssl_layer: Optional[int] = None) -> Callable[..., Any]:
+    """The ``loss_fn(cloak, base, micro_batch, keys, denominators, deterministic)`` of ``sgt_jax.step``."""
+
+    def loss_fn(cloak, base_model, micro_batch, keys, denominators, deterministic):
+        return objective_terms(cloak, base_model, micro_batch, key=keys, objective_cfg=objective_cfg,
+                               denominators=denominators, deterministic=deterministic, ssl_layer=ssl_layer)
+
+    return loss_fn
