@@ -21,11 +21,13 @@ _TINY_DEFAULTS = dict(
 
 
 def make_tiny_checkpoint(out_dir, model_type: str = "llama", *, dtype: str = "float32", seed: int = 0,
-                         init_std: float = 0.1, **config_overrides) -> Path:
+                         init_std: float = 0.1, embedding_std: float | None = None, **config_overrides) -> Path:
     """Save a tiny random llama / mistral / qwen2 model (config.json + safetensors) to out_dir and return it.
 
     Weights are drawn with std ``init_std`` (larger than HF's 0.02) so logits are well separated and
-    comparisons between implementations are meaningful. ``max_shard_size`` in the overrides makes a
+    comparisons between implementations are meaningful; ``embedding_std`` (default ``init_std``) larger than
+    ``init_std`` with tied embeddings gives a model whose top logits are far apart (robust argmax comparisons
+    in low precision). ``max_shard_size`` in the overrides makes a
     sharded (index) checkpoint.
     """
     import torch
@@ -51,6 +53,8 @@ def make_tiny_checkpoint(out_dir, model_type: str = "llama", *, dtype: str = "fl
             if name.endswith("norm.weight"):
                 # Norm scales around 1 (not exactly 1) so a wrong norm mapping cannot pass unnoticed.
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif "embed_tokens" in name or "lm_head" in name:
+                param.normal_(0.0, init_std if embedding_std is None else embedding_std)
             else:
                 param.normal_(0.0, init_std)
     model = model.to(getattr(torch, dtype))
