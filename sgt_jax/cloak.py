@@ -192,6 +192,9 @@ class TransformerCloak(nnx.Module):
         if config_path is None:
             raise CloakConfigError("cloak.config_path is required: the base model's directory with config.json.")
 
+        from sgt_jax.models.hf import resolve_model_path  # `embedded:<name>` → the packaged directory
+
+        config_path = resolve_model_path(config_path)
         model_type = _read_model_type(config_path)
         if transformer_type is not None and normalize_transformer_type(transformer_type) != model_type:
             raise CloakConfigError(
@@ -240,7 +243,7 @@ class TransformerCloak(nnx.Module):
     @classmethod
     def from_config(cls, cloak_cfg, model_path, *, rngs: Optional[nnx.Rngs] = None) -> "TransformerCloak":
         """Build from a :class:`sgt_jax.config.CloakConfig`; ``config_path`` defaults to ``model_path``
-        (a resolved directory: ``embedded:`` names must already be resolved by the caller)."""
+        (a directory or an ``embedded:<name>``)."""
         return cls(
             scale=None if cloak_cfg.scale is None else tuple(cloak_cfg.scale),
             transformer_type=cloak_cfg.transformer_type,
