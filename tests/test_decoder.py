@@ -142,3 +142,17 @@ def test_config_errors_are_one_line():
     assert DecoderConfig.from_hf(base, num_hidden_layers=1).num_hidden_layers == 1
     legacy = DecoderConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": LLAMA3_ROPE})
     assert legacy.rope_theta == 5e5 and dict(legacy.rope_scaling)["factor"] == 8.0
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "splash", "flash"])
+def test_missing_attention_kernel_is_a_one_line_error(impl):
+    import jax
+    from flax import nnx
+
+    from sgt_jax.models.attention import AttentionConfigError
+
+    if impl == "cudnn" and jax.default_backend() == "gpu" or impl == "splash" and jax.default_backend() == "tpu":
+        pytest.skip("the kernel exists on this backend")
+    with pytest.raises(AttentionConfigError, match=f"model.attention_impl='{impl}'") as err:
+        DecoderStack(tiny_config(), attention_impl=impl, rngs=nnx.Rngs(0))
+    assert "\n" not in str(err.value) and "xla" in str(err.value)

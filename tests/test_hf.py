@@ -41,7 +41,7 @@ def test_truncated_load_reads_nothing_above_k(llama_dir, batch, tmp_path):
                     or any(name.startswith(f"model.layers.{i}.") for i in range(TRUNCATE_AT + 1, 4)))}
     assert len(kept) < len(tensors)
     save_file(kept, str(stripped / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="lm_head.weight"):
+    with pytest.raises(CheckpointError, match="is missing from the checkpoint"):
         CausalLM.from_pretrained(stripped, dtype="float32")  # the full model does need them
 
     names_read = []
@@ -129,4 +129,4 @@ def test_user_errors_are_one_line(llama_dir, tmp_path):
     mismatched.mkdir()
     (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     (mismatched / "model.safetensors").write_bytes((llama_dir / "model.safetensors").read_bytes())
-    _one_line_error(mismatched, "mlp.gate_proj.weight' has shape")
+    _one_line_error(mismatched, r"tensor 'model.layers.0.mlp.\w+_proj.weight' has shape")

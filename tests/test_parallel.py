@@ -62,7 +62,7 @@ SHARDED_SCRIPT = textwrap.dedent(
         params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
         q = params[("decoder", "layers", "attention", "q_proj", "kernel")].get_value()
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), q.sharding.spec
-        assert len({s.index for s in q.addressable_shards}) == sizes[1] * sizes[2]
+        assert len({str(s.index) for s in q.addressable_shards}) == sizes[1] * sizes[2]
         embed = params[("embed_tokens",)].get_value()
         assert not embed.sharding.is_fully_replicated
         batch = host_batch_to_global({"input_ids": ids, "attention_mask": mask}, mesh)
@@ -83,3 +83,14 @@ def test_sharded_load_on_8_simulated_devices(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("sharded ok") == 2
+
+
+def test_distributed_start_up_only_when_asked():
+    from sgt_jax.parallel import maybe_initialize_distributed
+
+    assert maybe_initialize_distributed(MeshConfig(distributed="false")) is False
+    env_free = {k: v for k, v in os.environ.items() if "COORDINATOR" in k or k.startswith(("SLURM_", "OMPI_", "TPU_WORKER"))}
+    if not env_free:  # a plain single machine: auto does nothing
+        assert maybe_initialize_distributed(MeshConfig(distributed="auto")) is False
+    with pytest.raises(MeshConfigError, match="mesh.distributed='maybe'"):
+        maybe_initialize_distributed(MeshConfig(distributed="maybe"))
