@@ -207,6 +207,9 @@ class ValidationConfig:
     max_batches: Optional[int] = 8
     # Prompts of the generation set (0 disables generation metrics during training).
     generation_examples: int = 8
+    # Perplexity and next-token agreement need the whole base model: when training is truncated (ssl),
+    # the full model is loaded once for validation. false: skip them (e.g. when memory is tight).
+    perplexity: bool = True
 
 
 @dataclass

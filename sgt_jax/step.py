@@ -1,0 +1,229 @@
+"""The train and eval steps: pure functions, jitted with explicit shardings.
+
+``train_step(state, base_params, batch) -> (state, metrics)``. The frozen base model's parameters are an
+argument, never part of the trained state, never donated, never differentiated.
+
+Gradient accumulation follows MaxText: the global batch arrives as ``(accum_steps, micro_batch, ...)`` and a
+``lax.scan`` walks the micro-batches. To get exactly *one* cross-device gradient reduction per optimizer
+step, the scan runs inside a ``shard_map`` that is manual over the batch axes (data, fsdp): each device
+accumulates the gradient of its own rows, with the parameters cast to "device-varying" so that JAX does not
+insert a reduction per micro-batch, and a single ``psum`` after the scan combines them. The tensor axis
+stays automatic (GSPMD) inside.
+
+Every loss is a token- (or element-) mean over the *whole* global batch: the denominators are counted
+from the masks before the scan, so a micro-batch contributes ``partial_sum / global_count`` and the sums
+over micro-batches and devices are the exact global means: accumulation changes nothing numerically.
+Noise and dropout are drawn from per-example keys ``fold_in(fold_in(run_key, step), example_index)``, so
+neither the micro-batching nor the sharding changes what an example sees, and a resumed run draws the same
+noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+# loss_fn(cloak, base_model, micro_batch, keys, denominators, deterministic) -> (loss, metrics)
+# where loss and every metric are partial sums already divided by the global denominators.
+LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: optimizer steps taken (including skipped non-finite ones)
+    params: Any  # the cloak's trainable nnx.State
+    opt_state: Any
+    run_key: jax.Array  # uint32 key data of the run key (plain array: checkpointable)
+    nonfinite_streak: jax.Array  # consecutive skipped steps
+    nonfinite_total: jax.Array
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation, run_key: jax.Array) -> TrainState:
+    if jnp.issubdtype(run_key.dtype, jax.dtypes.prng_key):
+        run_key = jax.random.key_data(run_key)
+    # Separate buffers: the state is donated, and one buffer may not be donated twice.
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+    return TrainState(zero(), params, optimizer.init(params), jnp.array(run_key), zero(), zero())
+
+
+def step_key(run_key_data: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(run_key_data), step)
+
+
+def example_keys(key: jax.Array, example_index: jax.Array) -> jax.Array:
+    """Per-example keys, independent of how the batch is split or sharded."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_index.reshape(-1)).reshape(example_index.shape)
+
+
+def split_micro_batches(batch: Mapping[str, np.ndarray], accum_steps: int, first_index: int = 0) -> dict[str, np.ndarray]:
+    """Host arrays (B, ...) → (accum_steps, B // accum_steps, ...), in contiguous blocks, plus each row's
+    ``example_index`` in the global batch (``first_index`` is this host's offset in it)."""
+    batch = dict(batch)
+    rows = np.asarray(batch["input_ids"]).shape[0]
+    if rows % accum_steps:
+        raise ValueError(
+            f"the batch of {rows} rows does not split into optimizer.grad_accum_steps={accum_steps} "
+            "micro-batches; make data.batch_size a multiple of it."
+        )
+    batch["example_index"] = np.arange(first_index, first_index + rows, dtype=np.int32)
+    return {
+        name: np.asarray(value).reshape((accum_steps, rows // accum_steps) + np.asarray(value).shape[1:])
+        for name, value in batch.items()
+    }
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, accumulated: bool = True) -> NamedSharding:
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, P(None, axes) if accumulated else P(axes))
+
+
+def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators, deterministic, mesh):
+    """Sum of micro-batch gradients and metrics, reduced across devices once."""
+    cloak_def, base_def = graphdefs
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+    def micro_loss(p, micro, keys):
+        cloak = nnx.merge(cloak_def, p)
+        base = nnx.merge(base_def, base_state_local)
+        return loss_fn(cloak, base, micro, keys, denominators, deterministic)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def local(params, base_state, batch):
+        nonlocal base_state_local
+        base_state_local = base_state
+        if axes:
+            # Without this, the gradient of a device-invariant parameter is psum'd inside the loop.
+            params = jax.lax.pcast(params, axes, to="varying")
+
+        def body(carry, micro):
+            grads_acc, metrics_acc = carry
+            keys = example_keys(key, micro["example_index"])
+            (_, metrics), grads = grad_fn(params, micro, keys)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+            return (grads_acc, metrics_acc), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        first = jax.tree.map(lambda x: x[0], batch)
+        metric_shapes = jax.eval_shape(lambda: grad_fn(params, first, example_keys(key, first["example_index"]))[0][1])
+        metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        if axes:
+            metric_zeros = jax.lax.pcast(metric_zeros, axes, to="varying")
+        (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), batch)
+        if axes:
+            grads, metrics = jax.lax.psum((grads, metrics), axes)
+        return grads, metrics
+
+    base_state_local = None
+    if not axes:
+        return local(params, base_state, batch)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(None, axes)),
+        out_specs=(P(), P()),
+        axis_names=set(axes),
+    )(params, base_state, batch)
+
+
+def loss_denominators(batch: Mapping[str, jax.Array], hidden_size: int) -> dict[str, jax.Array]:
+    """Global counts every loss is averaged over (computed before the scan; see the module docstring)."""
+    valid = batch["attention_mask"].astype(bool)
+    transformed = valid & batch["noise_mask"].astype(bool)
+    # lm: a target position n+1 counts when it is a response token (loss_mask) and not padding.
+    targets = valid[..., 1:] & batch["loss_mask"].astype(bool)[..., 1:]
+    count = lambda m: jnp.maximum(m.sum(), 1).astype(jnp.float32)  # noqa: E731
+    return {
+        "tokens": count(valid),
+        "transformed_tokens": count(transformed),
+        "transformed_elements": count(transformed) * hidden_size,
+        "lm_targets": count(targets),
+        "micro_batches": jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
+    }
+
+
+def make_train_step(
+    *,
+    loss_fn: LossFn,
+    cloak_graphdef: Any,
+    base_graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    hidden_size: int,
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step; jit it with :func:`jit_train_step`."""
+
+    def train_step(state: TrainState, base_state: Any, batch: Mapping[str, jax.Array]):
+        key = step_key(state.run_key, state.step)
+        denominators = loss_denominators(batch, hidden_size)
+        grads, metrics = _accumulate(
+            loss_fn, (cloak_graphdef, base_graphdef), state.params, base_state, batch, key, denominators, False, mesh
+        )
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A non-finite step is skipped whole: parameters and optimizer moments stay as they were.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            nonfinite_streak=streak,
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        out = dict(metrics)
+        out["grad_norm"] = grad_norm
+        out["finite"] = finite
+        out["nonfinite_streak"] = streak
+        out["tokens"] = denominators["tokens"]
+        if learning_rate_fn is not None:
+            out["learning_rate"] = learning_rate_fn(state.step)
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(*, loss_fn: LossFn, cloak_graphdef: Any, base_graphdef: Any, mesh: jax.sharding.Mesh, hidden_size: int):
+    """Forward-only losses on a validation batch (dropout off, noise on): ``eval_step(params, base, batch, key)``."""
+
+    def eval_step(params: Any, base_state: Any, batch: Mapping[str, jax.Array], key: jax.Array):
+        denominators = loss_denominators(batch, hidden_size)
+        cloak = nnx.merge(cloak_graphdef, params)
+        base = nnx.merge(base_graphdef, base_state)
+        flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), dict(batch))
+        keys = example_keys(key, flat["example_index"])
+        _, metrics = loss_fn(cloak, base, flat, keys, denominators, True)
+        return metrics
+
+    return eval_step
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh, param_sharding_fn: Callable[[Any], Any] | None = None) -> Any:
+    """Replicated unless ``param_sharding_fn`` maps the (abstract) tree to shardings (e.g. logical rules)."""
+    if param_sharding_fn is not None:
+        return param_sharding_fn(state)
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda _: replicated, state)
+
+
+def jit_train_step(train_step, *, mesh, state_sharding, base_sharding):
+    batch_in = batch_sharding(mesh, accumulated=True)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, base_sharding, batch_in),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )

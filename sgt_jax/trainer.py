@@ -1,0 +1,299 @@
+"""The pieces of a training run, built once from the configuration: the mesh, the frozen base model, the
+data, the cloak and its optimizer, the jitted train and eval steps, validation, and the artifact.
+
+``sgt_jax.train`` drives a :class:`Trainer` through its loop; tests and notebooks can drive it step by step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sgt_jax import config as config_lib
+from sgt_jax import metrics as metrics_lib
+from sgt_jax import objective, optim, parallel, step as step_lib
+from sgt_jax.cloak import TransformerCloak
+from sgt_jax.config import SGTConfig
+from sgt_jax.models import CausalLM, DecoderConfig
+from sgt_jax.models.hf import resolve_model_path
+
+log = logging.getLogger("sgt_jax.train")
+
+
+def default_truncation_layer(num_layers: int) -> int:
+    """The seed's truncation layer index: 12 for a 32-layer model (13 layers kept), scaled for other depths."""
+    return int(min(num_layers - 1, max(0, round(num_layers * 12 / 32))))
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identity of the base model on disk: its config and the names and sizes of its weight files."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.safetensors.index.json")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def fresh_run_key_data(seed: Optional[int]) -> np.ndarray:
+    """The run key: from ``cloak.seed`` when it is an int (reproducible, debug only), else OS entropy."""
+    if seed is not None:
+        return np.asarray(jax.random.key_data(jax.random.key(seed)))
+    template = np.asarray(jax.random.key_data(jax.random.key(0)))
+    return np.frombuffer(secrets.token_bytes(template.nbytes), dtype=template.dtype).reshape(template.shape).copy()
+
+
+class Trainer:
+    def __init__(self, cfg: SGTConfig):
+        from sgt_jax.data import build_datasets, load_tokenizer
+
+        self.cfg = cfg
+        self.model_dir = resolve_model_path(cfg.model.path)
+        self.mesh = parallel.make_mesh(cfg.mesh)
+        hf_config = DecoderConfig.from_hf(self.model_dir)
+        self.num_base_layers = hf_config.num_hidden_layers
+        self.truncate_at_layer = None
+        if cfg.objective.mode == "ssl":
+            k = cfg.model.truncate_at_layer
+            self.truncate_at_layer = default_truncation_layer(self.num_base_layers) if k is None else k
+        self.base = CausalLM.from_pretrained(
+            self.model_dir, dtype=cfg.model.dtype, truncate_at_layer=self.truncate_at_layer, mesh=self.mesh,
+            attention_impl=cfg.model.attention_impl, remat_policy=cfg.model.remat_policy,
+        )
+        self.base_graphdef, self.base_state = nnx.split(self.base)
+        self.base_sharding = jax.tree.map(lambda x: x.sharding, self.base_state)
+        self._full_model: Optional[CausalLM] = None
+
+        self.tokenizer = load_tokenizer(str(self.model_dir))
+        self.train_data, self.val_data = build_datasets(cfg.data, self.tokenizer)
+        self.accum_steps = cfg.optimizer.grad_accum_steps
+        self.total_steps = self._total_steps()
+
+        cloak = TransformerCloak.from_config(cfg.cloak, str(self.model_dir), rngs=nnx.Rngs(cfg.train.seed))
+        self.cloak_graphdef, self._init_params = nnx.split(cloak)
+        self.max_scale = cloak.max_scale
+        self._run_key_data = fresh_run_key_data(cfg.cloak.seed)  # replaced by the saved one on resume
+        self.hidden_size = hf_config.hidden_size
+        self.optimizer = optim.make_optimizer(cfg.optimizer, self.total_steps)
+        self.schedule = optim.make_schedule(cfg.optimizer, self.total_steps)
+
+        self.saved_config = config_lib.to_dict(cfg)
+        self.saved_config["base_model_fingerprint"] = model_fingerprint(self.model_dir)
+
+        loss_fn = objective.make_loss_fn(cfg.objective)
+        train_step = step_lib.make_train_step(
+            loss_fn=loss_fn, cloak_graphdef=self.cloak_graphdef, base_graphdef=self.base_graphdef,
+            optimizer=self.optimizer, mesh=self.mesh, hidden_size=self.hidden_size, learning_rate_fn=self.schedule,
+        )
+        replicated = NamedSharding(self.mesh, P())
+        abstract = jax.eval_shape(self._fresh_state)
+        self.state_sharding = jax.tree.map(lambda _: replicated, abstract)
+        self._train_step = step_lib.jit_train_step(
+            train_step, mesh=self.mesh, state_sharding=self.state_sharding, base_sharding=self.base_sharding
+        )
+        self._eval_batch = jax.jit(self._eval_batch_fn)
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def _total_steps(self) -> int:
+        if self.cfg.train.max_steps is not None:
+            return int(self.cfg.train.max_steps)
+        if self.train_data.num_batches is None:
+            raise config_lib.ConfigError("data.num_epochs <= 0 repeats forever: set train.max_steps.")
+        return max(1, self.train_data.num_batches // self.accum_steps)
+
+    def _fresh_state(self) -> step_lib.TrainState:
+        run_key = jnp.asarray(self._run_key_data)
+        return step_lib.init_train_state(self._init_params, self.optimizer, run_key)
+
+    def init_state(self) -> step_lib.TrainState:
+        return jax.device_put(self._fresh_state(), self.state_sharding)
+
+    def checkpoint_state(self, state: step_lib.TrainState) -> step_lib.TrainState:
+        return state
+
+    def restore(self, checkpointer, state: step_lib.TrainState):
+        from sgt_jax.checkpoint import check_compatible
+
+        step = checkpointer.latest_step()
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, self.state_sharding
+        )
+        restored, data_state, saved_config = checkpointer.restore(step, abstract_state=abstract)
+        check_compatible(saved_config, self.saved_config)
+        return restored, data_state
+
+    # ------------------------------------------------------------------------------------------ stepping
+
+    def global_batch(self, host_batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, jax.Array]:
+        first = jax.process_index() * int(host_batch["input_ids"].shape[0])
+        micro = step_lib.split_micro_batches(host_batch, accum_steps, first_index=first)
+        sharding = step_lib.batch_sharding(self.mesh, accumulated=True)
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in micro.items()}
+
+    def train_step(self, state, host_batch):
+        return self._train_step(state, self.base_state, self.global_batch(host_batch, self.accum_steps))
+
+    def validation_due(self, step: int, seconds_since_last: float) -> bool:
+        v = self.cfg.validation
+        if self.val_data is None:
+            return False
+        by_steps = v.every_steps is not None and step % v.every_steps == 0
+        by_time = v.every_minutes is not None and seconds_since_last >= 60.0 * v.every_minutes
+        return bool(by_steps or by_time)
+
+    # ---------------------------------------------------------------------------------------- validation
+
+    @property
+    def full_model(self) -> Optional[CausalLM]:
+        """The untruncated base model for perplexity/agreement (loaded once, only if truncation is on)."""
+        if self.truncate_at_layer is None:
+            return self.base
+        if not self.cfg.validation.perplexity:
+            return None
+        if self._full_model is None:
+            self._full_model = CausalLM.from_pretrained(
+                self.model_dir, dtype=self.cfg.model.dtype, mesh=self.mesh, attention_impl=self.cfg.model.attention_impl
+            )
+        return self._full_model
+
+    def _eval_batch_fn(self, params, base_state, full_state, batch, key):
+        cloak = nnx.merge(self.cloak_graphdef, params)
+        base = nnx.merge(self.base_graphdef, base_state)
+        keys = step_lib.example_keys(key, batch["example_index"])
+        denominators = objective.local_denominators(batch, self.hidden_size)
+        _, losses = objective.make_loss_fn(self.cfg.objective)(cloak, base, batch, keys, denominators, True)
+
+        ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
+        selected = mask & batch["noise_mask"].astype(bool)
+        x_base = base.embed(ids)
+        out = cloak(x_base.astype(jnp.float32), mask, batch["noise_mask"], key=keys, deterministic=True)
+        obf = metrics_lib.obfuscation_per_sequence(out.x_t, ids, selected, base.embedding_table)
+        sums = {}
+        if full_state is not None:
+            full = nnx.merge(self._full_graphdef, full_state)
+            clean_logits = full(inputs_embeds=x_base, attention_mask=mask)
+            t_logits = full(inputs_embeds=out.x_t.astype(x_base.dtype), attention_mask=mask)
+            sums["clean_nll"], sums["nll_count"] = metrics_lib.next_token_nll_sums(clean_logits, ids, mask)
+            sums["transformed_nll"], _ = metrics_lib.next_token_nll_sums(t_logits, ids, mask)
+            sums.update(metrics_lib.topk_agreement_sums(clean_logits, t_logits, mask))
+        sel = selected[..., None]
+        return {
+            "losses": losses,
+            "sums": sums,
+            "percent_changed": obf["percent_changed"],
+            "mean_rank": obf["mean_rank"],
+            "nearest": obf["nearest"],
+            "sigma": jnp.where(sel, out.sigma, jnp.nan),
+            "mu": jnp.where(sel, out.mu, jnp.nan),
+            "real_rows": jnp.any(mask, axis=-1),
+        }
+
+    def validate(self, state, *, step: int, tracker=None, label: Optional[str] = None) -> dict[str, float]:
+        """Forward metrics on (up to validation.max_batches of) the validation set; logged and returned."""
+        if self.val_data is None:
+            return {}
+        full = self.full_model
+        full_state = None
+        if full is not None:
+            self._full_graphdef, full_state = nnx.split(full)
+        key = jax.random.fold_in(jax.random.key(0x5EED), step)  # the same noise at every validation
+        loss_sums: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        changed, ranks, sigmas, mus = [], [], [], []
+        table_rows = []
+        batches = 0
+        for i, host_batch in enumerate(iter(self.val_data)):
+            if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
+                break
+            batch = {k: v[0] for k, v in self.global_batch(host_batch, 1).items()}
+            out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
+            real = np.asarray(out["real_rows"])
+            if not real.any():
+                continue
+            batches += 1
+            for k, v in out["losses"].items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
+            for k, v in out["sums"].items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            changed.append(np.asarray(out["percent_changed"])[real])
+            ranks.append(np.asarray(out["mean_rank"])[real])
+            sigmas.append(np.asarray(out["sigma"]).ravel())
+            mus.append(np.asarray(out["mu"]).ravel())
+            if not table_rows:
+                table_rows = self._reconstruction_rows(host_batch, np.asarray(out["nearest"]))
+        if batches == 0:
+            return {}
+        result = {f"{k}": v / batches for k, v in loss_sums.items()}
+        result.update(metrics_lib.finalize_forward_metrics(sums))
+        obf = metrics_lib.summarize(np.concatenate(changed))
+        result.update({f"obfuscation_{k}": v for k, v in obf.items()})
+        rank = metrics_lib.summarize(np.concatenate(ranks))
+        if rank:
+            result["reconstruction_rank_mean"] = rank["mean"]
+        if tracker is not None:
+            tracker.scalars(step, {f"val/{k}": v for k, v in result.items()})
+            head = lambda name: np.asarray(state.params[name]["kernel"][...])  # noqa: E731
+            tracker.histograms(step, {
+                "val/sigma": np.concatenate(sigmas), "val/mu": np.concatenate(mus),
+                "weights/mean_head": head("mean_head"), "weights/std_head": head("std_head"),
+            })
+            tracker.text_table(step, "val/reconstruction", table_rows)
+            tracker.flush()
+        if label:
+            log.info("validation (%s) at step %d: %s", label, step,
+                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+        return result
+
+    def _reconstruction_rows(self, host_batch, nearest: np.ndarray, limit: int = 4) -> list[dict[str, str]]:
+        rows = []
+        for b in range(min(limit, nearest.shape[0])):
+            mask = host_batch["attention_mask"][b].astype(bool)
+            if not mask.any():
+                continue
+            selected = mask & host_batch["noise_mask"][b].astype(bool)
+            ids = host_batch["input_ids"][b]
+            recon = np.where(selected, nearest[b], ids)[mask]
+            rows.append({
+                "prompt": self.tokenizer.decode(ids[mask], skip_special_tokens=False),
+                "nearest-token reconstruction of x_t": self.tokenizer.decode(recon, skip_special_tokens=False),
+            })
+        return rows
+
+    # -------------------------------------------------------------------------------------------- ending
+
+    def save_artifact(self, state) -> Path:
+        from sgt_jax import artifact
+
+        out = Path(self.cfg.train.artifact_dir or Path(self.cfg.tracking.run_dir) / "sgt")
+        if jax.process_index() == 0:
+            artifact.save_artifact(
+                out, params=jax.device_get(state.params), cloak_config=self.cfg.cloak,
+                model_dir=self.model_dir, fingerprint=self.saved_config["base_model_fingerprint"],
+                tokenizer=self.tokenizer, training_config=self.saved_config,
+            )
+        return out
+
+    @staticmethod
+    def summarize(before: Optional[Mapping[str, float]], after: Mapping[str, float]) -> dict[str, Any]:
+        """The privacy–utility summary: obfuscation and utility before and after training."""
+        keys = ("obfuscation_mean", "obfuscation_min", "utility_loss", "mean_sigma", "perplexity_clean",
+                "perplexity_transformed", "top1_agreement", "loss")
+        out: dict[str, Any] = {}
+        for k in keys:
+            if before and k in before:
+                out[f"{k} (before)"] = before[k]
+            if k in after:
+                out[f"{k} (after)"] = after[k]
+        return out
