@@ -67,3 +67,20 @@ def make_tiny_checkpoint(out_dir, model_type: str = "llama", *, dtype: str = "fl
 
 
 __all__ = ["make_tiny_checkpoint"]
+
+
+def make_tiny_model_dir(out_dir, model_type: str = "llama", *, vocab_size: int = 384, corpus_examples: int = 400,
+                        **config_overrides) -> Path:
+    """A complete tiny base-model directory (config.json, safetensors and a tokenizer trained on the synthetic
+    corpus), as a user's model directory would be: what the training run, the data pipeline and the artifact
+    need. Deterministic for fixed arguments."""
+    from sgt_jax.data import build_tokenizer, generate_corpus
+
+    out_dir = Path(out_dir)
+    rows = generate_corpus(corpus_examples, 1)
+    texts = [" ".join(str(r[k]) for k in ("instruction", "input", "output")) for r in rows]
+    tokenizer = build_tokenizer(texts, str(out_dir / "_tokenizer"), vocab_size=vocab_size, chat_template=True)
+    make_tiny_checkpoint(out_dir, model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **config_overrides)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
