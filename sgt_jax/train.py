@@ -37,8 +37,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
     return config_lib.load_config(args.config, args.overrides)
 
 
-def train(cfg: SGTConfig, *, clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
-    """Run (or resume) training to the end; returns the end-of-run summary."""
+def train(
+    cfg: SGTConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    on_step: Optional[Callable[[int, Any], None]] = None,
+) -> dict[str, Any]:
+    """Run (or resume) training to the end; returns the end-of-run summary.
+
+    ``clock``: the wall clock of the time-based checkpoint and validation intervals (injectable for tests).
+    ``on_step(step, state)``: called after each step's checkpoint decision (notebooks, tests, custom logging).
+    """
     from sgt_jax import checkpoint as ckpt_lib
     from sgt_jax import parallel, tracking
     from sgt_jax.trainer import Trainer
@@ -102,6 +111,8 @@ def train(cfg: SGTConfig, *, clock: Callable[[], float] = time.monotonic) -> dic
             if checkpointer.should_save(step):
                 checkpointer.save(step, trainer.checkpoint_state(state), data_state=data_iter.get_state(),
                                   config=trainer.saved_config)
+            if on_step is not None:
+                on_step(step, state)
 
     bar.close()
     if stopped_by != "non-finite":
