@@ -85,6 +85,10 @@ def batch_sharding(mesh: jax.sharding.Mesh, accumulated: bool = True) -> NamedSh
     return NamedSharding(mesh, P(None, axes) if accumulated else P(axes))
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+
+
 def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators, deterministic, mesh):
     """Sum of micro-batch gradients and metrics, reduced across devices once."""
     cloak_def, base_def = graphdefs
@@ -135,8 +139,11 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
     )(params, base_state, batch)
 
 
-def loss_denominators(batch: Mapping[str, jax.Array], hidden_size: int) -> dict[str, jax.Array]:
-    """Global counts every loss is averaged over (computed before the scan; see the module docstring)."""
+def loss_denominators(batch: Mapping[str, jax.Array], hidden_size: int, batch_shards: int = 1) -> dict[str, jax.Array]:
+    """Global counts every loss is averaged over (computed before the scan; see the module docstring).
+
+    ``micro_batches`` counts the (micro-batch, device) pieces a per-piece statistic (the MoE balance loss)
+    is averaged over: accumulation steps × devices along the batch axes."""
     valid = batch["attention_mask"].astype(bool)
     transformed = valid & batch["noise_mask"].astype(bool)
     # lm: a target position n+1 counts when it is a response token (loss_mask) and not padding.
@@ -147,7 +154,7 @@ def loss_denominators(batch: Mapping[str, jax.Array], hidden_size: int) -> dict[
         "transformed_tokens": count(transformed),
         "transformed_elements": count(transformed) * hidden_size,
         "lm_targets": count(targets),
-        "micro_batches": jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
+        "micro_batches": jnp.asarray(batch["input_ids"].shape[0] * batch_shards, jnp.float32),
     }
 
 
@@ -165,7 +172,7 @@ def make_train_step(
 
     def train_step(state: TrainState, base_state: Any, batch: Mapping[str, jax.Array]):
         key = step_key(state.run_key, state.step)
-        denominators = loss_denominators(batch, hidden_size)
+        denominators = loss_denominators(batch, hidden_size, batch_shards(mesh))
         grads, metrics = _accumulate(
             loss_fn, (cloak_graphdef, base_graphdef), state.params, base_state, batch, key, denominators, False, mesh
         )
