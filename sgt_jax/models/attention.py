@@ -52,6 +52,30 @@ def attention_mask_4d(attention_mask, *, causal: bool = True, sliding_window: in
     return allowed & structure[None, None]
 
 
+def cached_attention_mask(padding_mask, query_start, query_len: int, *, sliding_window: int | None = None) -> jax.Array:
+    """Boolean (B, 1, T, M) mask for T queries at cache indices ``query_start .. query_start + T - 1`` over an
+    M-slot KV cache: key j is seen when ``padding_mask[:, j]`` (1 for filled, real slots), ``j <= i`` and
+    ``i - j < sliding_window`` (HF's causal window over sequence indices). ``query_start`` may be traced."""
+    cache_len = padding_mask.shape[-1]
+    allowed = padding_mask.astype(bool)[:, None, None, :]
+    query_index = query_start + jnp.arange(query_len)[:, None]
+    key_index = jnp.arange(cache_len)[None, :]
+    structure = key_index <= query_index
+    if sliding_window is not None:
+        structure &= (query_index - key_index) < sliding_window
+    return allowed & structure[None, None]
+
+
+def cached_dot_product_attention(query, key_cache, value_cache, padding_mask, query_start, *, sliding_window=None,
+                                 scale=None):
+    """Causal attention of (B, T, H, D) queries at cache indices ``query_start..`` over a (B, M, K, D) KV cache
+    whose slots are flagged by ``padding_mask`` (B, M). Always the XLA kernel: decode steps are one query long,
+    where flash kernels gain nothing. Returns (B, T, H, D) in the value dtype."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    mask = cached_attention_mask(padding_mask, query_start, query.shape[1], sliding_window=sliding_window)
+    return _xla_attention(query, key_cache, value_cache, mask, scale)
+
+
 def _xla_attention(query, key, value, mask, scale):
     """Plain dot-product attention with the softmax in float32 (the reference kernel, also for the fp32 cloak)."""
     num_heads, num_kv_heads = query.shape[2], key.shape[2]
@@ -125,5 +149,5 @@ def dot_product_attention(query, key, value, padding_mask, *, attention_impl="xl
     return _xla_attention(query, key, value, mask, scale)
 
 
-__all__ = ["ATTENTION_IMPLS", "AttentionConfigError", "attention_mask_4d", "check_attention_impl",
-           "dot_product_attention"]
+__all__ = ["ATTENTION_IMPLS", "AttentionConfigError", "attention_mask_4d", "cached_attention_mask",
+           "cached_dot_product_attention", "check_attention_impl", "dot_product_attention"]

@@ -11,14 +11,14 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgt_jax.models.attention import check_attention_impl, dot_product_attention
+from sgt_jax.models.attention import cached_dot_product_attention, check_attention_impl, dot_product_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -230,12 +230,23 @@ class Attention(nnx.Module):
         self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype,
                              rngs=rngs)
 
-    def __call__(self, x, attention_mask, cos, sin, causal=True):
+    def __call__(self, x, attention_mask, cos, sin, causal=True, kv_cache=None, cache_index=None):
+        """Without ``kv_cache``: self-attention over x, mask (B, S). With ``kv_cache`` = (k, v) of this layer,
+        each (B, M, K, D): the new keys/values are written at cache slots ``cache_index..`` and the queries
+        attend over the cache, ``attention_mask`` (B, M) flagging its real slots; returns (out, (k, v))."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            start = (0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            out = cached_dot_product_attention(q, k_cache, v_cache, attention_mask, cache_index,
+                                               sliding_window=self.sliding_window).astype(x.dtype)
+            return self.o_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim)), (k_cache, v_cache)
         out = dot_product_attention(q, k, v, attention_mask, attention_impl=self.attention_impl, causal=causal,
                                     sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
@@ -266,9 +277,19 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = SwiGLU(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, hidden, attention_mask, cos, sin, causal=True):
-        hidden = hidden + self.attention(self.input_norm(hidden), attention_mask, cos, sin, causal)
-        mlp_out, aux_loss = self.mlp(self.post_attention_norm(hidden), attention_mask.astype(bool))
+    def __call__(self, hidden, attention_mask, cos, sin, causal=True, kv_cache=None, cache_index=None):
+        if kv_cache is not None:
+            attn_out, kv_cache = self.attention(self.input_norm(hidden), attention_mask, cos, sin, causal,
+                                                kv_cache=kv_cache, cache_index=cache_index)
+            # The new tokens' own mask: the cache mask's slots cache_index..cache_index + T - 1.
+            token_mask = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, hidden.shape[1], axis=1)
+        else:
+            attn_out, token_mask = self.attention(self.input_norm(hidden), attention_mask, cos, sin, causal), \
+                attention_mask
+        hidden = hidden + attn_out
+        mlp_out, aux_loss = self.mlp(self.post_attention_norm(hidden), token_mask.astype(bool))
+        if kv_cache is not None:
+            return hidden + mlp_out, jnp.asarray(aux_loss, jnp.float32), kv_cache
         return hidden + mlp_out, jnp.asarray(aux_loss, jnp.float32)
 
 
@@ -278,6 +299,18 @@ def _remat(fn, remat_policy: str):
     if remat_policy == "full":
         return jax.checkpoint(fn, prevent_cse=False)
     return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, remat_policy), prevent_cse=False)
+
+
+class KVCache(NamedTuple):
+    """Per-layer stacked keys and values, each (layers, batch, max_len, kv_heads, head_dim); a pytree."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_kv_cache(config: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def position_ids_from_mask(attention_mask):
@@ -310,9 +343,17 @@ class DecoderStack(nnx.Module):
         self.final_norm = (RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
                            if final_norm else None)
 
-    def __call__(self, hidden, attention_mask, *, position_ids=None, causal=True, last_layer: int | None = None):
+    def __call__(self, hidden, attention_mask, *, position_ids=None, causal=True, last_layer: int | None = None,
+                 cache: KVCache | None = None, cache_index=None):
         """Run layers 0..last_layer (default: all, then the final norm; with last_layer the raw residual stream
-        after that layer is returned). Returns (hidden_out, summed MoE aux loss)."""
+        after that layer is returned). Returns (hidden_out, summed MoE aux loss).
+
+        With ``cache`` (a :class:`KVCache` of M slots) the T tokens in ``hidden`` are those at cache slots
+        ``cache_index..cache_index + T - 1`` (``cache_index`` may be traced), ``attention_mask`` is (B, M) over
+        the whole cache (1 for real, filled slots, the new tokens included), position ids default to the real
+        tokens counted by that mask, and (hidden_out, aux loss, updated cache) is returned."""
+        if cache is not None:
+            return self._call_cached(hidden, attention_mask, position_ids, causal, last_layer, cache, cache_index)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         cos, sin = rope_cos_sin(position_ids, rope_inverse_frequencies(self.config))
@@ -330,6 +371,34 @@ class DecoderStack(nnx.Module):
         if self.final_norm is not None and last_layer is None:
             hidden = self.final_norm(hidden)
         return hidden, aux_loss
+
+    def _call_cached(self, hidden, attention_mask, position_ids, causal, last_layer, cache, cache_index):
+        if not causal or last_layer is not None:
+            raise ValueError("a KV cache is for causal decoding of the full stack; drop causal=False / last_layer.")
+        if cache.k.shape[0] != self.config.num_hidden_layers or cache.k.shape[2] != attention_mask.shape[-1]:
+            raise ValueError(f"KV cache of shape {cache.k.shape} does not match {self.config.num_hidden_layers} layers "
+                             f"and an attention mask over {attention_mask.shape[-1]} cache slots.")
+        batch, seq_len = hidden.shape[:2]
+        if cache_index is None:
+            cache_index = 0
+        if position_ids is None:
+            position_ids = jax.lax.dynamic_slice_in_dim(position_ids_from_mask(attention_mask), cache_index, seq_len,
+                                                        axis=1)
+        cos, sin = rope_cos_sin(position_ids, rope_inverse_frequencies(self.config))
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def one_layer(carry, scanned):
+            layer_hidden, aux_total = carry
+            state, k_cache, v_cache = scanned
+            layer_hidden, aux, (k_cache, v_cache) = nnx.merge(graphdef, state)(
+                layer_hidden, attention_mask, cos, sin, True, kv_cache=(k_cache, v_cache), cache_index=cache_index)
+            return (layer_hidden, aux_total + aux), (k_cache, v_cache)
+
+        carry = (hidden.astype(self.dtype), jnp.zeros((), jnp.float32))
+        (hidden, aux_loss), (k, v) = jax.lax.scan(one_layer, carry, (layer_state, cache.k, cache.v))
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        return hidden, aux_loss, KVCache(k, v)
 
 
 class CausalLM(nnx.Module):
@@ -371,13 +440,31 @@ class CausalLM(nnx.Module):
     def embedding_table(self) -> jax.Array:
         return self.embed_tokens[...]
 
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache of ``max_len`` slots for every layer (dtype: the model's compute dtype)."""
+        return init_kv_cache(self.decoder.config, batch, max_len, self.dtype if dtype is None else dtype)
+
     def embed(self, input_ids) -> jax.Array:
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
-                 return_hidden_at: int | None = None) -> jax.Array:
-        """Logits (B, S, V) float32; hidden state after layer k (B, S, D) when truncated at k or return_hidden_at=k."""
+                 return_hidden_at: int | None = None, cache: KVCache | None = None, cache_index=None):
+        """Logits (B, S, V) float32; hidden state after layer k (B, S, D) when truncated at k or return_hidden_at=k.
+
+        With ``cache`` (from :meth:`init_cache`): the S tokens go to cache slots ``cache_index..`` (default 0;
+        may be traced), ``attention_mask`` is (B, max_len) over the whole cache (1 for filled real slots, the
+        new tokens included) and (logits, updated cache) is returned. Prefill writes the prompt at index 0;
+        each decode step then passes one token at the next index with its mask slot set to 1."""
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        if cache is not None:
+            if self.truncate_at_layer is not None or return_hidden_at is not None:
+                raise ValueError("a KV cache needs the full model with its LM head (no truncate_at_layer / "
+                                 "return_hidden_at).")
+            if attention_mask is None:
+                raise ValueError("with a KV cache pass attention_mask (B, max_len) over all cache slots.")
+            hidden, _, cache = self.decoder(hidden, attention_mask, position_ids=position_ids, cache=cache,
+                                            cache_index=cache_index)
+            return self._logits(hidden), cache
         if attention_mask is None:
             attention_mask = jnp.ones(hidden.shape[:2], jnp.int32)
         if return_hidden_at is not None:
@@ -388,8 +475,12 @@ class CausalLM(nnx.Module):
         hidden, _ = self.decoder(hidden, attention_mask, position_ids=position_ids)
         if self.truncate_at_layer is not None:
             return hidden
+        return self._logits(hidden)
+
+    def _logits(self, hidden) -> jax.Array:
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return jnp.dot(hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
 
 
-__all__ = ["CausalLM", "DecoderConfig", "DecoderStack", "ModelLoadError", "position_ids_from_mask"]
+__all__ = ["CausalLM", "DecoderConfig", "DecoderStack", "KVCache", "ModelLoadError", "init_kv_cache",
+           "position_ids_from_mask"]
