@@ -181,6 +181,53 @@ class StainedGlassTransform:
                 attention_mask = np.ones_like(ids)
         attention_mask = np.asarray(attention_mask, dtype=np.int32)
         noise_mask = attention_mask if noise_mask is None else np.asarray(noise_mask, dtype=np.int32)
-        x = jnp.take(self.embedding_table, jnp.asarray(ids), axis=0).astype(jnp.float32)
-        out = self.cloak(x, jnp.asarray(attention_mask), jnp.asarray(noise_mask), key=key, deterministic=True)
-        return {"inputs_embeds": out.x_t, "attention_mask": jnp.asarray(attention_mask), "input_ids": jnp.asarray(ids)}
+        if key is None:
+            # Resolved here, outside jit: fresh entropy drawn while tracing would be baked into the program.
+            from sgt_jax.cloak import _fresh_key
+
+            key = jax.random.key(self.cloak.seed) if self.cloak.seed is not None else _fresh_key()
+        x_t = _transform_jit(self.cloak, self.embedding_table, jnp.asarray(ids), jnp.asarray(attention_mask),
+                             jnp.asarray(noise_mask), key)
+        return {"inputs_embeds": x_t, "attention_mask": jnp.asarray(attention_mask), "input_ids": jnp.asarray(ids)}
+
+    def generate(self, texts, *, base_model=None, key: Optional[jax.Array] = None, **gen_kwargs) -> list[str]:
+        """Protect ``texts`` (a str or list of str) with the SGT and generate from the protected prompt embeddings
+        with the base model; returns the new text of each prompt (special tokens dropped).
+
+        ``base_model``: a :class:`~sgt_jax.models.CausalLM`; when None the model at ``meta["base_model"]["path"]``
+        is loaded (bfloat16) once and kept. ``key`` seeds both the transform noise and the sampling (fresh
+        entropy when None). ``gen_kwargs`` go to :func:`sgt_jax.generate.generate` (defaults: the recommended
+        :class:`~sgt_jax.config.GenerationConfig`; eos/pad/bos ids from the artifact's tokenizer).
+        """
+        from sgt_jax.config import GenerationConfig
+        from sgt_jax.generate import decode_texts, generate
+        from sgt_jax.models import CausalLM
+
+        if isinstance(texts, str):
+            texts = [texts]
+        if self.tokenizer is None:
+            raise ArtifactError(f"{self.directory} has no tokenizer/; generate() needs one to encode and decode text.")
+        if base_model is None:
+            base_model = getattr(self, "_base_model", None)
+            if base_model is None:
+                base_model = self._base_model = CausalLM.from_pretrained(self.meta["base_model"]["path"])
+        transform_key = sample_key = None
+        if key is not None:
+            transform_key, sample_key = jax.random.split(key)
+        # Generation needs left padding whatever the tokenizer's default side.
+        enc = self.tokenizer(list(texts), padding=True, return_tensors="np", padding_side="left")
+        protected = self.transform(enc["input_ids"], attention_mask=enc["attention_mask"], key=transform_key)
+        info = self.meta.get("tokenizer") or {}
+        special = {name: gen_kwargs.pop(name, info.get(name, getattr(self.tokenizer, name, None)))
+                   for name in ("eos_token_id", "pad_token_id", "bos_token_id")}
+        settings = {**dataclasses.asdict(GenerationConfig()), **gen_kwargs}
+        out = generate(base_model, inputs_embeds=protected["inputs_embeds"], input_ids=protected["input_ids"],
+                       attention_mask=protected["attention_mask"], key=sample_key, **special, **settings)
+        return decode_texts(self.tokenizer, out.sequences, out.lengths)
+
+
+@nnx.jit
+def _transform_jit(cloak, table, ids, attention_mask, noise_mask, key):
+    """One compiled program per padded shape (eager dispatch of the scanned estimators is slow)."""
+    x = jnp.take(table, ids, axis=0).astype(jnp.float32)
+    return cloak(x, attention_mask, noise_mask, key=key, deterministic=True).x_t
