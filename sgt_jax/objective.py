@@ -27,6 +27,8 @@ __all__ = [
     "ssl_loss",
     "lm_loss",
     "distill_loss",
+    "chunked_lm_loss",
+    "chunked_distill_loss",
     "composite",
     "local_denominators",
     "sgt_objective",
@@ -110,6 +112,95 @@ def distill_loss(clean_logits, transformed_logits, valid_mask, *, denominator=No
     return _mean(jnp.sum(kl * weights), weights, denominator)
 
 
+# ------------------------------------------------------------------------ vocabulary-chunked cross-entropy
+#
+# With a large vocabulary the (B, S, V) float32 logits dominate a step's memory (Llama-2: 32000 × 4 bytes per
+# token, more than all 13 truncated layers' activations at seq 2048). The chunked forms take the final hidden
+# state (B, S, D) and the (D, V) head and only ever build (B, S, chunk) logits: a scan over vocabulary chunks
+# whose body is rematerialised, so the backward pass recomputes each chunk's logits instead of saving them.
+# What crosses chunks is (B, S)-sized: per-chunk log-sum-exps (combined afterwards) and running sums.
+
+
+def _vocab_chunks(head: jax.Array, chunk_size: int) -> Tuple[jax.Array, int]:
+    """(D, V) → (n, D, chunk) with V zero-padded to a multiple of chunk (padded columns are masked later)."""
+    vocab = head.shape[-1]
+    chunk = max(1, min(int(chunk_size), vocab))
+    n = -(-vocab // chunk)
+    padded = jnp.pad(head, ((0, 0), (0, n * chunk - vocab)))
+    return padded.reshape(head.shape[0], n, chunk).transpose(1, 0, 2), chunk
+
+
+def _chunk_logits(hidden, head_chunk, index, chunk, vocab):
+    logits = jnp.dot(hidden, head_chunk, preferred_element_type=jnp.float32)
+    column = index * chunk + jnp.arange(chunk)
+    return jnp.where(column < vocab, logits, -jnp.inf), column < vocab
+
+
+def _chunked_logsumexp(hidden, head, chunk_size):
+    """logsumexp over the vocabulary of hidden @ head, (B, S) float32, never building (B, S, V)."""
+    vocab = head.shape[-1]
+    chunks, chunk = _vocab_chunks(head, chunk_size)
+
+    @jax.checkpoint
+    def body(_, xs):
+        index, head_chunk = xs
+        logits, _ = _chunk_logits(hidden, head_chunk, index, chunk, vocab)
+        return None, jax.nn.logsumexp(logits, axis=-1)
+
+    _, per_chunk = jax.lax.scan(body, None, (jnp.arange(chunks.shape[0]), chunks))
+    return jax.nn.logsumexp(per_chunk, axis=0)
+
+
+def chunked_lm_loss(hidden, head, input_ids, attention_mask, loss_mask, *, chunk_size: int, denominator=None):
+    """:func:`lm_loss` of ``logits = hidden @ head`` (hidden (B, S, D) final-normed, head (D, V)), computed over
+    vocabulary chunks of ``chunk_size``: same value and gradient, no (B, S, V) array."""
+    hidden = hidden[:, :-1]
+    targets = input_ids[:, 1:]
+    weights = lm_target_mask(attention_mask, loss_mask).astype(jnp.float32)
+    log_z = _chunked_logsumexp(hidden, head, chunk_size)
+    # The target's logit directly: its head column gathered, (B, S-1, D), not a (B, S-1, V) one-hot.
+    target_columns = jnp.take(head.T, targets, axis=0)
+    target_logit = jnp.einsum("bsd,bsd->bs", hidden, target_columns, preferred_element_type=jnp.float32)
+    return _mean(jnp.sum((log_z - target_logit) * weights), weights, denominator)
+
+
+def chunked_distill_loss(clean_hidden, transformed_hidden, head, valid_mask, *, chunk_size: int, denominator=None):
+    """:func:`distill_loss` of the logits ``hidden @ head`` over vocabulary chunks. With z the clean and y the
+    transformed logits, KL(p‖q) = Σ_v p_v (z_v - y_v) - lse(z) + lse(y), p = softmax(z): two chunked passes
+    (the log-sum-exps, then the p-weighted difference), each (B, S, chunk) at a time."""
+    clean_hidden = jax.lax.stop_gradient(clean_hidden)
+    vocab = head.shape[-1]
+    lse_clean = jax.lax.stop_gradient(_chunked_logsumexp(clean_hidden, head, chunk_size))
+    lse_t = _chunked_logsumexp(transformed_hidden, head, chunk_size)
+    chunks, chunk = _vocab_chunks(head, chunk_size)
+
+    @jax.checkpoint
+    def body(total, xs):
+        index, head_chunk = xs
+        z, valid = _chunk_logits(clean_hidden, head_chunk, index, chunk, vocab)
+        y, _ = _chunk_logits(transformed_hidden, head_chunk, index, chunk, vocab)
+        p = jnp.exp(z - lse_clean[..., None])  # 0 on padded columns
+        return total + jnp.sum(p * jnp.where(valid, z - y, 0.0), axis=-1), None
+
+    zeros = jnp.zeros(transformed_hidden.shape[:-1], jnp.float32)
+    cross, _ = jax.lax.scan(body, zeros, (jnp.arange(chunks.shape[0]), chunks))
+    kl = cross - lse_clean + lse_t
+    weights = valid_mask.astype(jnp.float32)
+    return _mean(jnp.sum(kl * weights), weights, denominator)
+
+
+def _final_hidden(base, inputs_embeds, attention_mask):
+    """The final-normed hidden state of an untruncated CausalLM (what its LM head multiplies)."""
+    hidden, _ = base.decoder(inputs_embeds.astype(base.dtype), attention_mask)
+    return hidden
+
+
+def _lm_head_kernel(base) -> jax.Array:
+    """The (D, V) head in the model dtype (the transposed embedding when tied)."""
+    head = base.embed_tokens[...].T if base.lm_head is None else base.lm_head.kernel[...]
+    return head.astype(base.dtype)
+
+
 def composite(utility_loss, stochasticity, similarity, objective_cfg, *, moe_aux_loss=None,
               extra: Optional[Mapping[str, jax.Array]] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """(1-alpha)·weight·L_M + alpha·(tvp·L_N + tsp·L_S) (+ moe_aux_loss_weight·aux); every component and its
@@ -172,6 +263,7 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
     attention_mask = batch["attention_mask"].astype(bool)
     transform_mask = attention_mask & batch["noise_mask"].astype(bool)
     base_dtype = getattr(base, "dtype", jnp.float32)
+    chunk_size = int(getattr(objective_cfg, "vocab_chunk_size", 0) or 0)
 
     x_base = jax.lax.stop_gradient(base.embed(input_ids))
     x = x_base.astype(jnp.float32)  # the cloak is float32 whatever the base dtype
@@ -190,9 +282,18 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
         clean = jax.lax.stop_gradient(run(x_base))
         utility = ssl_loss(run(x_t_base), clean, attention_mask,
                            relative_l2_weight=objective_cfg.ssl_relative_l2_weight, denominator=den["tokens"])
+    elif mode == "lm" and chunk_size > 0:
+        utility = chunked_lm_loss(_final_hidden(base, x_t_base, attention_mask), _lm_head_kernel(base), input_ids,
+                                  attention_mask, batch["loss_mask"], chunk_size=chunk_size,
+                                  denominator=den["lm_targets"])
     elif mode == "lm":
         logits = base(inputs_embeds=x_t_base, attention_mask=attention_mask)
         utility = lm_loss(logits, input_ids, attention_mask, batch["loss_mask"], denominator=den["lm_targets"])
+    elif chunk_size > 0:
+        clean_hidden = jax.lax.stop_gradient(_final_hidden(base, x_base, attention_mask))
+        utility = chunked_distill_loss(clean_hidden, _final_hidden(base, x_t_base, attention_mask),
+                                       _lm_head_kernel(base), attention_mask, chunk_size=chunk_size,
+                                       denominator=den["tokens"])
     else:
         clean_logits = jax.lax.stop_gradient(base(inputs_embeds=x_base, attention_mask=attention_mask))
         logits = base(inputs_embeds=x_t_base, attention_mask=attention_mask)

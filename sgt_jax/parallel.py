@@ -151,4 +151,60 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
 
 __all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfigError", "batch_sharding", "host_batch_to_global",
            "logical_to_sharding", "logical_to_spec", "make_mesh", "maybe_initialize_distributed",
-           "param_shardings", "shard_params"]
+           "param_shardings", "prefetch_to_device", "shard_params"]
+
+
+def prefetch_to_device(iterator, size: int = 2, sharding_fn=None):
+    """Yield the iterator's host batches as device arrays, converting up to ``size`` batches ahead in a
+    background thread, so that the host-side work (the data loader, ``device_put``) overlaps the running step
+    instead of sitting between steps. ``sharding_fn(host_batch) -> device batch`` (default ``jax.device_put``).
+    An exception in the producer is re-raised here; closing the generator stops the thread."""
+    import queue
+    import threading
+
+    convert = jax.device_put if sharding_fn is None else sharding_fn
+    if size <= 0:
+        for host in iterator:
+            yield convert(host)
+        return
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for host in iterator:
+                if not put(convert(host)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(_ProducerError(exc))
+            return
+        put(done)
+
+    thread = threading.Thread(target=produce, name="prefetch_to_device", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, _ProducerError):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
+
+
+class _ProducerError:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
