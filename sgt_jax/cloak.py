@@ -91,17 +91,25 @@ def _st_clip(h, lo, hi):
 @_st_clip.defjvp
 def _st_clip_jvp(primals, tangents):
     h, lo, hi = primals
-    return jnp.clip(h, lo, hi), tangents[0]
+    sigma = jnp.clip(h, lo, hi)
+    # Inside the bounds and above: identity. Below the floor: scaled by sigma (= lo), see straight_through_clip.
+    return sigma, tangents[0] * jnp.where(h < lo, sigma, jnp.ones_like(h))
 
 
 def straight_through_clip(h: jax.Array, lo: float, hi: float) -> jax.Array:
-    """clip(h, lo, hi) forward, identity backward.
+    """clip(h, lo, hi) forward; backward: identity, except below the floor where h receives dL/d(log sigma).
 
-    The directly-learned parameterisation starts with the head at ~0 (rho_init = 0), i.e. below min_scale:
-    a plain clip would be saturated there with zero gradient, so sigma could never grow — a dead transform.
-    Passing the gradient straight through lets L_N push sigma up from the first step. A custom JVP (not
-    ``h + stop_gradient(clip(h) - h)``) keeps the forward value *exactly* the clip: in float32,
-    ``-0.5 + (1e-8 + 0.5)`` rounds to 0, which would make log(sigma) = -inf.
+    Why not a plain clip: the directly-learned parameterisation starts with the head at ~0 (rho_init = 0),
+    i.e. below min_scale; a plain clip is saturated there with zero gradient, so sigma could never grow
+    (a dead transform).
+    Why not a plain straight-through (identity) either: at the floor dL_N/dsigma = -1/sigma = -1e8 per
+    element for min_scale = 1e-8, so a handful of floored elements dominate the global gradient norm, the
+    norm clip then scales every utility gradient to nothing, and training follows L_N blindly (observed:
+    the composite loss *rises*). Passing ``sigma * dL/dsigma = dL/d(log sigma)`` below the floor (a
+    straight-through in log space) gives L_N a bounded push of -1 per element, and leaves the utility loss
+    essentially no gradient to drive an already-floored element further down.
+    A custom JVP (not ``h + stop_gradient(clip(h) - h)``) keeps the forward value *exactly* the clip: in
+    float32 ``-0.5 + (1e-8 + 0.5)`` rounds to 0, which would make log(sigma) = -inf.
     """
     return _st_clip(h, jnp.asarray(lo, h.dtype), jnp.asarray(hi, h.dtype))
 
