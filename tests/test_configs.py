@@ -1,0 +1,104 @@
+"""The shipped configs/*.yaml: each parses, follows the seed's recipe, and builds its model family's base model
+and cloak from a tiny stand-in checkpoint of the same family (same model_type and RoPE settings; no hub)."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sgt_jax.cloak import TransformerCloak
+from sgt_jax.config import load_config
+from sgt_jax.models import CausalLM, DecoderConfig
+from sgt_jax.testing import make_tiny_checkpoint
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# The real models' family settings that change the computation (from their config.json on the hub).
+LARGE = {
+    "llama2_7b.yaml": dict(model_type="llama", rope_theta=10000.0),
+    "llama3_8b.yaml": dict(model_type="llama", rope_theta=500000.0),
+    "mistral_7b_instruct.yaml": dict(model_type="mistral", rope_theta=1000000.0, sliding_window=None),
+}
+
+
+def test_every_yaml_in_configs_is_covered():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*LARGE, "tiny.yaml"])
+
+
+@pytest.mark.parametrize("name", sorted(LARGE))
+def test_large_model_config_follows_the_seed(name):
+    cfg = load_config(CONFIGS / name)
+    assert list(cfg.cloak.scale) == [1e-8, 1.0] and cfg.cloak.directly_learn_stds and cfg.cloak.rho_init == 0.0
+    assert cfg.cloak.transformer_type == LARGE[name]["model_type"]
+    assert (cfg.cloak.percent_to_mask, cfg.cloak.shallow, cfg.cloak.seed) == (0.0, 1.0, None)
+    assert (cfg.cloak.std_dropout, cfg.cloak.mean_dropout) == (0.1, 0.1)
+    assert (cfg.cloak.mean_num_experts, cfg.cloak.std_num_experts, cfg.cloak.use_causal_mask) == (0, 0, True)
+    o = cfg.objective
+    assert (o.mode, o.alpha, o.transform_variance_priority, o.transform_strength_priority, o.weight) == (
+        "ssl", 0.54, 0.01, 0.75, 12.0)
+    opt = cfg.optimizer
+    assert (opt.b1, opt.b2, opt.eps, opt.learning_rate, opt.weight_decay) == (0.9, 0.95, 1e-5, 3e-5, 0.1)
+    assert (cfg.model.truncate_at_layer, cfg.model.dtype) == (12, "bfloat16")
+    assert cfg.data.format == "openorca" and cfg.data.source.startswith("/")
+    assert cfg.data.num_workers >= 4
+    g = cfg.generation
+    assert (g.do_sample, g.temperature, g.top_k, g.top_p, g.repetition_penalty, g.renormalize_logits) == (
+        True, 0.6, 5000, 0.9, 1.0, True)
+    assert cfg.checkpoint.save_on_preemption and cfg.checkpoint.every_minutes <= 60 and cfg.checkpoint.resume
+    assert cfg.validation.every_steps or cfg.validation.every_minutes
+    # Both targets are spelled out: the TPU mesh in the file, the 8-GPU overrides in its header.
+    text = (CONFIGS / name).read_text()
+    assert "mesh.data=8" in text and "tpu_pod.sh" in text and "gpu_single_node.sh" in text
+    gpu = load_config(CONFIGS / name, ["mesh.data=8", "mesh.fsdp=1", "model.attention_impl=cudnn"])
+    assert (gpu.mesh.data, gpu.mesh.fsdp, gpu.model.attention_impl) == (8, 1, "cudnn")
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """A tiny checkpoint per large config, with 14 layers so truncate_at_layer=12 is exactly as configured."""
+    out = {}
+    for name, family in LARGE.items():
+        out[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name.split(".")[0]), num_hidden_layers=14,
+                                         hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, **family)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(LARGE))
+def test_large_model_config_builds_its_family(name, stand_ins):
+    path = stand_ins[name]
+    cfg = load_config(CONFIGS / name, [f"model.path={path}"])
+    family = LARGE[name]
+    decoder_config = DecoderConfig.from_hf(path)
+    assert decoder_config.model_type == family["model_type"]
+    assert decoder_config.rope_theta == family["rope_theta"]
+    assert decoder_config.sliding_window is None
+    base = CausalLM.from_pretrained(path, dtype=cfg.model.dtype, truncate_at_layer=cfg.model.truncate_at_layer,
+                                    attention_impl="xla", remat_policy=cfg.model.remat_policy)
+    assert base.num_layers == 13 and base.embedding_table.dtype == jnp.bfloat16
+    ids = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6) % decoder_config.vocab_size)
+    hidden = base(ids)
+    assert hidden.shape == (2, 6, decoder_config.hidden_size) and bool(jnp.isfinite(hidden.astype(jnp.float32)).all())
+    cloak = TransformerCloak.from_config(cfg.cloak, str(path), rngs=nnx.Rngs(0))
+    out = cloak(base.embed(ids).astype(jnp.float32), jnp.ones((2, 6), bool), jnp.ones((2, 6), bool),
+                key=jax.random.key(0), deterministic=True)
+    assert out.x_t.dtype == jnp.float32 and out.x_t.shape == (2, 6, decoder_config.hidden_size)
+
+
+def test_tiny_config_is_the_default_run():
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    assert cfg.model.path == "embedded:tiny-llama"
+    assert cfg.tracking.run_dir == "runs/tiny"
+    decoder_config = DecoderConfig.from_hf(Path(__file__).resolve().parent.parent / "sgt_jax/assets/tiny-llama")
+    assert decoder_config.model_type == "llama"
+    assert 0 <= cfg.model.truncate_at_layer < decoder_config.num_hidden_layers
+    lo, hi = cfg.cloak.scale
+    assert 0 < lo < hi
+    # The seed's loss weights stay; only lr/scale/steps are adapted to the tiny model.
+    o = cfg.objective
+    assert (o.alpha, o.transform_variance_priority, o.transform_strength_priority, o.weight) == (0.54, 0.01, 0.75, 12.0)
+    assert cfg.cloak.directly_learn_stds and cfg.cloak.rho_init in (None, 0.0)
+    assert cfg.train.max_steps is not None
