@@ -230,3 +230,31 @@ def test_logits_processors_match_numpy_and_transformers():
     greedy_scores = process_logits(x, jnp.asarray(SEEN), do_sample=False, temperature=0.6, top_k=1, top_p=0.1,
                                    repetition_penalty=1.0, renormalize_logits=False)
     np.testing.assert_array_equal(np.asarray(greedy_scores), LOGITS)  # greedy: no warpers
+
+
+def test_artifact_generate_uses_the_protected_prompt(tmp_path):
+    from sgt_jax.artifact import StainedGlassTransform, save_artifact
+    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.config import CloakConfig
+    from sgt_jax.data import load_tokenizer
+    from sgt_jax.generate import decode_texts
+    from sgt_jax.testing import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, corpus_examples=100)
+    cfg = CloakConfig(scale=[1e-3, 1.0])
+    cloak = TransformerCloak.from_config(cfg, str(model_dir), rngs=nnx.Rngs(0))
+    directory = save_artifact(tmp_path / "sgt", params=nnx.state(cloak, nnx.Param), cloak_config=cfg,
+                              model_dir=model_dir, fingerprint="test", tokenizer=load_tokenizer(str(model_dir)))
+    sgt = StainedGlassTransform.load(directory)
+    texts, key = ["What is the capital of France?", "Add 2 and 3."], jax.random.key(5)
+    texts_out = sgt.generate(texts, key=key, do_sample=False, max_new_tokens=4)  # base model from the artifact
+    assert isinstance(texts_out, list) and len(texts_out) == 2 and all(isinstance(t, str) for t in texts_out)
+    # The same as protecting by hand (the first half of the key) and generating from x_t with the prompt ids.
+    protected = sgt.transform(texts, key=jax.random.split(key)[0])
+    tok = sgt.tokenizer
+    manual = generate(sgt._base_model, inputs_embeds=protected["inputs_embeds"], input_ids=protected["input_ids"],
+                      attention_mask=protected["attention_mask"], do_sample=False, max_new_tokens=4,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert texts_out == decode_texts(tok, manual.sequences, manual.lengths)
+    assert np.asarray(manual.lengths).min() >= 1
