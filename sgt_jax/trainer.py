@@ -118,7 +118,9 @@ class Trainer:
         return step_lib.init_train_state(self._init_params, self.optimizer, run_key)
 
     def init_state(self) -> step_lib.TrainState:
-        return jax.device_put(self._fresh_state(), self.state_sharding)
+        # Fresh buffers: on one device device_put would alias self._init_params, and the train step donates
+        # the state, which would delete them (a second init_state() would then fail).
+        return jax.device_put(self._fresh_state(), self.state_sharding, may_alias=False)
 
     def checkpoint_state(self, state: step_lib.TrainState) -> step_lib.TrainState:
         return state

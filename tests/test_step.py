@@ -71,7 +71,8 @@ def max_abs_diff(a, b):
 
 
 def test_accumulation_over_4_micro_batches_equals_the_full_batch_gradient(trainer):
-    """4 micro-batches of 2 rows give the 8-row gradient and loss components within 1e-6 (fp32). The same
+    """4 micro-batches of 2 rows give the 8-row gradient and loss components within 1e-6 (fp32, relative to
+    the largest gradient element: the largest are ~50, where one float32 ulp is already 4e-6). The same
     batch with per-micro-batch means is off by orders of magnitude more, so a step that averaged each
     micro-batch on its own (or used local denominators) would fail. Dropout and noise are on: per-example
     keys must make the micro-batching invisible too."""
@@ -80,12 +81,12 @@ def test_accumulation_over_4_micro_batches_equals_the_full_batch_gradient(traine
     grads_4, metrics_4 = accumulated_grads(trainer, host_batch, 4)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_1))
     assert scale > 1e-3, "degenerate batch: no gradient"
-    assert max_abs_diff(grads_4, grads_1) <= 1e-6
+    assert max_abs_diff(grads_4, grads_1) <= 1e-6 * max(scale, 1.0)
     for name in ("loss", "utility_loss", "stochasticity_loss", "similarity_loss", "mean_sigma"):
         assert abs(float(metrics_4[name]) - float(metrics_1[name])) <= 1e-6, name
 
     naive_grads, naive_metrics = accumulated_grads(trainer, host_batch, 4, global_denominators=False)
-    assert max_abs_diff(naive_grads, grads_1) > 1e-4
+    assert max_abs_diff(naive_grads, grads_1) > 1e-3 * scale
     assert abs(float(naive_metrics["loss"]) - float(metrics_1["loss"])) > 1e-4
 
 
@@ -100,7 +101,7 @@ def test_train_step_with_accumulation_equals_one_big_step(trainer):
                                              trainer.global_batch(host_batch, 4))
     assert abs(float(metrics_4["loss"]) - float(metrics_1["loss"])) <= 1e-6
     assert float(metrics_4["grad_norm"]) == pytest.approx(float(metrics_1["grad_norm"]), rel=1e-5)
-    assert max_abs_diff(state_4.params, state_1.params) <= 1e-6
+    assert max_abs_diff(state_4.params, state_1.params) <= 1e-6  # Adam: updates ~ lr * sign(g), O(1e-2)
     assert int(state_4.step) == int(state_1.step) == 1
 
 
