@@ -68,3 +68,89 @@ def test_base_generations_cached_once_and_invalidated(tmp_path):
     cache.write_text("{not json")
     cached_base_generations(cache, ["p1", "p2"], generate_fn, "fp", settings)
     assert len(calls) == 5  # a corrupt cache is recomputed
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from flax import nnx
+
+    from sgt_jax import config as config_lib
+    from sgt_jax.artifact import save_artifact
+    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.data import load_tokenizer
+    from sgt_jax.testing import make_tiny_model_dir
+    from sgt_jax.trainer import model_fingerprint
+
+    root = tmp_path_factory.mktemp("eval")
+    model_dir = make_tiny_model_dir(root / "model", hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                    num_key_value_heads=2, corpus_examples=100)
+    cfg = config_lib.load_config(None, [
+        f"model.path={model_dir}", "model.dtype=float32", f"tracking.run_dir={root / 'run'}",
+        "data.synthetic_num_examples=40", "data.validation_fraction=0.2", "data.batch_size=4", "data.max_length=256",
+        "data.buckets=[256]", "data.num_workers=0", f"data.cache_dir={root / 'cache'}", "generation.max_new_tokens=4",
+        "cloak.scale=[1e-8,1e-6]",  # identity-like: mu = 0 at init, sigma <= 1e-6
+    ])
+    saved = config_lib.to_dict(cfg)
+    saved["base_model_fingerprint"] = model_fingerprint(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+
+    def artifact(out_dir, cloak_cfg, std_bias=None):
+        cloak = TransformerCloak.from_config(cloak_cfg, str(model_dir), rngs=nnx.Rngs(0))
+        if std_bias is not None:
+            cloak.std_head.bias[...] = cloak.std_head.bias[...] * 0 + std_bias
+        return save_artifact(out_dir, params=nnx.state(cloak, nnx.Param), cloak_config=cloak_cfg,
+                             model_dir=model_dir, fingerprint=saved["base_model_fingerprint"], tokenizer=tokenizer,
+                             training_config=saved)
+
+    artifact(root / "run" / "sgt", cfg.cloak)
+    noisy = artifact(root / "noisy_sgt", config_lib.CloakConfig(scale=[1e-8, 10.0]), std_bias=5.0)
+    return root, noisy
+
+
+def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
+    from sgt_jax.evaluate import main
+
+    root, _ = tiny_run
+    out = root / "report.json"
+    assert main(["--sgt", str(root / "run"), "--max-batches", "2", "--generation-examples", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report) >= {"forward", "obfuscation", "generation", "data", "sgt", "base_model_fingerprint"}
+    fwd = report["forward"]
+    assert fwd["perplexity_clean"] > 1 and fwd["perplexity_transformed"] == pytest.approx(fwd["perplexity_clean"], rel=1e-3)
+    assert fwd["top1_agreement"] == pytest.approx(1.0) and fwd["top5_agreement"] == pytest.approx(1.0)
+    assert fwd["mean_sigma"] <= 1e-6
+    for metric in ("cosine", "l2"):
+        obf = report["obfuscation"][metric]
+        assert obf["percent_changed"]["mean"] == pytest.approx(0.0, abs=1e-9)
+        assert set(obf["percent_changed"]) >= {"mean", "min", "max", "q10", "q50", "q90"}
+        assert obf["reconstruction_rank_mean"] == pytest.approx(0.0, abs=1e-9)
+    gen = report["generation"]
+    assert gen["num_examples"] == 2
+    for key in ("rouge1_precision", "rouge2_recall", "rougeL_fmeasure"):
+        assert 0.0 <= gen[key] <= 1.0
+    assert report["data"]["sequences"] > 0
+    assert (root / "run" / "base_generations.json").is_file()  # cached beside the run
+    assert list((root / "run" / "tensorboard").glob("events*"))
+    assert "SGT evaluation" in capsys.readouterr().out
+
+
+def test_evaluate_noisy_sgt_obfuscates(tiny_run):
+    from sgt_jax.evaluate import evaluate
+
+    root, noisy = tiny_run
+    report = evaluate(noisy, max_batches=1, generation_examples=0, out=str(root / "noisy.json"), print_table=False)
+    assert report["obfuscation"]["cosine"]["percent_changed"]["mean"] > 50
+    assert report["obfuscation"]["l2"]["reconstruction_rank_mean"] >= 1
+    assert report["forward"]["top1_agreement"] <= 1.0 and report["generation"] == {"num_examples": 0}
+
+
+def test_evaluate_bad_path_one_line(tmp_path, capsys):
+    from sgt_jax.evaluate import main
+
+    assert main(["--sgt", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "missing" in err
