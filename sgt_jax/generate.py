@@ -99,9 +99,11 @@ def _generate_jit(graphdef, state, prompt_ids, inputs_embeds, attention_mask, ke
         [attention_mask.astype(jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
     cache = model.init_cache(batch, total)
     if inputs_embeds is not None:
-        logits, cache = model(inputs_embeds=inputs_embeds, attention_mask=cache_mask, cache=cache, cache_index=0)
+        logits, cache = model(inputs_embeds=inputs_embeds, attention_mask=cache_mask, cache=cache, cache_index=0,
+                              last_logits_only=True)
     else:
-        logits, cache = model(prompt_ids, attention_mask=cache_mask, cache=cache, cache_index=0)
+        logits, cache = model(prompt_ids, attention_mask=cache_mask, cache=cache, cache_index=0,
+                              last_logits_only=True)
     next_logits = logits[:, -1]
     vocab = next_logits.shape[-1]
     rows = jnp.arange(batch)

@@ -448,13 +448,16 @@ class CausalLM(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
-                 return_hidden_at: int | None = None, cache: KVCache | None = None, cache_index=None):
+                 return_hidden_at: int | None = None, cache: KVCache | None = None, cache_index=None,
+                 last_logits_only: bool = False):
         """Logits (B, S, V) float32; hidden state after layer k (B, S, D) when truncated at k or return_hidden_at=k.
 
         With ``cache`` (from :meth:`init_cache`): the S tokens go to cache slots ``cache_index..`` (default 0;
         may be traced), ``attention_mask`` is (B, max_len) over the whole cache (1 for filled real slots, the
         new tokens included) and (logits, updated cache) is returned. Prefill writes the prompt at index 0;
-        each decode step then passes one token at the next index with its mask slot set to 1."""
+        each decode step then passes one token at the next index with its mask slot set to 1.
+        ``last_logits_only``: logits (B, 1, V) of the last position only (a prefill never needs the (B, S, V)
+        tensor)."""
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         if cache is not None:
             if self.truncate_at_layer is not None or return_hidden_at is not None:
@@ -464,7 +467,7 @@ class CausalLM(nnx.Module):
                 raise ValueError("with a KV cache pass attention_mask (B, max_len) over all cache slots.")
             hidden, _, cache = self.decoder(hidden, attention_mask, position_ids=position_ids, cache=cache,
                                             cache_index=cache_index)
-            return self._logits(hidden), cache
+            return self._logits(hidden[:, -1:] if last_logits_only else hidden), cache
         if attention_mask is None:
             attention_mask = jnp.ones(hidden.shape[:2], jnp.int32)
         if return_hidden_at is not None:
