@@ -97,3 +97,26 @@ def test_global_norm_clipping_is_applied_before_adam():
     unclipped = run(optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.0))
     np.testing.assert_allclose(ours, manual, rtol=1e-6)
     assert np.max(np.abs(ours - unclipped)) > 1e-3
+
+
+def test_real_cloak_heads_are_exempt_from_decay(tmp_path):
+    """The mask on the real TransformerCloak state: exactly the 4 head leaves are exempt, and a zero-gradient
+    step leaves them unchanged while every estimator parameter shrinks by lr * weight_decay."""
+    import json
+
+    from sgt_jax.cloak import TransformerCloak
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6)))
+    params = nnx.state(TransformerCloak(config_path=tmp_path, rngs=nnx.Rngs(0)), nnx.Param)
+    exempt = [path_names(p) for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params)) if not m]
+    assert sorted(n[:2] for n in exempt) == [("mean_head", "bias"), ("mean_head", "kernel"),
+                                             ("std_head", "bias"), ("std_head", "kernel")]
+    cfg = OptimizerConfig(learning_rate=1e-2, weight_decay=0.1, warmup_steps=0, schedule="constant")
+    opt = make_optimizer(cfg, 10)
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for (path, p0), p1 in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new)):
+        factor = 1.0 if path_names(path)[0] in ("mean_head", "std_head") else 1 - 1e-3
+        np.testing.assert_allclose(np.asarray(p1), np.asarray(p0) * factor, rtol=1e-6, atol=0)
