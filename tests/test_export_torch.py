@@ -82,7 +82,7 @@ def test_exported_module_matches_jax(tmp_path, case):
         return c(x, a, n, key=key, deterministic=True)
 
     ref = jax.device_get(run(cloak, jnp.asarray(x), jnp.asarray(attention), jnp.asarray(noise), key))
-    eps = np.asarray(_jax_eps(key, batch, seq, d))
+    eps = np.array(_jax_eps(key, batch, seq, d))  # a writable copy for torch.from_numpy
     got = module(torch.from_numpy(x), torch.from_numpy(attention), torch.from_numpy(noise), eps=torch.from_numpy(eps))
 
     assert np.abs(np.asarray(ref.mu)).max() > 1e-2  # mu is non-trivial
