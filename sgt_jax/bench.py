@@ -317,13 +317,14 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
     if args.memory_only:
         return result
 
-    times = []
+    times, cpu_times = [], []
     for i in range(args.warmup + args.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, base_state, batch)
         jax.block_until_ready((state, metrics))
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     step_s = statistics.median(times)
     tokens = args.batch * args.seq
     valid = args.batch * min(args.valid_tokens or args.seq, args.seq)
@@ -332,6 +333,9 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
     result.update({
         "step_s_median": step_s,
         "step_s_all": times,
+        # CPU seconds this process used per step (all threads): on a shared machine, less sensitive than wall
+        # time to other tenants; wall ≈ cpu / cores when the process has the machine to itself.
+        "step_cpu_s_median": statistics.median(cpu_times),
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step_s,
         "valid_tokens_per_s": valid / step_s,
