@@ -63,9 +63,11 @@ def example_keys(key: jax.Array, example_index: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_index.reshape(-1)).reshape(example_index.shape)
 
 
-def split_micro_batches(batch: Mapping[str, np.ndarray], accum_steps: int, first_index: int = 0) -> dict[str, np.ndarray]:
+def split_micro_batches(batch: Mapping[str, np.ndarray], accum_steps: int, first_index: int = 0,
+                        index_stride: int = 1) -> dict[str, np.ndarray]:
     """Host arrays (B, ...) → (accum_steps, B // accum_steps, ...), in contiguous blocks, plus each row's
-    ``example_index`` in the global batch (``first_index`` is this host's offset in it)."""
+    ``example_index`` in the global batch: row r is example ``first_index + index_stride * r`` (the data
+    pipeline gives host p of n the examples p, p + n, p + 2n, ... of each global batch)."""
     batch = dict(batch)
     rows = np.asarray(batch["input_ids"]).shape[0]
     if rows % accum_steps:
@@ -73,7 +75,7 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], accum_steps: int, first
             f"the batch of {rows} rows does not split into optimizer.grad_accum_steps={accum_steps} "
             "micro-batches; make data.batch_size a multiple of it."
         )
-    batch["example_index"] = np.arange(first_index, first_index + rows, dtype=np.int32)
+    batch["example_index"] = (first_index + index_stride * np.arange(rows)).astype(np.int32)
     return {
         name: np.asarray(value).reshape((accum_steps, rows // accum_steps) + np.asarray(value).shape[1:])
         for name, value in batch.items()

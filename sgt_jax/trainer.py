@@ -102,7 +102,9 @@ class Trainer:
         self._train_step = step_lib.jit_train_step(
             train_step, mesh=self.mesh, state_sharding=self.state_sharding, base_sharding=self.base_sharding
         )
-        self._eval_batch = jax.jit(self._eval_batch_fn)
+        # Replicated outputs: the per-row/per-token results are read back on every host (device_get of a
+        # batch-sharded array fails when it spans another process's devices).
+        self._eval_batch = jax.jit(self._eval_batch_fn, out_shardings=replicated)
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -139,8 +141,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ stepping
 
     def global_batch(self, host_batch: Mapping[str, np.ndarray], accum_steps: int) -> dict[str, jax.Array]:
-        first = jax.process_index() * int(host_batch["input_ids"].shape[0])
-        micro = step_lib.split_micro_batches(host_batch, accum_steps, first_index=first)
+        # The pipeline shards each global batch host-strided (host p reads examples p, p + n, ...): index
+        # rows by their example's position in the global batch, so the per-example noise and dropout keys
+        # do not depend on the number of hosts.
+        micro = step_lib.split_micro_batches(host_batch, accum_steps, first_index=jax.process_index(),
+                                             index_stride=jax.process_count())
         sharding = step_lib.batch_sharding(self.mesh, accumulated=True)
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in micro.items()}
 
