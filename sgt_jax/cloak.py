@@ -226,8 +226,11 @@ class TransformerCloak(nnx.Module):
         if rngs is None:
             rngs = nnx.Rngs(0 if seed is None else int(seed))
         try:
-            mean_config = DecoderConfig.from_hf(config_path, **{**self.estimator_kwargs, "num_experts": self.mean_num_experts})
-            std_config = DecoderConfig.from_hf(config_path, **{**self.estimator_kwargs, "num_experts": self.std_num_experts})
+            # *_num_experts win over a num_experts in kwargs: they are the seed's named settings.
+            mean_config = DecoderConfig.from_hf(config_path, **{**self.estimator_kwargs,
+                                                                "num_experts": self.mean_num_experts})
+            std_config = DecoderConfig.from_hf(config_path, **{**self.estimator_kwargs,
+                                                               "num_experts": self.std_num_experts})
         except ValueError as exc:
             raise CloakConfigError(f"cloak estimator config: {str(exc).splitlines()[0]}") from None
         hidden = mean_config.hidden_size
@@ -329,7 +332,7 @@ class TransformerCloak(nnx.Module):
         deterministic: dropout off (eval); noise is always on.
         """
         self._check_float32(x)
-        batch, _, hidden = x.shape
+        batch = x.shape[0]
         keys = self._example_keys(key, batch, x)
         streams = jax.vmap(lambda k: jax.random.split(k, 3))(keys)  # (B, 3): noise, mean dropout, std dropout
         noise_keys, mean_keys, std_keys = streams[:, 0], streams[:, 1], streams[:, 2]

@@ -316,7 +316,8 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
 
 
 def sgt_objective(cloak, base_model, batch: Mapping[str, jax.Array], *, key, objective_cfg,
-                  deterministic: bool = False, ssl_layer: Optional[int] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                  deterministic: bool = False,
+                  ssl_layer: Optional[int] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """(loss, metrics) of one batch ``dict(input_ids, attention_mask, noise_mask, loss_mask)``, means over
     this batch. ``key``: one PRNG key or one per example. ``ssl_layer``: for ssl on an untruncated model, the
     layer whose hidden state is compared (default: the last; a model loaded with truncate_at_layer=k uses k).

@@ -1,8 +1,6 @@
 """The SGT objective: each component against numpy, lm against transformers' PyTorch loss, frozen base,
 additivity over micro-batches, MoE aux term, and a short training run that does what the loss says."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,7 +187,8 @@ def test_lm_mode_equals_transformers_causal_lm_loss(checkpoint, base_full):
     # an unshifted loss (the seed's historical bug) is measurably different
     logp = jax.nn.log_softmax(ours, -1)
     unshifted_w = (batch["attention_mask"] * batch["loss_mask"]).astype(jnp.float32)
-    unshifted = -(jnp.take_along_axis(logp, batch["input_ids"][..., None], -1)[..., 0] * unshifted_w).sum() / unshifted_w.sum()
+    own_token_logp = jnp.take_along_axis(logp, batch["input_ids"][..., None], -1)[..., 0]
+    unshifted = -(own_token_logp * unshifted_w).sum() / unshifted_w.sum()
     assert abs(float(unshifted) - hf_loss) > 1e-3  # 25x the tolerance the shifted loss meets
 
     # end to end through the (near-identity) cloak

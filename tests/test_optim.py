@@ -93,7 +93,8 @@ def test_global_norm_clipping_is_applied_before_adam():
         return np.asarray(p["w"])
 
     ours = run(make_optimizer(cfg, 2))
-    manual = run(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.0)))
+    adamw = optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.0)
+    manual = run(optax.chain(optax.clip_by_global_norm(1.0), adamw))
     unclipped = run(optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.0))
     np.testing.assert_allclose(ours, manual, rtol=1e-6)
     assert np.max(np.abs(ours - unclipped)) > 1e-3

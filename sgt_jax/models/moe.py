@@ -67,7 +67,8 @@ class MoeMLP(nnx.Module):
         hidden, inner = int(config.hidden_size), int(config.intermediate_size)
         init = nnx.initializers.normal(float(getattr(config, "initializer_range", 0.02) or 0.02))
         # Logical axis names for sgt_jax.parallel's sharding rules (same convention as the dense MLP).
-        self.router = nnx.Param(init(rngs.params(), (hidden, num_experts), param_dtype), logical_axes=("embed", "experts"))
+        self.router = nnx.Param(init(rngs.params(), (hidden, num_experts), param_dtype),
+                                logical_axes=("embed", "experts"))
         self.gate_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inner), param_dtype),
                                    logical_axes=("experts", "embed", "mlp"))
         self.up_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inner), param_dtype),
