@@ -172,9 +172,12 @@ def evaluate_perplexity(model, heldout_tokens, pad_id: int, batch_size: int = 64
     @jax.jit
     def sums(state, ids, mask, loss):
         logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)
-        all_nll, all_count = metrics_lib.next_token_nll_sums(logits, ids, mask)
+        # A target counts when it and its predecessor are real: the first token of a left-padded row (bos) is
+        # not predicted from the pad before it.
+        real_pairs = mask * jnp.concatenate([jnp.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
+        all_nll, all_count = metrics_lib.next_token_nll_sums(logits, ids, real_pairs)
         response = jnp.concatenate([jnp.zeros_like(mask[:, :1]), lm_target_mask(mask, loss).astype(mask.dtype)], 1)
-        resp_nll, resp_count = metrics_lib.next_token_nll_sums(logits, ids, response)
+        resp_nll, resp_count = metrics_lib.next_token_nll_sums(logits, ids, response * real_pairs)
         return all_nll, all_count, resp_nll, resp_count
 
     totals = np.zeros(4)
@@ -183,8 +186,9 @@ def evaluate_perplexity(model, heldout_tokens, pad_id: int, batch_size: int = 64
         if max_batches is not None and b >= max_batches:
             break
         totals += np.asarray([float(v) for v in sums(state, ids, mask, loss)])
-        targets.append(ids[:, 1:][mask[:, 1:].astype(bool)])
-        response_targets.append(ids[:, 1:][(mask[:, 1:] * loss[:, 1:]).astype(bool)])
+        pairs = (mask[:, 1:] * mask[:, :-1]).astype(bool)
+        targets.append(ids[:, 1:][pairs])
+        response_targets.append(ids[:, 1:][pairs & loss[:, 1:].astype(bool)])
     return {
         "perplexity": float(math.exp(totals[0] / totals[1])),
         "unigram_perplexity": unigram_perplexity(np.concatenate(targets)),
@@ -312,6 +316,38 @@ def torch_logit_difference(model_dir: Path, texts: Sequence[str]) -> Dict[str, f
 # --------------------------------------------------------------------------------------------- training
 
 
+def evaluate_saved(args) -> Dict[str, Any]:
+    """Re-measure a saved model (held-out perplexity, task accuracy, parity) and rewrite its card, keeping the
+    training record (command, seeds, timing, history) of the run that produced it."""
+    from sgt_jax.data import load_tokenizer
+    from sgt_jax.models import CausalLM
+
+    out = Path(args.out)
+    card = json.loads((out / "training.json").read_text())
+    tokenizer = load_tokenizer(str(out))
+    model = CausalLM.from_pretrained(out, dtype="float32")
+    train_examples, heldout_examples = corpus_splits(card["corpus"]["num_examples"], card["seeds"]["corpus_seed"],
+                                                     args.heldout_per_task, card["seeds"]["split_seed"])
+    t_eval = time.perf_counter()
+    card.update(measure(model, tokenizer, out, train_examples, heldout_examples, args))
+    card["timing"]["evaluation_s"] = round(time.perf_counter() - t_eval, 1)
+    (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "TRAINING.md").write_text(training_card_markdown(card))
+    return card
+
+
+def measure(model, tokenizer, out: Path, train_examples, heldout_examples, args) -> Dict[str, Any]:
+    perplexity = evaluate_perplexity(model, tokenize(heldout_examples, tokenizer), tokenizer.pad_token_id)
+    print(f"held-out perplexity {perplexity}", flush=True)
+    tasks = task_accuracy(model, tokenizer, train_examples, heldout_examples, max_new_tokens=args.max_new_tokens,
+                          also_train=args.train_eval_examples)
+    for name, row in tasks["heldout"].items():
+        print(f"  {name:26s} n={row['n']:4d} accuracy {row['accuracy']:.3f} majority {row['majority_baseline']:.3f}")
+    parity = torch_logit_difference(out, [alpaca_prompt(ex) + ex["output"] for ex in heldout_examples[:8]])
+    print(f"torch vs ours: {parity}", flush=True)
+    return {"heldout_perplexity": perplexity, "tasks": tasks, "torch_parity": parity}
+
+
 def pretrain(args) -> Dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -331,7 +367,6 @@ def pretrain(args) -> Dict[str, Any]:
     tokenizer = build_tokenizer([render_alpaca(ex).text for ex in train_examples], str(out),
                                 vocab_size=args.vocab_size, chat_template=True)
     train_tokens = tokenize(train_examples, tokenizer)
-    heldout_tokens = tokenize(heldout_examples, tokenizer)
     lengths = np.diff(train_tokens.offsets)
     print(f"corpus: {len(train_examples)} train / {len(heldout_examples)} held-out examples, "
           f"{int(lengths.sum())} train tokens (mean {lengths.mean():.1f}, max {lengths.max()} per example), "
@@ -410,14 +445,7 @@ def pretrain(args) -> Dict[str, Any]:
     print(f"saved to {out} ({size_mb:.2f} MB) after {train_s:.0f} s of training", flush=True)
 
     t_eval = time.perf_counter()
-    perplexity = evaluate_perplexity(model, heldout_tokens, tokenizer.pad_token_id)
-    print(f"held-out perplexity {perplexity}", flush=True)
-    tasks = task_accuracy(model, tokenizer, train_examples, heldout_examples, max_new_tokens=args.max_new_tokens,
-                          also_train=args.train_eval_examples)
-    for name, row in tasks["heldout"].items():
-        print(f"  {name:26s} n={row['n']:4d} accuracy {row['accuracy']:.3f} majority {row['majority_baseline']:.3f}")
-    parity = torch_logit_difference(out, [alpaca_prompt(ex) + ex["output"] for ex in heldout_examples[:8]])
-    print(f"torch vs ours: {parity}", flush=True)
+    measured = measure(model, tokenizer, out, train_examples, heldout_examples, args)
     eval_s = time.perf_counter() - t_eval
 
     card = {
@@ -442,9 +470,7 @@ def pretrain(args) -> Dict[str, Any]:
                    "jax": jax.__version__},
         "size_mb": round(size_mb, 2),
         "history": history,
-        "heldout_perplexity": perplexity,
-        "tasks": tasks,
-        "torch_parity": parity,
+        **measured,
     }
     (out / "training.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "TRAINING.md").write_text(training_card_markdown(card))
@@ -558,13 +584,19 @@ def parse_args(argv=None):
     parser.add_argument("--train-eval-examples", type=int, default=200,
                         help="also score this many training prompts (memorisation column)")
     parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--eval-only", action="store_true",
+                        help="re-measure the model already in --out and rewrite its card (no training)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
 def main(argv=None) -> int:
-    pretrain(parse_args(argv))
+    args = parse_args(argv)
+    if args.eval_only:
+        evaluate_saved(args)
+    else:
+        pretrain(args)
     return 0
 
 
