@@ -199,6 +199,7 @@ class BenchArgs:
     memory_only: bool = False
     prefetch: int = -1
     host_delay_ms: float = 0.0
+    sync_every_step: bool = False
     out: str | None = None
 
     def shape_dict(self) -> dict[str, int]:
@@ -354,9 +355,12 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
         t = time.perf_counter()
         for micro in it:
             state, metrics = compiled(state, base_state, micro)
+            if args.sync_every_step:
+                float(metrics["loss"])  # a loop that logs every step waits for it: no async-dispatch overlap
         jax.block_until_ready((state, metrics))
         loop_s = (time.perf_counter() - t) / loop_steps
         result["loop"] = {"prefetch": args.prefetch, "host_delay_ms": args.host_delay_ms, "steps": loop_steps,
+                          "sync_every_step": args.sync_every_step,
                           "step_s": loop_s, "tokens_per_s": tokens / loop_s}
     return result
 
@@ -388,6 +392,8 @@ def parse_args(argv=None) -> BenchArgs:
     p.add_argument("--prefetch", type=int, default=-1,
                    help="also time a step loop fed from a host iterator; N>0 prefetches N batches, 0 does not")
     p.add_argument("--host-delay-ms", type=float, default=0.0, help="simulated host data work per batch in the loop")
+    p.add_argument("--sync-every-step", action="store_true",
+                   help="in the loop, read the loss after every step (as a loop that logs each step does)")
     p.add_argument("--out", default=None, help="write the JSON here")
     ns = p.parse_args(argv)
     return BenchArgs(**vars(ns))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The CPU measurements recorded in benchmarks/README.md (2-core CPU; results/*.json, one per run).
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-/work/venv/bin/python}
+R=benchmarks/results
+SMALL="--shape small --batch 4 --seq 128 --base-layers 13 --estimator-layers 1 --dtype float32 --steps 3"
+b() { name=$1; shift; echo "== $name: $*"; $PY -m sgt_jax.bench "$@" --out $R/$name.json > /dev/null 2>&1 || echo "FAILED $name"; }
+b tiny_default --shape tiny --batch 2 --seq 64 --base-layers 2 --steps 5
+for r in none full dots_saveable; do b remat_$r $SMALL --remat $r; done
+b donate_on $SMALL
+b donate_off $SMALL --no-donate
+for s in 64 128 192 256; do b bucket_seq$s --shape small --batch 4 --seq $s --base-layers 13 --dtype float32 --steps 3; done
+b vocab_chunk_0 --shape small --vocab 32000 --batch 4 --seq 256 --base-layers 2 --objective lm --dtype bfloat16 --memory-only
+b vocab_chunk_4096 --shape small --vocab 32000 --batch 4 --seq 256 --base-layers 2 --objective lm --dtype bfloat16 --vocab-chunk 4096 --memory-only
+b distill_chunk_0 --shape small --vocab 32000 --batch 4 --seq 256 --base-layers 2 --objective distill --dtype bfloat16 --memory-only
+b distill_chunk_4096 --shape small --vocab 32000 --batch 4 --seq 256 --base-layers 2 --objective distill --dtype bfloat16 --vocab-chunk 4096 --memory-only
+for p in 0 2; do for d in 0 200; do b prefetch${p}_delay$d $SMALL --prefetch $p --host-delay-ms $d --steps 4; done; done
+T="--shape small --batch 4 --seq 512 --estimator-layers 1 --dtype bfloat16 --memory-only"
+b trunc_k12_of32 $T --base-layers 13 --model-layers 32
+b untrunc_ssl_at12_of32 $T --base-layers 13 --model-layers 32 --no-truncate
+b untrunc_lm_32 $T --base-layers 32 --objective lm
+b untrunc_lm_32_chunked $T --base-layers 32 --objective lm --vocab-chunk 512
+# prefetch when the loop reads the loss every step (no async-dispatch overlap of the host work otherwise)
+for p in 0 2; do b prefetch${p}_delay200_sync $SMALL --prefetch $p --host-delay-ms 200 --steps 4 --sync-every-step; done
+# ours vs PyTorch (same shape; torch at 1 and 2 threads: OpenMP spinning collapses under load)
+for th in 1 2; do for dt in float32 bfloat16; do
+  echo "== torch_vs_ours_${dt}_t${th}"
+  $PY benchmarks/torch_reference.py --shape small --batch 4 --seq 128 --base-layers 13 --dtype $dt --steps 3 \
+      --torch-threads $th --compare --out $R/torch_vs_ours_${dt}_t${th}.json 2>&1 | grep "pytorch:\|sgt_jax:"
+done; done
