@@ -18,8 +18,10 @@ while staying small enough (a few MB) to ship inside the package and train on tw
 
 The examples are rendered and tokenized by the data pipeline itself (``tokenize_examples`` with the alpaca
 format, ``pack_examples``), so the model sees exactly the text layout the SGT run feeds it. The loss is the
-full-sequence next-token loss over packed rows (prompt and response): the SGT's utility loss reads hidden
-states over the prompt, so the model should model prompts too, not only responses.
+full-sequence next-token loss over packed rows (prompt and response: the SGT's utility loss reads hidden
+states over the prompt, so the model should model prompts too), optionally with the response tokens weighted
+``--response-weight`` times (default 1: plain full-sequence loss; 4x with 800 steps of batch 16 was tried and
+did not beat it at this budget).
 """
 
 from __future__ import annotations
@@ -390,15 +392,18 @@ def pretrain(args) -> Dict[str, Any]:
                      optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=decay))
     opt_state = tx.init(params)
 
-    def loss_fn(params, ids):
+    def loss_fn(params, ids, response):
         logits = nnx.merge(graphdef, params)(ids)[:, :-1]
         targets = ids[:, 1:]
         nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-        return nll.mean()
+        # Response tokens (and the eos after them) weigh response_weight: the prompts' random content (numbers,
+        # word lists) is irreducible noise, the responses are what the tasks teach (copying, arithmetic).
+        weights = 1.0 + (args.response_weight - 1.0) * response[:, 1:].astype(jnp.float32)
+        return jnp.sum(nll * weights) / jnp.sum(weights)
 
     @jax.jit
-    def train_step(params, opt_state, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+    def train_step(params, opt_state, ids, response):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids, response)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -407,10 +412,10 @@ def pretrain(args) -> Dict[str, Any]:
     def epoch_rows():
         packed = pack_examples(train_tokens, rng.permutation(len(train_tokens)), args.seq_len,
                                tokenizer.eos_token_id)
-        rows = packed.input_ids.reshape(-1, args.seq_len)
-        return rows[rng.permutation(len(rows))]
+        order = rng.permutation(len(packed.input_ids) // args.seq_len)
+        return (packed.input_ids.reshape(-1, args.seq_len)[order], packed.loss_mask.reshape(-1, args.seq_len)[order])
 
-    rows, cursor, epochs = epoch_rows(), 0, 1
+    (rows, response_rows), cursor, epochs = epoch_rows(), 0, 1
     rows_per_epoch = len(rows)
     history = []
     t_train = time.perf_counter()
@@ -418,10 +423,11 @@ def pretrain(args) -> Dict[str, Any]:
     compile_s = None
     for step in range(1, args.steps + 1):
         if cursor + args.batch_size > len(rows):
-            rows, cursor, epochs = epoch_rows(), 0, epochs + 1
+            (rows, response_rows), cursor, epochs = epoch_rows(), 0, epochs + 1
         batch = jnp.asarray(rows[cursor:cursor + args.batch_size])
+        response = jnp.asarray(response_rows[cursor:cursor + args.batch_size])
         cursor += args.batch_size
-        params, opt_state, loss = train_step(params, opt_state, batch)
+        params, opt_state, loss = train_step(params, opt_state, batch, response)
         if step == 1:
             loss.block_until_ready()
             compile_s = time.perf_counter() - t_train
@@ -463,7 +469,8 @@ def pretrain(args) -> Dict[str, Any]:
                       "schedule": "cosine to 0.1x", "max_grad_norm": 1.0, "batch_size": args.batch_size,
                       "steps": args.steps, "tokens_per_step": args.batch_size * args.seq_len,
                       "epochs_started": epochs},
-        "loss": "full-sequence next-token cross-entropy over packed rows",
+        "loss": "full-sequence next-token cross-entropy over packed rows" + (
+            f", response tokens weighted {args.response_weight:g}x" if args.response_weight != 1.0 else ""),
         "timing": {"pretraining_s": round(train_s, 1), "compile_s": round(compile_s or 0.0, 1),
                    "evaluation_s": round(eval_s, 1), "total_s": round(time.perf_counter() - t_start, 1),
                    "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
@@ -543,6 +550,15 @@ def training_card_markdown(card: Dict[str, Any]) -> str:
             if "train" in card["tasks"] else ""
         label = f"**{name}**" if "/" not in name else name
         lines.append(f"| {label} | {row['n']} | {row['accuracy']:.3f} | {row['majority_baseline']:.3f} |{extra}")
+    lines += [
+        "",
+        "What the numbers say: at this budget (a few minutes of two CPU cores, ~2M training tokens) the model has "
+        "learned the prompt template, the answer formats and their lengths (response perplexity far below the "
+        "unigram baseline; samples below), but exact-match on the copy, string and arithmetic tasks stays at or near "
+        "the majority baseline: copying (formatting, reverse, uppercase) needs induction heads, which a model this "
+        "size forms only after several thousand steps. The lever is `--steps` (e.g. 3000 on an idle machine); the "
+        "SGT default run needs meaningful hidden states, which this model already has.",
+    ]
     lines += ["", "Samples (held-out):", "", "| prompt | expected | greedy |", "|---|---|---|"]
     for s in card["tasks"]["samples"]:
         esc = lambda x: x.replace("\n", "\\n").replace("|", "\\|")  # noqa: E731
@@ -583,6 +599,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--train-eval-examples", type=int, default=200,
                         help="also score this many training prompts (memorisation column)")
+    parser.add_argument("--response-weight", type=float, default=1.0,
+                        help="loss weight of response tokens relative to prompt tokens")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-only", action="store_true",
                         help="re-measure the model already in --out and rewrite its card (no training)")
