@@ -30,7 +30,7 @@ for th in 1 2; do for dt in float32 bfloat16; do
       --torch-threads $th --compare --out $R/torch_vs_ours_${dt}_t${th}.json 2>&1 | grep "pytorch:\|sgt_jax:"
 done; done
 # truncation memory with the other remat policies
-for r in full dots_with_no_batch_dims_saveable; do
-  b trunc_k12_of32_remat_$r $T --base-layers 13 --model-layers 32 --remat $r
-  b untrunc_lm_32_remat_$r $T --base-layers 32 --objective lm --remat $r
+for r in full:full dots_nb:dots_with_no_batch_dims_saveable; do
+  b trunc_k12_of32_remat_${r%%:*} $T --base-layers 13 --model-layers 32 --remat ${r#*:}
+  b untrunc_lm_32_remat_${r%%:*} $T --base-layers 32 --objective lm --remat ${r#*:}
 done
