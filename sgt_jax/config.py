@@ -167,7 +167,8 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    # Multi-host start-up: "auto" initialises jax.distributed when the environment says multi-host.
+    # Multi-host start-up: "auto" initialises jax.distributed when the environment says multi-host;
+    # true / false force it on / off (YAML booleans are accepted).
     distributed: str = "auto"
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
@@ -178,7 +179,8 @@ class MeshConfig:
 class CheckpointConfig:
     # Directory of the checkpoints; None: <tracking.run_dir>/checkpoints.
     directory: Optional[str] = None
-    every_minutes: float = 30.0
+    # Save every N minutes of wall-clock (None: no time-based saves).
+    every_minutes: Optional[float] = 30.0
     # Also save every N steps (None: only by time, preemption and at the end).
     every_steps: Optional[int] = None
     keep: int = 3
@@ -350,9 +352,11 @@ def validate(cfg: SGTConfig) -> None:
     sizes = [m.data, m.fsdp, m.tensor]
     _check(sum(1 for s in sizes if s == -1) <= 1, "mesh: at most one of data, fsdp, tensor may be -1.")
     _check(all(s == -1 or s >= 1 for s in sizes), "mesh.data, mesh.fsdp and mesh.tensor must be >= 1 or -1.")
+    m.distributed = str(m.distributed).lower()  # a YAML/CLI boolean arrives as "True"/"False"
     _choice(m.distributed, ("auto", "true", "false"), "mesh.distributed")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1.")
-    _check(cfg.checkpoint.every_minutes > 0, "checkpoint.every_minutes must be > 0.")
+    ck = cfg.checkpoint
+    _check(ck.every_minutes is None or ck.every_minutes > 0, "checkpoint.every_minutes must be > 0 (or null: no time-based saves).")
     g = cfg.generation
     _check(g.temperature > 0, "generation.temperature must be > 0 (use do_sample=false for greedy).")
     _check(0.0 < g.top_p <= 1.0, "generation.top_p must be in (0, 1].")

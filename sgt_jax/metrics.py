@@ -19,15 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def next_token_nll_sums(logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def next_token_nll_sums(
+    logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array, context_mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Sum of -log p(token n+1 | tokens <= n) over targets with mask 1, and their count.
 
     ``target_mask`` is per *token* (B, S): position n+1 counts when target_mask[:, n+1] is set (pass the
-    attention mask for perplexity ignoring padding, or attention & loss mask for response-only).
+    attention mask for perplexity ignoring padding, or attention & loss mask for response-only) and its
+    context token n is real (``context_mask``, default ``target_mask``): the first real token after left
+    padding is never scored as predicted from a pad.
     """
+    context_mask = target_mask if context_mask is None else context_mask
     logits = logits[:, :-1].astype(jnp.float32)
     targets = input_ids[:, 1:]
-    mask = target_mask[:, 1:].astype(jnp.float32)
+    mask = (target_mask[:, 1:].astype(bool) & context_mask[:, :-1].astype(bool)).astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask), jnp.sum(mask)

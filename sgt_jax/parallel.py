@@ -145,6 +145,9 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
     if explicit:
         kwargs = dict(coordinator_address=mesh_cfg.coordinator_address, num_processes=mesh_cfg.num_processes,
                       process_id=mesh_cfg.process_id)
+    # CPU hosts have no cross-process collectives unless an implementation is chosen; the setting only
+    # affects the CPU backend, so it is harmless on TPU and GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     return True
 

@@ -6,7 +6,7 @@ Modes:
            and sleep until killed.
   main     sgt_jax.train.main(overrides) with env SGT_TEST_SIGTERM_AT=k: on_step(k) sends SIGTERM to itself;
            the exit code is main()'s.
-  gloo     like run, with CPU cross-process collectives (gloo) enabled before jax.distributed starts.
+  gloo     like run, for the two-process test (the package enables gloo CPU collectives itself).
   sharded  the HLO of the accumulation step (data=4, fsdp=2, accum 4), then one short run per mesh in
            SGT_TEST_MESHES ("data,fsdp,tensor,accum;..."), run dirs <run_dir>_<i>.
 """
@@ -70,10 +70,7 @@ def mode_main(out, overrides):
 
 
 def mode_gloo(out, overrides):
-    import jax
-
-    # jax 0.10 on CPU has no cross-process collectives unless an implementation is chosen (gloo here).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # sgt_jax.parallel.maybe_initialize_distributed selects gloo CPU collectives itself (what this mode checks).
     from sgt_jax.train import train
 
     summary = train(_load(overrides))

@@ -57,7 +57,7 @@ def test_perplexity_ignores_padding_and_shifts_labels():
     expected, n = 0.0, 0
     for b in range(2):
         for t in range(4):
-            if mask[b, t + 1]:
+            if mask[b, t + 1] and mask[b, t]:  # never a target predicted from a pad
                 lp = logits[b, t] - np.log(np.exp(logits[b, t]).sum())
                 expected -= lp[ids[b, t + 1]]
                 n += 1
