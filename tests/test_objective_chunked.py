@@ -1,7 +1,6 @@
 """Vocabulary-chunked cross-entropy (objective.vocab_chunk_size): the same losses and gradients as the full
 logits, and the (B, S, V) float32 logits never exist in the compiled step."""
 
-import dataclasses
 import re
 
 import jax
