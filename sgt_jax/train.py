@@ -24,6 +24,10 @@ from sgt_jax.config import SGTConfig
 
 log = logging.getLogger("sgt_jax.train")
 
+# The run `python -m sgt_jax.train` does with no --config: the embedded tiny model and synthetic corpus.
+# Shipped inside the package so it works from an installed wheel; configs/tiny.yaml links to it.
+DEFAULT_CONFIG = Path(__file__).parent / "assets" / "tiny.yaml"
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
     parser = argparse.ArgumentParser(
@@ -31,10 +35,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
         description="Train a Stained Glass Transform for a frozen decoder LLM. With no arguments: the embedded "
         "tiny model and synthetic corpus (configs/tiny.yaml defaults).",
     )
-    parser.add_argument("--config", help="YAML file (e.g. configs/llama2_7b.yaml); overrides the schema defaults")
+    parser.add_argument("--config", help="YAML file (e.g. configs/llama2_7b.yaml) over the schema defaults; "
+                        f"default: the embedded tiny run ({DEFAULT_CONFIG.name}, also configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.learning_rate=1e-4")
     args = parser.parse_args(argv)
-    return config_lib.load_config(args.config, args.overrides)
+    return config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides)
 
 
 def train(

@@ -68,3 +68,15 @@ def test_round_trip_through_a_plain_dict():
     cfg = load_config(overrides=["train.seed=7", "cloak.seed=3"])
     again = from_dict(to_dict(cfg))
     assert again == cfg
+
+
+def test_no_arguments_means_the_embedded_tiny_run():
+    """`python -m sgt_jax.train` with no arguments trains the packaged tiny default (configs/tiny.yaml)."""
+    from pathlib import Path
+
+    from sgt_jax.train import parse_args
+
+    cfg = parse_args([])
+    assert cfg.model.path == "embedded:tiny-llama"
+    assert cfg == load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    assert parse_args(["train.max_steps=3"]).train.max_steps == 3
