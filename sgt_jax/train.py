@@ -77,6 +77,7 @@ def train(
     last_validation = clock()
     stopped_by = "finished"
     metrics = {}
+    previous_streak = None
     tokens_seen, window_start = 0.0, time.perf_counter()
 
     with ckpt_lib.PreemptionGuard() as guard:
@@ -89,6 +90,14 @@ def train(
             state, metrics = trainer.train_step(state, host_batch)
             step += 1
             tokens_seen += float(host_batch["attention_mask"].sum()) * jax.process_count()
+            # The previous step's streak is ready by now: checking it every step costs no pipeline stall.
+            if previous_streak is not None and int(previous_streak) >= cfg.train.max_nonfinite_steps:
+                log.error("%d non-finite steps in a row (train.max_nonfinite_steps): stopping without saving over "
+                          "the last good checkpoint; lower optimizer.learning_rate or check the data",
+                          int(previous_streak))
+                stopped_by = "non-finite"
+                break
+            previous_streak = metrics["nonfinite_streak"]
 
             if step % cfg.tracking.log_every_steps == 0 or step == total:
                 metrics = jax.device_get(metrics)
@@ -99,13 +108,10 @@ def train(
                 tracker.scalars(step, scalars)
                 bar.update(step, tokens_per_s=scalars["train/tokens_per_s"], loss=float(metrics["loss"]))
                 tokens_seen, window_start = 0.0, time.perf_counter()
-                if int(metrics["nonfinite_streak"]) >= cfg.train.max_nonfinite_steps:
-                    log.error("%d non-finite steps in a row: stopping without saving over the last good checkpoint",
-                              int(metrics["nonfinite_streak"]))
-                    stopped_by = "non-finite"
-                    break
             else:
                 bar.update(step)
+            if step % cfg.tracking.histogram_every_steps == 0:
+                tracker.histograms(step, trainer.weight_histograms(state))
 
             if trainer.validation_due(step, clock() - last_validation):
                 trainer.validate(state, step=step, tracker=tracker)

@@ -104,6 +104,7 @@ class Trainer:
         )
         # Replicated outputs: the per-row/per-token results are read back on every host (device_get of a
         # batch-sharded array fails when it spans another process's devices).
+        self._untransformed_batches = 0
         self._eval_batch = jax.jit(self._eval_batch_fn, out_shardings=replicated)
 
     # ------------------------------------------------------------------------------------------- state
@@ -150,6 +151,12 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in micro.items()}
 
     def train_step(self, state, host_batch):
+        if not host_batch["noise_mask"].any():
+            self._untransformed_batches += 1
+            if self._untransformed_batches == 1:
+                log.warning("a training batch has no transformed token (noise_mask all 0): the cloak learns nothing "
+                            "from it; if this repeats, raise data.max_length (prompts may be truncated away) or set "
+                            "data.transform_all_tokens=true")
         return self._train_step(state, self.base_state, self.global_batch(host_batch, self.accum_steps))
 
     def validation_due(self, step: int, seconds_since_last: float) -> bool:
@@ -251,17 +258,18 @@ class Trainer:
             result["reconstruction_rank_mean"] = rank["mean"]
         if tracker is not None:
             tracker.scalars(step, {f"val/{k}": v for k, v in result.items()})
-            head = lambda name: np.asarray(state.params[name]["kernel"][...])  # noqa: E731
-            tracker.histograms(step, {
-                "val/sigma": np.concatenate(sigmas), "val/mu": np.concatenate(mus),
-                "weights/mean_head": head("mean_head"), "weights/std_head": head("std_head"),
-            })
+            tracker.histograms(step, {"val/sigma": np.concatenate(sigmas), "val/mu": np.concatenate(mus),
+                                      **self.weight_histograms(state)})
             tracker.text_table(step, "val/reconstruction", table_rows)
             tracker.flush()
         if label:
             log.info("validation (%s) at step %d: %s", label, step,
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
         return result
+
+    def weight_histograms(self, state) -> dict[str, np.ndarray]:
+        head = lambda name: np.asarray(jax.device_get(state.params[name]["kernel"][...]))  # noqa: E731
+        return {"weights/mean_head": head("mean_head"), "weights/std_head": head("std_head")}
 
     def _reconstruction_rows(self, host_batch, nearest: np.ndarray, limit: int = 4) -> list[dict[str, str]]:
         rows = []
