@@ -39,7 +39,7 @@ from sgt_jax.artifact import CONFIG_NAME, ArtifactError, StainedGlassTransform
 
 log = logging.getLogger("sgt_jax.evaluate")
 
-__all__ = ["resolve_sgt_path", "evaluate", "main", "generation_prompts"]
+__all__ = ["resolve_sgt_path", "evaluate", "main"]
 
 
 def resolve_sgt_path(path) -> tuple[Path, Optional[Path]]:
@@ -75,48 +75,13 @@ def _config_for(sgt: StainedGlassTransform, overrides: Sequence[str]) -> config_
     return cfg
 
 
-def generation_prompts(host_batch: dict[str, np.ndarray]) -> list[list[int]]:
-    """The prompt of each real row: its tokens before the first response (loss_mask) token."""
-    prompts = []
-    for ids, mask, loss in zip(host_batch["input_ids"], host_batch["attention_mask"], host_batch["loss_mask"]):
-        mask = mask.astype(bool)
-        if not mask.any():
-            continue
-        ids, loss = ids[mask], loss[mask].astype(bool)
-        end = int(np.argmax(loss)) if loss.any() else len(ids)
-        if end > 0:
-            prompts.append([int(t) for t in ids[:end]])
-    return prompts
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    length = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = p
-        mask[i, length - len(p):] = 1
-    return ids, mask
-
-
 @nnx.jit
-def _forward_batch(cloak, base, table, ids, attention_mask, noise_mask, key):
-    mask = attention_mask.astype(bool)
-    selected = mask & noise_mask.astype(bool)
-    x = jnp.take(table, ids, axis=0).astype(jnp.float32)
-    out = cloak(x, attention_mask, noise_mask, key=key, deterministic=True)
-    clean_logits = base(ids, attention_mask=attention_mask)
-    t_logits = base(inputs_embeds=out.x_t.astype(base.dtype), attention_mask=attention_mask)
-    sums = {}
-    sums["clean_nll"], sums["nll_count"] = metrics_lib.next_token_nll_sums(clean_logits, ids, mask)
-    sums["transformed_nll"], _ = metrics_lib.next_token_nll_sums(t_logits, ids, mask)
-    sums.update(metrics_lib.topk_agreement_sums(clean_logits, t_logits, mask))
-    obf = {m: metrics_lib.obfuscation_per_sequence(out.x_t, ids, selected, table, metric=m) for m in ("cosine", "l2")}
-    sel = selected[..., None].astype(jnp.float32)
-    sums["sigma_sum"] = jnp.sum(out.sigma * sel)
-    sums["mu_abs_sum"] = jnp.sum(jnp.abs(out.mu) * sel)
-    sums["feature_count"] = jnp.sum(sel) * out.sigma.shape[-1]
-    return sums, {m: (o["percent_changed"], o["mean_rank"]) for m, o in obf.items()}
+def _forward_batch(cloak, base, table, batch, key):
+    from sgt_jax.step import forward_eval
+
+    keys = jax.random.split(key, batch["input_ids"].shape[0])
+    out = forward_eval(cloak, base, table, batch, keys, obfuscation_metrics=("cosine", "l2"))
+    return out["sums"], {m: (o["percent_changed"], o["mean_rank"]) for m, o in out["obfuscation"].items()}
 
 
 def _flatten(prefix: str, values: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +100,7 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
     """Evaluate the SGT at ``sgt_path`` (run dir or artifact); returns the report (also written to ``out``)."""
     from sgt_jax import tracking
     from sgt_jax.data import build_datasets, load_tokenizer
-    from sgt_jax.generate import decode_texts, generate_from_config
+    from sgt_jax.generate import decode_texts, generate_from_config, left_pad, prompts_from_batch
     from sgt_jax.generation_metrics import cached_base_generations, rouge_scores
     from sgt_jax.models import CausalLM
     from sgt_jax.models.hf import resolve_model_path
@@ -181,16 +146,15 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
         if not real.any():
             continue
         num_batches += 1
-        batch_sums, obf = jax.device_get(_forward_batch(
-            sgt.cloak, base, table, jnp.asarray(host_batch["input_ids"]), jnp.asarray(host_batch["attention_mask"]),
-            jnp.asarray(host_batch["noise_mask"]), jax.random.fold_in(key, i)))
+        batch = {k: jnp.asarray(host_batch[k]) for k in ("input_ids", "attention_mask", "noise_mask")}
+        batch_sums, obf = jax.device_get(_forward_batch(sgt.cloak, base, table, batch, jax.random.fold_in(key, i)))
         for k, v in batch_sums.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         for m, (pc, rk) in obf.items():
             changed[m].append(np.asarray(pc)[real])
             ranks[m].append(np.asarray(rk)[real])
         if len(prompts) < generation_examples:
-            prompts.extend(generation_prompts(host_batch)[: generation_examples - len(prompts)])
+            prompts.extend(prompts_from_batch(host_batch)[: generation_examples - len(prompts)])
     if hasattr(dataset, "close"):
         dataset.close()
     if num_batches == 0:
@@ -211,7 +175,7 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
     rows = []
     if prompts:
         gen_cfg = cfg.generation
-        ids, mask = _left_pad(prompts, tokenizer.pad_token_id)
+        ids, mask, noise = left_pad(prompts, tokenizer.pad_token_id)
         ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
         gen_kw = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                       bos_token_id=tokenizer.bos_token_id)
@@ -223,13 +187,16 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
 
         references = cached_base_generations(report_dir / "base_generations.json", prompts, base_generate,
                                              fingerprint, dataclasses.asdict(gen_cfg))
-        x_t = sgt.transform(ids, attention_mask=mask, key=jax.random.fold_in(key, 1_000_002))["inputs_embeds"]
-        res = generate_from_config(base, gen_cfg, inputs_embeds=x_t, attention_mask=mask_j,
-                                   key=jax.random.fold_in(key, 1_000_003), **gen_kw)
+        x_t = sgt.transform(ids, attention_mask=mask, noise_mask=noise,
+                            key=jax.random.fold_in(key, 1_000_002))["inputs_embeds"]
+        # The base generations' sampling key (and prompt ids for the repetition penalty): an identity
+        # transform reproduces them, so ROUGE measures what the SGT changes, not sampling noise.
+        res = generate_from_config(base, gen_cfg, inputs_embeds=x_t, input_ids=ids_j, attention_mask=mask_j,
+                                   key=jax.random.fold_in(key, 1_000_001), **gen_kw)
         candidates = decode_texts(tokenizer, res.sequences, res.lengths)
         generation.update(rouge_scores(references, candidates))
         generation["settings"] = dataclasses.asdict(gen_cfg)
-        rows = [{"prompt": tokenizer.decode(p, skip_special_tokens=True), "base": r, "sgt": c}
+        rows = [{"prompt": tokenizer.decode(p["input_ids"], skip_special_tokens=True), "base": r, "sgt": c}
                 for p, r, c in zip(prompts, references, candidates)]
         generation["examples"] = rows[:8]
 

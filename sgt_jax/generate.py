@@ -236,3 +236,35 @@ def decode_texts(tokenizer, sequences, lengths=None, *, skip_special_tokens: boo
 
 __all__ = ["GenerationOutput", "apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_p",
            "decode_texts", "generate", "generate_from_config", "process_logits"]
+
+
+def prompts_from_batch(host_batch) -> list[dict[str, list[int]]]:
+    """The prompt of each real row of a data batch: its tokens before the first response (loss_mask) token,
+    with their noise mask (so the SGT protects exactly what it was trained to protect)."""
+    prompts = []
+    for ids, mask, noise, loss in zip(host_batch["input_ids"], host_batch["attention_mask"],
+                                      host_batch["noise_mask"], host_batch["loss_mask"]):
+        mask = np.asarray(mask).astype(bool)
+        if not mask.any():
+            continue
+        ids, noise, loss = np.asarray(ids)[mask], np.asarray(noise)[mask], np.asarray(loss)[mask].astype(bool)
+        end = int(np.argmax(loss)) if loss.any() else len(ids)
+        if end > 0:
+            prompts.append({"input_ids": [int(t) for t in ids[:end]], "noise_mask": [int(t) for t in noise[:end]]})
+    return prompts
+
+
+def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, noise_mask) int32 (B, longest), left-padded, for prompts as returned by
+    :func:`prompts_from_batch` (or plain id lists, then every token is to be transformed)."""
+    prompts = [p if isinstance(p, dict) else {"input_ids": list(p), "noise_mask": [1] * len(p)} for p in prompts]
+    length = max(len(p["input_ids"]) for p in prompts)
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    noise = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        n = len(p["input_ids"])
+        ids[i, length - n:] = p["input_ids"]
+        mask[i, length - n:] = 1
+        noise[i, length - n:] = p["noise_mask"]
+    return ids, mask, noise

@@ -48,8 +48,14 @@ def rouge_scores(references: Sequence[str], candidates: Sequence[str], *, rouge_
 
 def generation_cache_key(fingerprint: str, prompts: Sequence[Any], settings: Mapping[str, Any]) -> str:
     """sha256 of (model fingerprint, prompts, generation settings): any change recomputes the generations."""
-    payload = json.dumps({"fingerprint": fingerprint, "prompts": [p if isinstance(p, str) else list(map(int, p))
-                                                                  for p in prompts],
+    def canonical(prompt):  # text, token ids, or {"input_ids": [...], ...} from generate.prompts_from_batch
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, Mapping):
+            return list(map(int, prompt["input_ids"]))
+        return list(map(int, prompt))
+
+    payload = json.dumps({"fingerprint": fingerprint, "prompts": [canonical(p) for p in prompts],
                           "settings": dict(settings)}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

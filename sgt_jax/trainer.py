@@ -171,10 +171,12 @@ class Trainer:
 
     @property
     def full_model(self) -> Optional[CausalLM]:
-        """The untruncated base model for perplexity/agreement (loaded once, only if truncation is on)."""
+        """The untruncated base model for perplexity, agreement and generation (loaded once, only if the
+        training model is truncated and validation needs it)."""
         if self.truncate_at_layer is None:
             return self.base
-        if not self.cfg.validation.perplexity:
+        v = self.cfg.validation
+        if not (v.perplexity or v.generation_examples > 0):
             return None
         if self._full_model is None:
             self._full_model = CausalLM.from_pretrained(
@@ -188,37 +190,26 @@ class Trainer:
         keys = step_lib.example_keys(key, batch["example_index"])
         denominators = objective.local_denominators(batch, self.hidden_size)
         _, losses = objective.make_loss_fn(self.cfg.objective)(cloak, base, batch, keys, denominators, True)
-
-        ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
-        selected = mask & batch["noise_mask"].astype(bool)
-        x_base = base.embed(ids)
-        out = cloak(x_base.astype(jnp.float32), mask, batch["noise_mask"], key=keys, deterministic=True)
-        obf = metrics_lib.obfuscation_per_sequence(out.x_t, ids, selected, base.embedding_table)
-        sums = {}
-        if full_state is not None:
-            full = nnx.merge(self._full_graphdef, full_state)
-            clean_logits = full(inputs_embeds=x_base, attention_mask=mask)
-            t_logits = full(inputs_embeds=out.x_t.astype(x_base.dtype), attention_mask=mask)
-            sums["clean_nll"], sums["nll_count"] = metrics_lib.next_token_nll_sums(clean_logits, ids, mask)
-            sums["transformed_nll"], _ = metrics_lib.next_token_nll_sums(t_logits, ids, mask)
-            sums.update(metrics_lib.topk_agreement_sums(clean_logits, t_logits, mask))
-        sel = selected[..., None]
+        full = None if full_state is None else nnx.merge(self._full_graphdef, full_state)
+        out = step_lib.forward_eval(cloak, full, base.embedding_table, batch, keys)
+        obf = out["obfuscation"]["cosine"]
         return {
             "losses": losses,
-            "sums": sums,
+            "sums": out["sums"],
             "percent_changed": obf["percent_changed"],
             "mean_rank": obf["mean_rank"],
             "nearest": obf["nearest"],
-            "sigma": jnp.where(sel, out.sigma, jnp.nan),
-            "mu": jnp.where(sel, out.mu, jnp.nan),
-            "real_rows": jnp.any(mask, axis=-1),
+            "sigma": out["sigma"],
+            "mu": out["mu"],
+            "real_rows": jnp.any(batch["attention_mask"].astype(bool), axis=-1),
         }
 
     def validate(self, state, *, step: int, tracker=None, label: Optional[str] = None) -> dict[str, float]:
-        """Forward metrics on (up to validation.max_batches of) the validation set; logged and returned."""
+        """Forward metrics on (up to validation.max_batches of) the validation set, then generation metrics on
+        its first validation.generation_examples prompts; logged and returned."""
         if self.val_data is None:
             return {}
-        full = self.full_model
+        full = self.full_model if self.cfg.validation.perplexity else None
         full_state = None
         if full is not None:
             self._full_graphdef, full_state = nnx.split(full)
@@ -226,7 +217,8 @@ class Trainer:
         loss_sums: dict[str, float] = {}
         sums: dict[str, float] = {}
         changed, ranks, sigmas, mus = [], [], [], []
-        table_rows = []
+        table_rows: list[dict[str, str]] = []
+        prompts: list[dict[str, list[int]]] = []
         batches = 0
         for i, host_batch in enumerate(iter(self.val_data)):
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
@@ -247,6 +239,11 @@ class Trainer:
             mus.append(np.asarray(out["mu"]).ravel())
             if not table_rows:
                 table_rows = self._reconstruction_rows(host_batch, np.asarray(out["nearest"]))
+            wanted = self.cfg.validation.generation_examples - len(prompts)
+            if wanted > 0:
+                from sgt_jax.generate import prompts_from_batch
+
+                prompts.extend(prompts_from_batch(host_batch)[:wanted])
         if batches == 0:
             return {}
         result = {f"{k}": v / batches for k, v in loss_sums.items()}
@@ -256,6 +253,11 @@ class Trainer:
         rank = metrics_lib.summarize(np.concatenate(ranks))
         if rank:
             result["reconstruction_rank_mean"] = rank["mean"]
+        if prompts:
+            rouge, generations = self.generation_metrics(state, prompts, key)
+            result.update(rouge)
+            for row, gen in zip(table_rows, generations):
+                row.update(gen)
         if tracker is not None:
             tracker.scalars(step, {f"val/{k}": v for k, v in result.items()})
             tracker.histograms(step, {"val/sigma": np.concatenate(sigmas), "val/mu": np.concatenate(mus),
@@ -266,6 +268,41 @@ class Trainer:
             log.info("validation (%s) at step %d: %s", label, step,
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
         return result
+
+    def generation_metrics(self, state, prompts: list[dict[str, list[int]]], key) -> tuple[dict[str, float], list[dict[str, str]]]:
+        """ROUGE of generations from SGT-protected prompts against the base model's generations of the same
+        prompts (computed once per run and cached in <run_dir>/base_generations.json)."""
+        from sgt_jax.generate import decode_texts, generate_from_config, left_pad
+        from sgt_jax.generation_metrics import cached_base_generations, rouge_scores
+
+        full = self.full_model
+        tok = self.tokenizer
+        ids, mask, noise_mask = (jnp.asarray(a) for a in left_pad(prompts, tok.pad_token_id))
+        ids_kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+        gen_cfg = self.cfg.generation
+
+        def base_generate(_prompts):
+            res = generate_from_config(full, gen_cfg, input_ids=ids, attention_mask=mask,
+                                       key=jax.random.fold_in(key, 1), **ids_kw)
+            return decode_texts(tok, res.sequences, res.lengths)
+
+        references = cached_base_generations(Path(self.cfg.tracking.run_dir) / "base_generations.json", prompts,
+                                             base_generate, self.saved_config["base_model_fingerprint"],
+                                             dataclasses.asdict(gen_cfg))
+        cloak = nnx.merge(self.cloak_graphdef, state.params)
+        x_t = self._protect(cloak, self.base.embedding_table, ids, mask, noise_mask, jax.random.fold_in(key, 2))
+        # The base generations' sampling key: an identity transform reproduces them (ROUGE 1).
+        res = generate_from_config(full, gen_cfg, inputs_embeds=x_t, input_ids=ids, attention_mask=mask,
+                                   key=jax.random.fold_in(key, 1), **ids_kw)
+        candidates = decode_texts(tok, res.sequences, res.lengths)
+        rows = [{"base generation": r, "SGT generation": c} for r, c in zip(references, candidates)]
+        return rouge_scores(references, candidates), rows
+
+    @staticmethod
+    @nnx.jit
+    def _protect(cloak, table, ids, mask, noise_mask, key):
+        x = jnp.take(table, ids, axis=0).astype(jnp.float32)
+        return cloak(x, mask, noise_mask, key=key, deterministic=True).x_t.astype(table.dtype)
 
     def weight_histograms(self, state) -> dict[str, np.ndarray]:
         head = lambda name: np.asarray(jax.device_get(state.params[name]["kernel"][...]))  # noqa: E731
