@@ -83,12 +83,12 @@ class CloakConfig:
     seed: Optional[int] = None
     # Initial std head output; None: 0.0 when directly_learn_stds else -3.0.
     rho_init: Optional[float] = None
-    std_dropout: float = 0.1
-    mean_dropout: float = 0.1
-    directly_learn_stds: bool = True
-    mean_num_experts: int = 0
-    std_num_experts: int = 0
-    use_causal_mask: bool = True
+    std_dropout: float = 0.1  # dropout on the std estimator's output, before its head; off in eval (seed: 0.1)
+    mean_dropout: float = 0.1  # dropout on the mean estimator's output, before its head; off in eval (seed: 0.1)
+    directly_learn_stds: bool = True  # true: sigma = clip(head, min, max) (seed's recommended start); false: the tanh(rho / shallow) form
+    mean_num_experts: int = 0  # >0: the mean estimator's MLP is a top-2 mixture of that many experts
+    std_num_experts: int = 0  # >0: the std estimator's MLP is a top-2 mixture of that many experts
+    use_causal_mask: bool = True  # causal (true) or bidirectional attention inside the estimators
     # Passed to the estimators' decoder config (the seed's **kwargs), e.g. num_hidden_layers.
     estimator_kwargs: Dict[str, Any] = field(default_factory=lambda: {"num_hidden_layers": 1})
 
@@ -97,10 +97,10 @@ class CloakConfig:
 class ObjectiveConfig:
     # Utility loss L_M: ssl (hidden state at truncate_at_layer; recommended), lm, or distill.
     mode: str = "ssl"
-    alpha: float = 0.54
-    transform_variance_priority: float = 0.01
-    transform_strength_priority: float = 0.75
-    weight: float = 12.0
+    alpha: float = 0.54  # balance of utility (1 - alpha) against obfuscation (alpha)
+    transform_variance_priority: float = 0.01  # weight of L_N (stochasticity: pushes sigma up)
+    transform_strength_priority: float = 0.75  # weight of L_S (semantic similarity |cos(x, x_t)|)
+    weight: float = 12.0  # scale of the utility loss L_M
     # ssl: weight of the optional relative-L2 term added to (1 - cos).
     ssl_relative_l2_weight: float = 0.0
     # Weight of the mixture-of-experts load-balancing loss (only with *_num_experts > 0).
@@ -111,17 +111,17 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimizerConfig:
-    learning_rate: float = 3e-5
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-5
+    learning_rate: float = 3e-5  # peak learning rate (seed: the base model's final lr, 3e-5 for Llama 2)
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.95  # AdamW beta2
+    eps: float = 1e-5  # AdamW epsilon
     # Decoupled weight decay for every cloak parameter except the estimator heads (always 0 there).
     weight_decay: float = 0.1
-    schedule: str = "cosine"
-    warmup_steps: int = 100
+    schedule: str = "cosine"  # after warm-up: cosine, linear or constant
+    warmup_steps: int = 100  # linear warm-up steps
     # Final learning rate of the cosine/linear decay as a fraction of learning_rate.
     end_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # global-norm gradient clipping
     # Micro-batches accumulated inside one compiled optimizer step.
     grad_accum_steps: int = 1
 
@@ -131,16 +131,16 @@ class DataConfig:
     # "synthetic" (the embedded corpus), a local json/jsonl/csv/parquet/arrow file, a save_to_disk
     # directory, or a hub dataset name (needs a network).
     source: str = "synthetic"
-    format: str = "alpaca"
-    split: str = "train"
+    format: str = "alpaca"  # alpaca, openorca, chat or text
+    split: str = "train"  # split of source used for training
     # Validation: an explicit file/directory, or a split name of source, else a seeded hold-out fraction.
     validation_source: Optional[str] = None
-    validation_split: Optional[str] = None
-    validation_fraction: float = 0.02
+    validation_split: Optional[str] = None  # split name of source used for validation
+    validation_fraction: float = 0.02  # seeded hold-out fraction when no validation source/split is given
     # Column for format=text; column of the message list for format=chat.
     text_column: str = "text"
-    messages_column: str = "messages"
-    max_length: int = 256
+    messages_column: str = "messages"  # column of the message list for format=chat
+    max_length: int = 256  # tokens per example (longer ones are truncated, counted and reported)
     # Batch lengths are padded up to the smallest bucket that fits (bounded set of compiled shapes).
     buckets: List[int] = field(default_factory=lambda: [64, 128, 256])
     # Concatenate examples with eos and cut to max_length (drops the last partial sequence).
@@ -149,30 +149,30 @@ class DataConfig:
     transform_all_tokens: bool = False
     # Global batch size (examples per optimizer micro-batch, summed over hosts).
     batch_size: int = 8
-    shuffle_seed: int = 0
-    num_epochs: int = 1
+    shuffle_seed: int = 0  # seed of the global shuffle and of the hold-out split
+    num_epochs: int = 1  # passes over the training set (<= 0: forever; then set train.max_steps)
     # Grain worker processes; -1: 4 where there are enough cores, else 0.
     num_workers: int = -1
-    prefetch_buffer_size: int = 2
+    prefetch_buffer_size: int = 2  # batches prefetched by the pipeline
     # Tokenized-data cache directory; None: ~/.cache/sgt_jax.
     cache_dir: Optional[str] = None
     # Size of the embedded synthetic corpus.
     synthetic_num_examples: int = 4000
-    synthetic_seed: int = 1234
+    synthetic_seed: int = 1234  # seed of the embedded synthetic corpus
 
 
 @dataclass
 class MeshConfig:
     # Sizes of the (data, fsdp, tensor) mesh axes; one may be -1 to take the remaining devices.
     data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    fsdp: int = 1  # devices the parameters (and the batch) are sharded over
+    tensor: int = 1  # devices the heads / MLP / vocabulary dimensions are split over
     # Multi-host start-up: "auto" initialises jax.distributed when the environment says multi-host;
     # true / false force it on / off (YAML booleans are accepted).
     distributed: str = "auto"
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    coordinator_address: Optional[str] = None  # host:port of process 0 for jax.distributed (multi-node GPU)
+    num_processes: Optional[int] = None  # number of processes for jax.distributed
+    process_id: Optional[int] = None  # this process's index for jax.distributed
 
 
 @dataclass
@@ -183,28 +183,28 @@ class CheckpointConfig:
     every_minutes: Optional[float] = 30.0
     # Also save every N steps (None: only by time, preemption and at the end).
     every_steps: Optional[int] = None
-    keep: int = 3
-    save_on_preemption: bool = True
-    async_save: bool = True
+    keep: int = 3  # keep the last N complete checkpoints
+    save_on_preemption: bool = True  # on SIGTERM/SIGINT: save at the current step, then exit cleanly (code 0)
+    async_save: bool = True  # write checkpoints in the background while training continues
     # Resume automatically from the latest complete checkpoint in directory.
     resume: bool = True
 
 
 @dataclass
 class TrackingConfig:
-    run_dir: str = "runs/sgt"
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "sgt_jax"
-    log_every_steps: int = 10
-    histogram_every_steps: int = 100
-    progress_bar: bool = True
+    run_dir: str = "runs/sgt"  # the run's directory: tensorboard/, checkpoints/, sgt/ (the artifact), base_generations.json
+    tensorboard: bool = True  # write tensorboardX event files
+    wandb: bool = False  # also log to Weights & Biases (when installed)
+    wandb_project: str = "sgt_jax"  # wandb project name
+    log_every_steps: int = 10  # training scalars every N steps
+    histogram_every_steps: int = 100  # head-weight histograms every N steps (sigma/mu at each validation)
+    progress_bar: bool = True  # a progress bar with ETA and tokens/s
 
 
 @dataclass
 class ValidationConfig:
-    every_steps: Optional[int] = 200
-    every_minutes: Optional[float] = None
+    every_steps: Optional[int] = 200  # validate every N steps (null: not by steps)
+    every_minutes: Optional[float] = None  # validate every M minutes of wall-clock (null: not by time)
     # Batches of the validation set per validation (None: all).
     max_batches: Optional[int] = 8
     # Prompts of the generation set (0 disables generation metrics during training).
@@ -216,13 +216,13 @@ class ValidationConfig:
 
 @dataclass
 class GenerationConfig:
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_k: int = 5000
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    renormalize_logits: bool = True
-    max_new_tokens: int = 64
+    do_sample: bool = True  # sample (seed: true); false: greedy
+    temperature: float = 0.6  # softmax temperature (seed: 0.6)
+    top_k: int = 5000  # sample among the k most likely tokens (seed: 5000; 0: off)
+    top_p: float = 0.9  # nucleus sampling mass (seed: 0.9)
+    repetition_penalty: float = 1.0  # HF repetition penalty (seed: 1.0)
+    renormalize_logits: bool = True  # renormalise the processed logits (seed: always true)
+    max_new_tokens: int = 64  # tokens generated per prompt at most (stops earlier at eos)
 
 
 @dataclass
@@ -379,3 +379,43 @@ def from_dict(d: Dict[str, Any]) -> SGTConfig:
         raise ConfigError(f"invalid saved configuration: {_one_line(exc)}") from None
     validate(cfg)  # type: ignore[arg-type]
     return cfg  # type: ignore[return-value]
+
+
+def _field_comments(cls) -> Dict[str, str]:
+    """The ``# ...`` comment lines directly above each field of a schema dataclass (its documentation)."""
+    import inspect
+
+    comments: Dict[str, str] = {}
+    pending: list = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("#").strip())
+        elif ":" in stripped and not stripped.startswith(("def ", "@", '"""')):
+            inline = stripped.split("  # ", 1)[1].strip() if "  # " in stripped else ""
+            comments[stripped.split(":", 1)[0].strip()] = " ".join(pending + [inline]).strip()
+            pending = []
+        else:
+            pending = []
+    return comments
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from the schema (README's "Configuration reference")."""
+    root = SGTConfig()
+    lines = []
+    for section in dataclasses.fields(SGTConfig):
+        cls = type(getattr(root, section.name))
+        comments = _field_comments(cls)
+        lines += [f"### `{section.name}`", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(root, section.name), f.name)
+            shown = "null" if default is None else OmegaConf.to_yaml({"v": default}).strip()[3:].strip().replace("\n", " ")
+            meaning = comments.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{section.name}.{f.name}` | `{shown}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":  # python -m sgt_jax.config: print the reference (paste into README)
+    print(reference_markdown(), end="")

@@ -80,7 +80,8 @@ def train(
     previous_streak = None
     tokens_seen, window_start = 0.0, time.perf_counter()
 
-    with ckpt_lib.PreemptionGuard() as guard:
+    guard_signals = ckpt_lib.PreemptionGuard.SIGNALS if cfg.checkpoint.save_on_preemption else ()
+    with ckpt_lib.PreemptionGuard(guard_signals) as guard:
         step = start_step
         while step < total:
             try:

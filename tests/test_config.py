@@ -80,3 +80,17 @@ def test_no_arguments_means_the_embedded_tiny_run():
     assert cfg.model.path == "embedded:tiny-llama"
     assert cfg == load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
     assert parse_args(["train.max_steps=3"]).train.max_steps == 3
+
+
+def test_readme_configuration_reference_is_generated_from_the_schema():
+    """README's reference must be exactly `python -m sgt_jax.config`'s output (regenerate it when the schema
+    changes); it fails when a setting is added, removed or re-documented without updating README."""
+    from pathlib import Path
+
+    from sgt_jax.config import reference_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    section = readme[readme.index(start) + len(start): readme.index(end)]
+    assert section == reference_markdown()
+    assert "`cloak.rho_init`" in section and "`optimizer.weight_decay`" in section
