@@ -14,3 +14,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from sgt_jax.parallel import MeshConfigError
 
     return (ArtifactError, CheckpointError, CloakConfigError, ConfigError, DataError, ModelLoadError, MeshConfigError)
+
+
+def run_cli(body) -> int:
+    """Run a command-line entry point: INFO logging without third-party chatter, and a user-caused error
+    printed as its one line (exit code 2) instead of a traceback."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        body()
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

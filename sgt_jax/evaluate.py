@@ -232,19 +232,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="noise / sampling seed (default 0)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the saved config")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src.xla_bridge"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sgt_jax.errors import user_errors
+    from sgt_jax.errors import run_cli
 
-    try:
-        evaluate(args.sgt, data=args.data, data_format=args.data_format, max_batches=args.max_batches,
-                 generation_examples=args.generation_examples, out=args.out, overrides=args.overrides,
-                 seed=args.seed)
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: evaluate(args.sgt, data=args.data, data_format=args.data_format,
+                                    max_batches=args.max_batches, generation_examples=args.generation_examples,
+                                    out=args.out, overrides=args.overrides, seed=args.seed))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Writes to ``OUT_DIR``:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -134,15 +133,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("artifact_dir")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
-    from sgt_jax.errors import user_errors
+    from sgt_jax.errors import run_cli
 
-    try:
+    def body():
         out = export_torch(args.artifact_dir, args.out_dir)
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported to {out} (load with: from sgt_torch import load_torch_sgt)")
-    return 0
+        print(f"exported to {out} (load with: from sgt_torch import load_torch_sgt)")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

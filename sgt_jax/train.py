@@ -8,7 +8,6 @@ modules; this file should read like a table of contents.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sgt_jax import config as config_lib
@@ -146,18 +144,9 @@ def train(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from sgt_jax.errors import user_errors
+    from sgt_jax.errors import run_cli
 
-    try:
-        cfg = parse_args(argv)
-        train(cfg)
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: train(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import math
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Mapping, Optional
