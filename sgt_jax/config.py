@@ -235,6 +235,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     # Where the SGT artifact goes at the end; None: <tracking.run_dir>/sgt.
     artifact_dir: Optional[str] = None
+    # The utility budget of the privacy-utility summary: the final validation utility loss must stay at or
+    # below it (reported as utility_within_bound; None: not judged).
+    max_utility_loss: Optional[float] = None
 
 
 @dataclass

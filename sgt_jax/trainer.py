@@ -334,9 +334,9 @@ class Trainer:
             )
         return out
 
-    @staticmethod
-    def summarize(before: Optional[Mapping[str, float]], after: Mapping[str, float]) -> dict[str, Any]:
-        """The privacy–utility summary: obfuscation and utility before and after training."""
+    def summarize(self, before: Optional[Mapping[str, float]], after: Mapping[str, float]) -> dict[str, Any]:
+        """The privacy–utility summary: obfuscation and utility before and after training, and whether the
+        final utility loss is within train.max_utility_loss."""
         keys = ("obfuscation_mean", "obfuscation_min", "utility_loss", "mean_sigma", "perplexity_clean",
                 "perplexity_transformed", "top1_agreement", "loss")
         out: dict[str, Any] = {}
@@ -345,4 +345,7 @@ class Trainer:
                 out[f"{k} (before)"] = before[k]
             if k in after:
                 out[f"{k} (after)"] = after[k]
+        bound = self.cfg.train.max_utility_loss
+        if bound is not None and "utility_loss" in after:
+            out["utility_within_bound"] = bool(after["utility_loss"] <= bound)
         return out
