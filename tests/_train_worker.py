@@ -64,7 +64,11 @@ def mode_main(out, overrides):
         return summary
 
     train_mod.train = train_with_hook
-    code = train_mod.main(list(overrides))
+    # The same settings as the other modes: the schema defaults plus the overrides (an empty YAML file),
+    # not main()'s embedded tiny default.
+    schema_defaults = Path(str(out) + ".defaults.yaml")
+    schema_defaults.write_text("{}\n")
+    code = train_mod.main(["--config", str(schema_defaults), *overrides])
     Path(out).write_text(json.dumps(_summary_json(seen)))
     sys.exit(code)
 
