@@ -178,7 +178,7 @@ def make_train_step(
         grads, metrics = _accumulate(
             loss_fn, (cloak_graphdef, base_graphdef), state.params, base_state, batch, key, denominators, False, mesh
         )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
