@@ -97,6 +97,15 @@ def test_tiny_config_is_the_default_run():
     assert 0 <= cfg.model.truncate_at_layer < decoder_config.num_hidden_layers
     lo, hi = cfg.cloak.scale
     assert 0 < lo < hi
+    # The scale is the seed's rule of thumb read off the shipped model's embeddings (2 significant digits in the
+    # yaml): re-pretraining the model must come with a recomputed scale.
+    from safetensors.numpy import load_file
+
+    from sgt_jax.cloak import scale_from_embeddings
+
+    weights = load_file(Path(__file__).resolve().parent.parent / "sgt_jax/assets/tiny-llama/model.safetensors")
+    expected = scale_from_embeddings(weights["model.embed_tokens.weight"])
+    assert (lo, hi) == pytest.approx(expected, rel=0.05), expected
     # The seed's loss weights stay; only lr/scale/steps are adapted to the tiny model.
     o = cfg.objective
     assert (o.alpha, o.transform_variance_priority, o.transform_strength_priority, o.weight) == (0.54, 0.01, 0.75, 12.0)

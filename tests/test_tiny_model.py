@@ -1,5 +1,6 @@
 """The shipped default base model (sgt_jax/assets/tiny-llama, built by ``python -m sgt_jax.tools.pretrain_tiny``):
-small enough to ship, has learned the synthetic corpus, and loads identically in transformers and sgt_jax."""
+small enough to ship, has learned the synthetic corpus (perplexity and held-out task accuracy), and loads
+identically in transformers and sgt_jax."""
 
 import json
 
@@ -65,3 +66,17 @@ def test_transformers_and_sgt_jax_give_the_same_logits(heldout):
     parity = pretrain_tiny.torch_logit_difference(MODEL_DIR, texts)
     assert parity["max_abs_logit_diff"] < 1e-4 * max(1.0, parity["logit_scale"]), parity
     assert parity["argmax_agreement"] == 1.0, parity
+
+
+def test_heldout_tasks_are_answered_above_their_baselines(heldout):
+    """Greedy exact match on held-out prompts: the copy task family (formatting) and arithmetic are answered
+    significantly above their majority baselines (one-sided binomial p < 0.01, >= 100 prompts per family)."""
+    tokenizer, train, held = heldout
+    model = CausalLM.from_pretrained(MODEL_DIR, dtype="float32")
+    families = ("arithmetic", "formatting")
+    subset = [ex for ex in held if pretrain_tiny.task_of(ex)[0] in families]
+    rows = pretrain_tiny.task_accuracy(model, tokenizer, train, subset, max_new_tokens=24)["heldout"]
+    for family in families:
+        row = rows[family]
+        assert row["n"] >= 100 and row["accuracy"] > row["majority_baseline"], (family, row)
+        assert pretrain_tiny.binomial_p_above(row) < 0.01, (family, row)
