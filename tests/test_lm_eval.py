@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402  (a test dependency: its absence must fail, not skip)
 
 QUESTIONS = [
     ("What is 2 plus 3?", ["5", "7", "9"], 0),
