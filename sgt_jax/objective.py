@@ -88,8 +88,9 @@ def ssl_loss(hidden_t, hidden_clean, valid_mask, *, relative_l2_weight: float = 
 
 
 def lm_target_mask(attention_mask, loss_mask):
-    """(B, S-1): position n's logits predict token n+1, which counts when it is real (not pad) and in loss_mask."""
-    return attention_mask.astype(bool)[:, 1:] & loss_mask.astype(bool)[:, 1:]
+    """(..., S-1): position n's logits predict token n+1, which counts when it is real (not pad) and in loss_mask.
+    Any leading shape (a step's (accum, micro, S) batch too)."""
+    return attention_mask.astype(bool)[..., 1:] & loss_mask.astype(bool)[..., 1:]
 
 
 def lm_loss(logits, input_ids, attention_mask, loss_mask, *, denominator=None):

@@ -142,22 +142,14 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
 
 
 def loss_denominators(batch: Mapping[str, jax.Array], hidden_size: int, batch_shards: int = 1) -> dict[str, jax.Array]:
-    """Global counts every loss is averaged over (computed before the scan; see the module docstring).
+    """Global counts every loss is averaged over (computed before the scan; see the module docstring): the
+    objective's own counts over the whole (accum, micro, S) batch, with ``micro_batches`` = the (micro-batch,
+    device) pieces a per-piece statistic (the MoE balance loss) is averaged over."""
+    from sgt_jax.objective import local_denominators
 
-    ``micro_batches`` counts the (micro-batch, device) pieces a per-piece statistic (the MoE balance loss)
-    is averaged over: accumulation steps × devices along the batch axes."""
-    valid = batch["attention_mask"].astype(bool)
-    transformed = valid & batch["noise_mask"].astype(bool)
-    # lm: a target position n+1 counts when it is a response token (loss_mask) and not padding.
-    targets = valid[..., 1:] & batch["loss_mask"].astype(bool)[..., 1:]
-    count = lambda m: jnp.maximum(m.sum(), 1).astype(jnp.float32)  # noqa: E731
-    return {
-        "tokens": count(valid),
-        "transformed_tokens": count(transformed),
-        "transformed_elements": count(transformed) * hidden_size,
-        "lm_targets": count(targets),
-        "micro_batches": jnp.asarray(batch["input_ids"].shape[0] * batch_shards, jnp.float32),
-    }
+    denominators = local_denominators(batch, hidden_size)
+    denominators["micro_batches"] = jnp.asarray(batch["input_ids"].shape[0] * batch_shards, jnp.float32)
+    return denominators
 
 
 def make_train_step(
@@ -242,14 +234,6 @@ def forward_eval(cloak, full_model, embedding_table, batch: Mapping[str, jax.Arr
         "mu": jnp.where(sel, out.mu, jnp.nan),
         "x_t": out.x_t,
     }
-
-
-def state_shardings(state: Any, mesh: jax.sharding.Mesh, param_sharding_fn: Callable[[Any], Any] | None = None) -> Any:
-    """Replicated unless ``param_sharding_fn`` maps the (abstract) tree to shardings (e.g. logical rules)."""
-    if param_sharding_fn is not None:
-        return param_sharding_fn(state)
-    replicated = NamedSharding(mesh, P())
-    return jax.tree.map(lambda _: replicated, state)
 
 
 def jit_train_step(train_step, *, mesh, state_sharding, base_sharding):

@@ -119,14 +119,14 @@ def train(
                 stopped_by = "preempted"
                 break
             if checkpointer.should_save(step):
-                checkpointer.save(step, trainer.checkpoint_state(state), data_state=data_iter.get_state(),
+                checkpointer.save(step, state, data_state=data_iter.get_state(),
                                   config=trainer.saved_config)
             if on_step is not None:
                 on_step(step, state)
 
     bar.close()
     if stopped_by != "non-finite":
-        checkpointer.save(int(state.step), trainer.checkpoint_state(state), data_state=data_iter.get_state(),
+        checkpointer.save(int(state.step), state, data_state=data_iter.get_state(),
                           config=trainer.saved_config, force=stopped_by == "preempted")
     checkpointer.wait()
     checkpointer.close()

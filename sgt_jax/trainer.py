@@ -122,9 +122,6 @@ class Trainer:
         # the state, which would delete them (a second init_state() would then fail).
         return jax.device_put(self._fresh_state(), self.state_sharding, may_alias=False)
 
-    def checkpoint_state(self, state: step_lib.TrainState) -> step_lib.TrainState:
-        return state
-
     def restore(self, checkpointer, state: step_lib.TrainState):
         from sgt_jax.checkpoint import check_compatible
 
