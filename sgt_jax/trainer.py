@@ -79,7 +79,6 @@ class Trainer:
 
         cloak = TransformerCloak.from_config(cfg.cloak, str(self.model_dir), rngs=nnx.Rngs(cfg.train.seed))
         self.cloak_graphdef, self._init_params = nnx.split(cloak)
-        self.max_scale = cloak.max_scale
         self._run_key_data = fresh_run_key_data(cfg.cloak.seed)  # replaced by the saved one on resume
         self.hidden_size = hf_config.hidden_size
         self.optimizer = optim.make_optimizer(cfg.optimizer, self.total_steps)
@@ -99,9 +98,9 @@ class Trainer:
         self._train_step = step_lib.jit_train_step(
             train_step, mesh=self.mesh, state_sharding=self.state_sharding, base_sharding=self.base_sharding
         )
+        self._untransformed_batches = 0
         # Replicated outputs: the per-row/per-token results are read back on every host (device_get of a
         # batch-sharded array fails when it spans another process's devices).
-        self._untransformed_batches = 0
         self._eval_batch = jax.jit(self._eval_batch_fn, out_shardings=replicated)
 
     # ------------------------------------------------------------------------------------------- state
