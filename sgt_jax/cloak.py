@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgt_jax.models.decoder import DecoderConfig, DecoderStack
+from sgt_jax.models.decoder import REMAT_POLICIES, DecoderConfig, DecoderStack
 
 __all__ = [
     "CloakConfigError",
@@ -165,6 +165,7 @@ class TransformerCloak(nnx.Module):
         std_num_experts: int = 0,
         use_causal_mask: bool = True,
         *,
+        remat_policy: str = "none",
         rngs: Optional[nnx.Rngs] = None,
         **kwargs: Any,
     ):
@@ -197,6 +198,8 @@ class TransformerCloak(nnx.Module):
                 raise CloakConfigError(f"cloak.{name}={n} must be >= 0 (0: a dense MLP).")
         if seed is not None and not isinstance(seed, (int, np.integer)):
             raise CloakConfigError(f"cloak.seed={seed!r} must be an int (debug only) or None (secure).")
+        if remat_policy not in REMAT_POLICIES:
+            raise CloakConfigError(f"cloak.remat_policy={remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}.")
         if config_path is None:
             raise CloakConfigError("cloak.config_path is required: the base model's directory with config.json.")
 
@@ -238,8 +241,12 @@ class TransformerCloak(nnx.Module):
         self.num_masked_features = num_masked_features(self.percent_to_mask, hidden)
 
         f32 = jnp.float32
-        self.mean_estimator = DecoderStack(mean_config, dtype=f32, param_dtype=f32, final_norm=True, rngs=rngs)
-        self.std_estimator = DecoderStack(std_config, dtype=f32, param_dtype=f32, final_norm=True, rngs=rngs)
+        # remat_policy: a training-memory setting only (recompute the estimators' layer activations in the
+        # backward instead of keeping them); the transform's values are the same under every policy.
+        self.mean_estimator = DecoderStack(mean_config, dtype=f32, param_dtype=f32, final_norm=True,
+                                           remat_policy=remat_policy, rngs=rngs)
+        self.std_estimator = DecoderStack(std_config, dtype=f32, param_dtype=f32, final_norm=True,
+                                          remat_policy=remat_policy, rngs=rngs)
         # mu = 0 at the start: the transform begins as "x plus small noise", never as a random remapping.
         self.mean_head = nnx.Linear(hidden, hidden, kernel_init=nnx.initializers.zeros_init(),
                                     bias_init=nnx.initializers.zeros_init(), dtype=f32, param_dtype=f32, rngs=rngs)
@@ -269,6 +276,7 @@ class TransformerCloak(nnx.Module):
             mean_num_experts=cloak_cfg.mean_num_experts,
             std_num_experts=cloak_cfg.std_num_experts,
             use_causal_mask=cloak_cfg.use_causal_mask,
+            remat_policy=cloak_cfg.remat_policy,
             rngs=rngs,
             **dict(cloak_cfg.estimator_kwargs or {}),
         )

@@ -91,6 +91,9 @@ class CloakConfig:
     use_causal_mask: bool = True  # causal (true) or bidirectional attention inside the estimators
     # Passed to the estimators' decoder config (the seed's **kwargs), e.g. num_hidden_layers.
     estimator_kwargs: Dict[str, Any] = field(default_factory=lambda: {"num_hidden_layers": 1})
+    # Rematerialisation of the estimators' layers in training (none | full | a jax.checkpoint_policies name):
+    # trades recomputation for activation memory; the transform itself is unchanged.
+    remat_policy: str = "none"
 
 
 @dataclass
@@ -315,6 +318,7 @@ def validate(cfg: SGTConfig) -> None:
     if cfg.model.truncate_at_layer is not None:
         _check(cfg.model.truncate_at_layer >= 0, "model.truncate_at_layer must be >= 0 (or null for the whole model).")
     c = cfg.cloak
+    _choice(c.remat_policy, REMAT_POLICIES, "cloak.remat_policy")
     if c.scale is not None:
         _check(len(c.scale) == 2, f"cloak.scale must be [min_scale, max_scale], got {list(c.scale)}.")
         lo, hi = c.scale

@@ -289,3 +289,37 @@ def test_from_config_and_experts(model_dir):
     assert out.x_t.shape == x.shape and out.x_t.dtype == jnp.float32
     # summed over the 2 MoE layers, each ~1 when routing is balanced (as at a random init)
     assert 1.0 < float(out.aux_loss) < 4.0
+
+
+def test_remat_policy_changes_memory_not_the_transform(model_dir):
+    """cloak.remat_policy recomputes the estimators' activations in the backward: same outputs, same
+    gradients (within float32 reassociation), fewer saved residuals; an unknown policy is a one-line error."""
+    x, am, nm = _inputs(seq=8)
+    key = jax.random.key(4)
+
+    def outputs_and_grads(policy):
+        cloak = _randomize_heads(_cloak(model_dir, remat_policy=policy, num_hidden_layers=2))
+        graphdef, params = nnx.split(cloak, nnx.Param)
+
+        def loss(p):
+            out = nnx.merge(graphdef, p)(x, am, nm, key=key, deterministic=False)
+            return jnp.sum(out.x_t ** 2) + jnp.sum(out.sigma ** 2), out  # smooth: no 1/sigma amplification
+
+        (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        # the residuals the backward keeps: the leaves of the (pytree) VJP function
+        _, vjp_fn = jax.vjp(lambda p: loss(p)[0], params)
+        return out, grads, sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(vjp_fn))
+
+    plain, plain_grads, plain_saved = outputs_and_grads("none")
+    for policy in ("full", "dots_saveable"):
+        out, grads, saved = outputs_and_grads(policy)
+        # same maths; XLA may fuse the compiled forward differently (observed: 1 ulp)
+        np.testing.assert_allclose(np.asarray(out.x_t), np.asarray(plain.x_t), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out.sigma), np.asarray(plain.sigma), rtol=1e-6, atol=1e-7)
+        for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+            scale = float(np.abs(np.asarray(ref)).max()) or 1.0  # relative to the leaf's largest gradient
+            assert float(np.abs(np.asarray(g) - np.asarray(ref)).max()) <= 1e-5 * scale
+        assert saved < plain_saved, (policy, saved, plain_saved)
+    with pytest.raises(CloakConfigError, match="cloak.remat_policy") as info:
+        _cloak(model_dir, remat_policy="sometimes")
+    assert "\n" not in str(info.value)

@@ -40,6 +40,7 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
         (["cloak.scale=[1.0,0.5]"], "cloak.scale"),
         (["cloak.percent_to_mask=1.5"], "cloak.percent_to_mask"),
         (["objective.mode=magic"], "objective.mode"),
+        (["cloak.remat_policy=sometimes"], "cloak.remat_policy"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
         (["learning_rate"], "learning_rate"),
     ],
