@@ -29,6 +29,20 @@ for th in 1 2; do for dt in float32 bfloat16; do
   $PY benchmarks/torch_reference.py --shape small --batch 4 --seq 128 --base-layers 13 --dtype $dt --steps 3 \
       --torch-threads $th --compare --out $R/torch_vs_ours_${dt}_t${th}.json 2>&1 | grep "pytorch:\|sgt_jax:"
 done; done
+# the same at the tiny default shape (the target's "tiny shapes")
+for th in 1 2; do for dt in float32 bfloat16; do
+  echo "== torch_vs_ours_tiny_${dt}_t${th}"
+  $PY benchmarks/torch_reference.py --shape tiny --batch 2 --seq 64 --base-layers 2 --dtype $dt --steps 20 \
+      --torch-threads $th --compare --out $R/torch_vs_ours_tiny_${dt}_t${th}.json 2>&1 | grep "pytorch:\|sgt_jax:"
+done; done
+# truncation memory with the estimators rematerialised too (cloak.remat_policy), on both sides
+b trunc_k12_of32_cloak_remat $T --base-layers 13 --model-layers 32 --cloak-remat full
+b untrunc_lm_32_cloak_remat $T --base-layers 32 --objective lm --cloak-remat full
+# where the memory goes: step memory against the number of kept layers (slope = one layer, intercept = fixed),
+# and the ratio with a float32 base (no bf16->f32 converts, which XLA:CPU inserts around bf16 dots)
+for k in 1 2 4 8; do b trunc_k$((k-1))_of32 $T --base-layers $k --model-layers 32; done
+b trunc_k12_of32_f32 ${T/bfloat16/float32} --base-layers 13 --model-layers 32
+b untrunc_lm_32_f32 ${T/bfloat16/float32} --base-layers 32 --objective lm
 # truncation memory with the other remat policies
 for r in full:full dots_nb:dots_with_no_batch_dims_saveable; do
   b trunc_k12_of32_remat_${r%%:*} $T --base-layers 13 --model-layers 32 --remat ${r#*:}

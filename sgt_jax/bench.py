@@ -186,6 +186,7 @@ class BenchArgs:
     vocab: int | None = None
     dtype: str = "bfloat16"
     remat: str = "none"
+    cloak_remat: str = "none"
     attention: str = "xla"
     objective: str = "ssl"
     vocab_chunk: int = 0
@@ -271,7 +272,7 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
                             max_positions=max(4096, args.seq))
     base = CausalLM(config, dtype=args.dtype, truncate_at_layer=args.base_layers - 1 if truncated else None,
                     attention_impl=args.attention, remat_policy=args.remat, rngs=nnx.Rngs(0))
-    cloak = build_cloak(config, estimator_layers=args.estimator_layers, seed=0)
+    cloak = build_cloak(config, estimator_layers=args.estimator_layers, seed=0, remat_policy=args.cloak_remat)
     ssl_layer = args.base_layers - 1 if (args.objective == "ssl" and not truncated) else None
 
     mesh = make_mesh(MeshConfig(data=1), devices=[device])
@@ -376,7 +377,11 @@ def parse_args(argv=None) -> BenchArgs:
         p.add_argument(f"--{name}", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="base model dtype")
     p.add_argument("--remat", default="none",
-                   choices=["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+                   choices=["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+                   help="remat policy of the base's scanned layers")
+    p.add_argument("--cloak-remat", default="none",
+                   choices=["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+                   help="remat policy of the cloak's estimator layers")
     p.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
     p.add_argument("--objective", default="ssl", choices=["ssl", "lm", "distill"])
     p.add_argument("--vocab-chunk", type=int, default=0, help="vocabulary chunk of the lm/distill CE (0: off)")
