@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgt_jax import step as step_lib
 from sgt_jax.config import MeshConfig, ObjectiveConfig, OptimizerConfig
-from sgt_jax.models.decoder import CausalLM, DecoderConfig
+from sgt_jax.models.decoder import REMAT_POLICIES, CausalLM, DecoderConfig
 
 SHAPES = {
     "tiny": dict(hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=384),
@@ -376,11 +376,8 @@ def parse_args(argv=None) -> BenchArgs:
     for name in ("hidden", "heads", "kv-heads", "intermediate", "vocab"):
         p.add_argument(f"--{name}", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="base model dtype")
-    p.add_argument("--remat", default="none",
-                   choices=["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"],
-                   help="remat policy of the base's scanned layers")
-    p.add_argument("--cloak-remat", default="none",
-                   choices=["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"],
+    p.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="remat policy of the base's scanned layers")
+    p.add_argument("--cloak-remat", default="none", choices=REMAT_POLICIES,
                    help="remat policy of the cloak's estimator layers")
     p.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
     p.add_argument("--objective", default="ssl", choices=["ssl", "lm", "distill"])
