@@ -223,7 +223,7 @@ def run_attacks(transform: Transform, table, train: PromptSet, held_out: PromptS
         raise DataError(f"--attacks {unknown[0]!r} is unknown; choose from {', '.join(ATTACKS)}.")
     table = jnp.asarray(table, jnp.float32)
     vocab, dim = table.shape
-    lrs = {"mlp": 1e-3, "transformer": 5e-4, **(learning_rates or {})}
+    lrs = {"mlp": 1e-3, "transformer": 1e-3, **(learning_rates or {})}
     eval_key = jax.random.fold_in(key, 7)
     identity = gaussian_transform(table)
     out: dict = {"majority_baseline": majority_baseline(train, held_out)}
