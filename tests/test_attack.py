@@ -167,12 +167,13 @@ def test_attack_cli_then_frontier(tiny_runs, capsys):
     for i, run in enumerate(runs):
         attacks = "nn,mlp,transformer" if i == 0 else "nn,mlp"
         assert main(["--sgt", str(run), "--steps", "30", "--attacks", attacks, "--mi-samples", "64",
-                     "--batch-size", "8"]) == 0
+                     "--batch-size", "8"] + ([] if i == 0 else ["--no-ceiling"])) == 0
         report = json.loads((run / "attack_report.json").read_text())
         assert report["data"]["train_prompts"] >= 40 and report["data"]["eval_prompts"] >= 8
         for name in attacks.replace("nn", "nn_cosine,nn_l2").split(","):
             res = report["attacks"][name]
-            assert 0 <= res["top1"] <= res["top5"] <= 100 and res["clean"]["top1"] >= 0
+            assert 0 <= res["top1"] <= res["top5"] <= 100
+            assert ("clean" in res) == (i == 0) and (i or 0 <= res["clean"]["top1"] <= 100)
             assert {"q10", "q50", "q90"} <= set(res["per_sequence_top1"])
         assert report["objective"]["alpha"] in (0.3, 0.7)
         assert 0 <= report["mutual_information"]["bits"] <= report["mutual_information"]["max_bits"] + 1e-6
