@@ -223,7 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="attacker initialisation and noise seed (default 0)")
     parser.add_argument("--out", help=f"report path (default <run or artifact dir>/{REPORT_NAME}; with --frontier: "
                         "the PNG, default frontier.png in the current directory)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the saved config (e.g. data.max_length=64)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides of the saved config (e.g. data.max_length=64)")
     args = parser.parse_args(argv)
     from sgt_jax.errors import run_cli
 
