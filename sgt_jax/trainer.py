@@ -73,8 +73,9 @@ class Trainer:
         self._full_model: Optional[CausalLM] = None
 
         self.tokenizer = load_tokenizer(str(self.model_dir))
-        self.train_data, self.val_data = build_datasets(cfg.data, self.tokenizer)
+        # A training batch is one optimizer step's: data.batch_size (the global micro-batch) x grad_accum_steps.
         self.accum_steps = cfg.optimizer.grad_accum_steps
+        self.train_data, self.val_data = build_datasets(cfg.data, self.tokenizer, grad_accum_steps=self.accum_steps)
         self.total_steps = self._total_steps()
 
         cloak = TransformerCloak.from_config(cfg.cloak, str(self.model_dir), rngs=nnx.Rngs(cfg.train.seed))
@@ -110,7 +111,8 @@ class Trainer:
             return int(self.cfg.train.max_steps)
         if self.train_data.num_batches is None:
             raise config_lib.ConfigError("data.num_epochs <= 0 repeats forever: set train.max_steps.")
-        return max(1, self.train_data.num_batches // self.accum_steps)
+        # One pipeline batch per optimizer step (it holds all the step's micro-batches): num_epochs of data.
+        return max(1, self.train_data.num_batches)
 
     def _fresh_state(self) -> step_lib.TrainState:
         run_key = jnp.asarray(self._run_key_data)
@@ -151,14 +153,6 @@ class Trainer:
                             "from it; if this repeats, raise data.max_length (prompts may be truncated away) or set "
                             "data.transform_all_tokens=true")
         return self._train_step(state, self.base_state, self.global_batch(host_batch, self.accum_steps))
-
-    def validation_due(self, step: int, seconds_since_last: float) -> bool:
-        v = self.cfg.validation
-        if self.val_data is None:
-            return False
-        by_steps = v.every_steps is not None and step % v.every_steps == 0
-        by_time = v.every_minutes is not None and seconds_since_last >= 60.0 * v.every_minutes
-        return bool(by_steps or by_time)
 
     # ---------------------------------------------------------------------------------------- validation
 
