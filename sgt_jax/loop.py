@@ -125,6 +125,8 @@ def run(trainer, state, data_iter, data_state, *, checkpointer, tracker, guard, 
     validation = (Cadence(cfg.validation.every_steps, cfg.validation.every_minutes, clock)
                   if trainer.val_data is not None else None)
     step_log = StepLogger(cfg, tracker, bar, trainer.weight_histograms, total)
+    log_global_batch(cfg)
+    log.info("training from step %d to step %d", step, total)
     batch = next(data_iter, None) if step < total else None
     if parallel.agree({"exhausted": batch is None})["exhausted"]:
         return LoopResult(state, "finished", data_state)

@@ -72,12 +72,12 @@ def train(
     start_step = int(state.step)
     bar = tracking.ProgressBar.from_config(cfg.tracking, trainer.total_steps, initial=start_step)
     before = trainer.validate(state, step=start_step, tracker=tracker, label="before") if start_step == 0 else None
-    loop.log_global_batch(cfg)
     guard_signals = ckpt_lib.PreemptionGuard.SIGNALS if cfg.checkpoint.save_on_preemption else ()
     with ckpt_lib.PreemptionGuard(guard_signals) as guard:
         result = loop.run(trainer, state, data_iter, data_state, checkpointer=checkpointer, tracker=tracker,
                           guard=guard, bar=bar, clock=clock, on_step=on_step)
     state, stopped_by = result.state, result.stopped_by
+    log.info("training stopped (%s) at step %d", stopped_by, int(state.step))
 
     bar.close()
     if stopped_by != "non-finite":
