@@ -210,7 +210,8 @@ class Trainer:
         for i, host_batch in enumerate(iter(self.val_data)):
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
                 break
-            batch = {k: v[0] for k, v in self.global_batch(host_batch, 1).items()}
+            global_batch = self.global_batch(host_batch, 1)
+            batch = {k: v[0] for k, v in global_batch.items()}
             out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
             real = np.asarray(out["real_rows"])
             if not real.any():
@@ -225,7 +226,10 @@ class Trainer:
             sigmas.append(np.asarray(out["sigma"]).ravel())
             mus.append(np.asarray(out["mu"]).ravel())
             if not table_rows:
-                table_rows = self._reconstruction_rows(host_batch, np.asarray(out["nearest"]))
+                # The host's rows are one block of the global batch's rows (several blocks on several hosts).
+                first = min(s.index[1].start or 0 for s in global_batch["input_ids"].addressable_shards)
+                nearest = np.asarray(out["nearest"])[first:first + len(host_batch["input_ids"])]
+                table_rows = self._reconstruction_rows(host_batch, nearest)
             wanted = self.cfg.validation.generation_examples - len(prompts)
             if wanted > 0:
                 from sgt_jax.generate import prompts_from_batch

