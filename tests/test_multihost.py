@@ -291,3 +291,28 @@ def test_accumulation_consumes_every_example_once(model_dir, tmp_path, monkeypat
     rates = [v for _, v in sorted(read_events(tmp_path / "run" / "tensorboard")["train/learning_rate"])]
     # Linear decay from lr to 0.1 lr over the 4 steps (step s uses the schedule at s - 1).
     np.testing.assert_allclose(rates, [lr * (1 - 0.9 * s / 4) for s in range(4)], rtol=1e-6)
+
+
+def test_agree_cadence_and_test_clock_on_one_process():
+    """On one process agree() returns the flags unchanged (no collective); a Cadence fires on its step
+    multiples and once its minutes passed on its clock, restarting at reset(); the test-only clock is
+    OFFSET + SCALE * monotonic. Fails if a flag is dropped or inverted, or the cadence ignores time."""
+    from sgt_jax import loop
+    from sgt_jax.parallel import agree
+
+    assert agree({"validate": True, "save": False, "exhausted": True}) == {
+        "validate": True, "save": False, "exhausted": True}
+    now = [0.0]
+    cadence = loop.Cadence(every_steps=5, every_minutes=2, clock=lambda: now[0])
+    assert [cadence.due(s) for s in (1, 5, 10)] == [False, True, True]
+    now[0] = 119.0
+    assert not cadence.due(1)
+    now[0] = 120.0
+    assert cadence.due(1)
+    cadence.reset()
+    assert not cadence.due(1)
+    clock = loop.clock_from_env({loop.TEST_CLOCK_ENV: "120,1000"})
+    first = clock()
+    assert first > 1000 and loop.clock_from_env({}) is time.monotonic
+    time.sleep(0.05)
+    assert clock() - first >= 120 * 0.05 * 0.9
