@@ -30,6 +30,10 @@ MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 # Process 1's clock runs 120x fast: one simulated minute every half second, so it wants to validate and
 # save every minute by time while process 0's (real) clock never does within the run.
 SKEWED_CLOCK = "120,1000"
+# Share of long examples: with the corpus seed below, every global batch of the 4 steps pads to 128 (one
+# compiled shape per launch: cheap) while in 3 of them one host's own share would pick 64 (checked below).
+P_LONG = 0.35
+CORPUS_SEED = 8
 ROOT = Path(__file__).parents[1]
 
 
@@ -40,7 +44,7 @@ def model_dir(tmp_path_factory):
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", num_hidden_layers=2))
 
 
-def spread_corpus(path, model_dir, num_examples=40, seed=3):
+def spread_corpus(path, model_dir, num_examples=40, seed=CORPUS_SEED):
     """A plain-text corpus whose token lengths fall in all three buckets (checked with the tokenizer)."""
     from transformers import AutoTokenizer
 
@@ -51,7 +55,7 @@ def spread_corpus(path, model_dir, num_examples=40, seed=3):
     ranges = [(2, 7), (13, 18), (28, 38)]  # words; mostly short, as in chat data
     texts = []
     for i in range(num_examples):
-        low, high = ranges[rng.choice(3, p=[0.5, 0.3, 0.2])]
+        low, high = ranges[rng.choice(3, p=[(1 - P_LONG) * 0.6, (1 - P_LONG) * 0.4, P_LONG])]
         start = int(rng.integers(0, len(words) - high))
         texts.append(f"item {i} " + " ".join(words[start:start + int(rng.integers(low, high))]))
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -182,8 +186,10 @@ def pod(model_dir, tmp_path_factory):
     two processes with a SIGTERM to process 1 only (I); then both relaunched (R)."""
     tmp = tmp_path_factory.mktemp("pod")
     corpus, _ = spread_corpus(tmp / "corpus.jsonl", model_dir)
-    runs = {name: {"run_dir": tmp / name, "logs": tmp / f"{name}_logs"} for name in "USIR"}
+    runs = {"corpus": corpus}
+    runs.update({name: {"run_dir": tmp / name, "logs": tmp / f"{name}_logs"} for name in "USIR"})
     runs["R"]["run_dir"] = runs["I"]["run_dir"]
+    runs["model_dir"] = model_dir
     timings = {}
 
     started = time.time()
@@ -225,6 +231,18 @@ def test_two_hosts_agree_and_match_one_host(pod):
     a save alone), the losses at steps 1-3 equal the 1-process 8-device run's within 1e-5, and the
     validations and saves happened at the same steps on both. Fails on per-host buckets (different global
     shapes), per-host time decisions (a hang, caught by the timeout), or a data/accumulation mismatch."""
+    from sgt_jax.config import DataConfig
+    from sgt_jax.data import build_datasets, load_tokenizer
+
+    # The run really has host shares that would fall in different buckets on their own.
+    cfg = DataConfig(source=pod["corpus"], format="text", validation_fraction=0.1, batch_size=4, num_workers=0,
+                     max_length=BUCKETS[-1], buckets=list(BUCKETS), cache_dir=str(Path(pod["corpus"]).parent / "c"))
+    tok = load_tokenizer(pod["model_dir"])
+    shares = [list(build_datasets(cfg, tok, process_index=p, process_count=2, grad_accum_steps=2)[0])[:STEPS]
+              for p in (0, 1)]
+    own = [[min(b for b in BUCKETS if b >= batch["attention_mask"].sum(1).max()) for batch in h] for h in shares]
+    assert own[0] != own[1], own
+
     u, s = pod["U"], pod["S"]
     one, two = losses(s["run_dir"]), losses(u["run_dir"])
     assert len(one) == len(two) == STEPS
@@ -267,7 +285,7 @@ def test_accumulation_consumes_every_example_once(model_dir, tmp_path, monkeypat
     from sgt_jax.train import train
     from sgt_jax.trainer import Trainer
 
-    corpus, texts = spread_corpus(tmp_path / "corpus.jsonl", model_dir, num_examples=32, seed=4)
+    corpus, texts = spread_corpus(tmp_path / "corpus.jsonl", model_dir, num_examples=32, seed=4)  # 3 bucket shapes: also the bucketed single-host path
     tok = AutoTokenizer.from_pretrained(model_dir)
     expected = sorted(tuple(tok(t + tok.eos_token)["input_ids"]) for t in texts)
     consumed = []
