@@ -205,7 +205,6 @@ class Trainer:
         sums: dict[str, float] = {}
         changed, ranks, sigmas, mus = [], [], [], []
         table_rows: list[dict[str, str]] = []
-        prompts: list[dict[str, list[int]]] = []
         batches = 0
         for i, host_batch in enumerate(iter(self.val_data)):
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
@@ -230,11 +229,6 @@ class Trainer:
                 first = min(s.index[1].start or 0 for s in global_batch["input_ids"].addressable_shards)
                 nearest = np.asarray(out["nearest"])[first:first + len(host_batch["input_ids"])]
                 table_rows = self._reconstruction_rows(host_batch, nearest)
-            wanted = self.cfg.validation.generation_examples - len(prompts)
-            if wanted > 0:
-                from sgt_jax.generate import prompts_from_batch
-
-                prompts.extend(prompts_from_batch(host_batch)[:wanted])
         if batches == 0:
             return {}
         result = {f"{k}": v / batches for k, v in loss_sums.items()}
@@ -244,6 +238,10 @@ class Trainer:
         rank = metrics_lib.summarize(np.concatenate(ranks))
         if rank:
             result["reconstruction_rank_mean"] = rank["mean"]
+        from sgt_jax.generate import prompts_from_source
+
+        # From the validation set itself, not this host's batches: every host generates the same prompts.
+        prompts = prompts_from_source(self.val_data.source, self.cfg.validation.generation_examples)
         if prompts:
             rouge, generations = self.generation_metrics(state, prompts, key)
             result.update(rouge)

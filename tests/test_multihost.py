@@ -334,3 +334,25 @@ def test_agree_cadence_and_test_clock_on_one_process():
     assert first > 1000 and loop.clock_from_env({}) is time.monotonic
     time.sleep(0.05)
     assert clock() - first >= 120 * 0.05 * 0.9
+
+
+def test_generation_prompts_are_the_same_on_every_host(model_dir, tmp_path):
+    """Validation generates from the validation set's first prompts, read from the source: the same list
+    whichever process builds the pipeline, and on one process the prompts of its first batch (as before).
+    Fails if the prompts come from a host's share (hosts would generate different prompts, of different
+    lengths, in one collective program)."""
+    from sgt_jax.config import DataConfig
+    from sgt_jax.data import build_datasets, load_tokenizer
+    from sgt_jax.generate import prompts_from_batch, prompts_from_source
+
+    cfg = DataConfig(source="synthetic", synthetic_num_examples=40, format="alpaca", validation_fraction=0.2,
+                     batch_size=4, num_workers=0, max_length=256, buckets=[256], cache_dir=str(tmp_path / "cache"))
+    tok = load_tokenizer(model_dir)
+    validation = [build_datasets(cfg, tok, process_index=p, process_count=2)[1] for p in (0, 1)]
+    prompts = [prompts_from_source(v.source, 3) for v in validation]
+    assert prompts[0] == prompts[1] and len(prompts[0]) == 3
+    assert len({len(p["input_ids"]) for p in prompts[0]}) > 1  # real prompts, not just bos
+    single = build_datasets(cfg, tok, process_index=0, process_count=1)[1]
+    assert prompts[0] == prompts_from_batch(next(iter(single)))[:3]
+    host_shares = [prompts_from_batch(next(iter(v)))[:3] for v in validation]
+    assert host_shares[0] != host_shares[1]  # what the old code generated from
