@@ -285,7 +285,7 @@ def test_accumulation_consumes_every_example_once(model_dir, tmp_path, monkeypat
     from sgt_jax.train import train
     from sgt_jax.trainer import Trainer
 
-    corpus, texts = spread_corpus(tmp_path / "corpus.jsonl", model_dir, num_examples=32, seed=4)  # 3 bucket shapes: also the bucketed single-host path
+    corpus, texts = spread_corpus(tmp_path / "corpus.jsonl", model_dir, num_examples=32, seed=4)
     tok = AutoTokenizer.from_pretrained(model_dir)
     expected = sorted(tuple(tok(t + tok.eos_token)["input_ids"]) for t in texts)
     consumed = []
@@ -302,7 +302,7 @@ def test_accumulation_consumes_every_example_once(model_dir, tmp_path, monkeypat
         "train.max_steps": "null", "data.num_epochs": 1, "data.validation_fraction": 0.0, "data.batch_size": 2,
         "optimizer.grad_accum_steps": 4, "optimizer.schedule": "linear", "optimizer.learning_rate": lr,
         "optimizer.end_lr_ratio": 0.1, "checkpoint.every_steps": "null", "checkpoint.every_minutes": "null",
-        "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}))
+        "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "data.buckets": "[128]"}))  # one compiled shape
     summary = train(cfg)
     assert summary["steps"] == 32 // (2 * 4)
     assert len(consumed) == 32 and sorted(consumed) == expected
