@@ -16,8 +16,9 @@ commit marker, :data:`COMMIT_MARKER`, into the step directory *after* ``wait_unt
 carrying the marker count as complete for :meth:`Checkpointer.latest_step` and :meth:`Checkpointer.restore`.
 
 Multi-host. Every process calls :meth:`Checkpointer.should_save`, :meth:`~Checkpointer.save` and
-:meth:`~Checkpointer.restore` (Orbax saves are collective). The time-based decision is taken on process 0
-and broadcast so all processes agree. Paths must be on a file system all hosts share (e.g. GCS).
+:meth:`~Checkpointer.restore` (Orbax saves are collective). Clocks differ between hosts, so the decision is
+agreed through :func:`sgt_jax.parallel.agree` (the training loop agrees :meth:`~Checkpointer.save_due`
+together with its other decisions). Paths must be on a file system all hosts share (e.g. GCS).
 """
 
 from __future__ import annotations
@@ -187,14 +188,6 @@ def _decode_data_state(stored: Any) -> Any:
     return stored
 
 
-def _broadcast_bool(value: bool) -> bool:
-    if jax.process_count() == 1:
-        return bool(value)
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, dtype=np.bool_)))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Checkpointer
 # ----------------------------------------------------------------------------------------------------
@@ -261,16 +254,20 @@ class Checkpointer:
 
     # -- policy ------------------------------------------------------------------------------------
 
+    def save_due(self, step: int) -> bool:
+        """This process's view of whether to save at ``step`` (the step count *after* the update); clocks
+        differ between hosts, so agree it (:meth:`should_save`, or :func:`sgt_jax.parallel.agree`)."""
+        if step == self._last_saved_step:
+            return False
+        if self.every_steps and step > 0 and step % self.every_steps == 0:
+            return True
+        return self.every_minutes is not None and self._clock() - self._last_save_time >= 60.0 * self.every_minutes
+
     def should_save(self, step: int) -> bool:
-        """Whether to save at ``step`` (the step count *after* the update). Same answer on every process."""
-        decision = False
-        if step != self._last_saved_step:
-            if self.every_steps and step > 0 and step % self.every_steps == 0:
-                decision = True
-            elif self.every_minutes is not None and self._clock() - self._last_save_time >= 60.0 * self.every_minutes:
-                decision = True
-        # The step rule is identical everywhere; clocks are not, so process 0 decides.
-        return _broadcast_bool(decision)
+        """Whether to save at ``step``: :meth:`save_due` agreed over all processes (same answer everywhere)."""
+        from sgt_jax.parallel import agree
+
+        return agree({"save": self.save_due(step)})["save"]
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -411,11 +408,11 @@ class PreemptionGuard:
     on exit. Handlers can only be installed from the main thread; elsewhere the guard is inert (it warns).
 
     Multi-host: a signal may reach only some hosts, and every host must take the same branch (saving is
-    collective). :meth:`should_stop` therefore also consults JAX's preemption sync service
+    collective). :meth:`stop_requested` therefore also consults JAX's preemption sync service
     (``multihost_utils.reached_preemption_sync_point``, available once ``jax.distributed`` is initialised;
-    on Cloud TPU it is notified of maintenance events) and agrees the local flags of all hosts with a
-    one-element all-gather, so every host returns the same answer at the same step. On one host it is a
-    plain flag read.
+    on Cloud TPU it is notified of maintenance events), and :meth:`should_stop` agrees the local answers of
+    all hosts (:func:`sgt_jax.parallel.agree`), so every host returns the same answer at the same step. On
+    one host it is a plain flag read.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -451,19 +448,24 @@ class PreemptionGuard:
             self._previous.clear()
             self._installed = False
 
-    def should_stop(self, step: int) -> bool:
-        """Whether the loop should save and stop after ``step``; identical on every process."""
+    def stop_requested(self, step: int) -> bool:
+        """This process's view: a signal arrived here, or the preemption sync service says stop at ``step``.
+        Call it on every process at every step (the sync service counts the calls); agree the answer."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
 
-        local = self.requested
         try:
-            local = multihost_utils.reached_preemption_sync_point(int(step)) or local
+            return bool(multihost_utils.reached_preemption_sync_point(int(step))) or self.requested
         except Exception:  # preemption service not initialised (e.g. GPU clusters without it)
-            pass
-        flags = multihost_utils.process_allgather(np.asarray(local, dtype=np.bool_))
-        stop = bool(np.any(flags))
+            return self.requested
+
+    def should_stop(self, step: int) -> bool:
+        """Whether the loop should save and stop after ``step``: :meth:`stop_requested` agreed over all
+        processes (identical on every process)."""
+        from sgt_jax.parallel import agree
+
+        stop = agree({"preempted": self.stop_requested(step)})["preempted"]
         if stop:
             self.requested = True
         return stop

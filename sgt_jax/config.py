@@ -125,7 +125,8 @@ class OptimizerConfig:
     # Final learning rate of the cosine/linear decay as a fraction of learning_rate.
     end_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # global-norm gradient clipping
-    # Micro-batches accumulated inside one compiled optimizer step.
+    # Micro-batches of data.batch_size accumulated inside one compiled optimizer step (one gradient
+    # reduction): an optimizer step sees data.batch_size x grad_accum_steps examples.
     grad_accum_steps: int = 1
 
 
@@ -150,7 +151,8 @@ class DataConfig:
     packing: bool = False
     # Transform every non-pad token, not just the prompt's content tokens.
     transform_all_tokens: bool = False
-    # Global batch size (examples per optimizer micro-batch, summed over hosts).
+    # Global micro-batch size (summed over hosts; a multiple of the process count); an optimizer step
+    # sees batch_size x optimizer.grad_accum_steps examples.
     batch_size: int = 8
     shuffle_seed: int = 0  # seed of the global shuffle and of the hold-out split
     num_epochs: int = 1  # passes over the training set (<= 0: forever; then set train.max_steps)
@@ -233,7 +235,8 @@ class GenerationConfig:
 
 @dataclass
 class TrainConfig:
-    # Optimizer steps; None: num_epochs over the training set.
+    # Optimizer steps; None: exactly data.num_epochs over the training set (examples x epochs divided by
+    # data.batch_size x optimizer.grad_accum_steps).
     max_steps: Optional[int] = None
     # Run key seed: the per-step keys derive from (run key, step), so a resumed run draws the same noise.
     seed: int = 0

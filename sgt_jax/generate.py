@@ -254,6 +254,22 @@ def prompts_from_batch(host_batch) -> list[dict[str, list[int]]]:
     return prompts
 
 
+def prompts_from_source(source, limit: int) -> list[dict[str, list[int]]]:
+    """The prompts of the first examples of a data source (``source[i]``: input_ids, noise_mask, loss_mask),
+    up to ``limit``; examples with no prompt token are skipped. The same list on every host, unlike the
+    prompts of a host's batches (each holds only its share of the global batch)."""
+    prompts: list[dict[str, list[int]]] = []
+    for i in range(len(source)):
+        if len(prompts) >= limit:
+            break
+        example = source[i]
+        ids = np.asarray(example["input_ids"])
+        row = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int32),
+               "noise_mask": np.asarray(example["noise_mask"])[None], "loss_mask": np.asarray(example["loss_mask"])[None]}
+        prompts.extend(prompts_from_batch(row))
+    return prompts
+
+
 def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids, attention_mask, noise_mask) int32 (B, longest), left-padded, for prompts as returned by
     :func:`prompts_from_batch` (or plain id lists, then every token is to be transformed)."""

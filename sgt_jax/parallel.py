@@ -1,4 +1,5 @@
-"""Device mesh, the logical-axis sharding rules, multi-host start-up, and host batches -> global arrays.
+"""Device mesh, the logical-axis sharding rules, multi-host start-up and agreement, and host batches -> global
+arrays.
 
 Parameters carry *logical* axis names (``embed``, ``mlp``, ``heads``, ...) as ``logical_axes`` metadata on
 their ``nnx.Param``; the one rule table below maps them to mesh axes (MaxText style). A mesh axis whose size
@@ -129,6 +130,25 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
     }
 
 
+def agree(flags: Mapping[str, bool]) -> dict[str, bool]:
+    """The host-agreed value of each control flag: True on every process when it is True on *any* process
+    (a collective OR: one small all-gather for all the flags together).
+
+    Every decision that can differ between hosts (a local clock says "validate" or "save", a SIGTERM that
+    reached one host, a non-finite loss, the end of the data) goes through here, so all processes take the
+    same branch: a collective (a jitted step, an Orbax save) entered by only some of them hangs the run.
+    Every process must call it at the same point with the same keys. One process: no communication.
+    """
+    names = sorted(flags)
+    local = np.asarray([bool(flags[name]) for name in names], dtype=np.int32)
+    if jax.process_count() > 1 and names:
+        from jax.experimental import multihost_utils
+
+        gathered = np.asarray(multihost_utils.process_allgather(local))
+        local = gathered.reshape(jax.process_count(), len(names)).max(axis=0)
+    return {name: bool(value) for name, value in zip(names, local)}
+
+
 def maybe_initialize_distributed(mesh_cfg) -> bool:
     """Start jax.distributed for multi-host runs; returns True when it was initialised here."""
     mode = str(mesh_cfg.distributed).lower()
@@ -152,7 +172,7 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
     return True
 
 
-__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfigError", "batch_sharding", "host_batch_to_global",
+__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "host_batch_to_global",
            "logical_to_sharding", "logical_to_spec", "make_mesh", "maybe_initialize_distributed",
            "param_shardings", "prefetch_to_device", "shard_params"]
 

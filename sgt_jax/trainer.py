@@ -73,8 +73,9 @@ class Trainer:
         self._full_model: Optional[CausalLM] = None
 
         self.tokenizer = load_tokenizer(str(self.model_dir))
-        self.train_data, self.val_data = build_datasets(cfg.data, self.tokenizer)
+        # A training batch is one optimizer step's: data.batch_size (the global micro-batch) x grad_accum_steps.
         self.accum_steps = cfg.optimizer.grad_accum_steps
+        self.train_data, self.val_data = build_datasets(cfg.data, self.tokenizer, grad_accum_steps=self.accum_steps)
         self.total_steps = self._total_steps()
 
         cloak = TransformerCloak.from_config(cfg.cloak, str(self.model_dir), rngs=nnx.Rngs(cfg.train.seed))
@@ -110,7 +111,8 @@ class Trainer:
             return int(self.cfg.train.max_steps)
         if self.train_data.num_batches is None:
             raise config_lib.ConfigError("data.num_epochs <= 0 repeats forever: set train.max_steps.")
-        return max(1, self.train_data.num_batches // self.accum_steps)
+        # One pipeline batch per optimizer step (it holds all the step's micro-batches): num_epochs of data.
+        return max(1, self.train_data.num_batches)
 
     def _fresh_state(self) -> step_lib.TrainState:
         run_key = jnp.asarray(self._run_key_data)
@@ -151,14 +153,6 @@ class Trainer:
                             "from it; if this repeats, raise data.max_length (prompts may be truncated away) or set "
                             "data.transform_all_tokens=true")
         return self._train_step(state, self.base_state, self.global_batch(host_batch, self.accum_steps))
-
-    def validation_due(self, step: int, seconds_since_last: float) -> bool:
-        v = self.cfg.validation
-        if self.val_data is None:
-            return False
-        by_steps = v.every_steps is not None and step % v.every_steps == 0
-        by_time = v.every_minutes is not None and seconds_since_last >= 60.0 * v.every_minutes
-        return bool(by_steps or by_time)
 
     # ---------------------------------------------------------------------------------------- validation
 
@@ -211,12 +205,12 @@ class Trainer:
         sums: dict[str, float] = {}
         changed, ranks, sigmas, mus = [], [], [], []
         table_rows: list[dict[str, str]] = []
-        prompts: list[dict[str, list[int]]] = []
         batches = 0
         for i, host_batch in enumerate(iter(self.val_data)):
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
                 break
-            batch = {k: v[0] for k, v in self.global_batch(host_batch, 1).items()}
+            global_batch = self.global_batch(host_batch, 1)
+            batch = {k: v[0] for k, v in global_batch.items()}
             out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
             real = np.asarray(out["real_rows"])
             if not real.any():
@@ -231,12 +225,10 @@ class Trainer:
             sigmas.append(np.asarray(out["sigma"]).ravel())
             mus.append(np.asarray(out["mu"]).ravel())
             if not table_rows:
-                table_rows = self._reconstruction_rows(host_batch, np.asarray(out["nearest"]))
-            wanted = self.cfg.validation.generation_examples - len(prompts)
-            if wanted > 0:
-                from sgt_jax.generate import prompts_from_batch
-
-                prompts.extend(prompts_from_batch(host_batch)[:wanted])
+                # The host's rows are one block of the global batch's rows (several blocks on several hosts).
+                first = min(s.index[1].start or 0 for s in global_batch["input_ids"].addressable_shards)
+                nearest = np.asarray(out["nearest"])[first:first + len(host_batch["input_ids"])]
+                table_rows = self._reconstruction_rows(host_batch, nearest)
         if batches == 0:
             return {}
         result = {f"{k}": v / batches for k, v in loss_sums.items()}
@@ -246,6 +238,10 @@ class Trainer:
         rank = metrics_lib.summarize(np.concatenate(ranks))
         if rank:
             result["reconstruction_rank_mean"] = rank["mean"]
+        from sgt_jax.generate import prompts_from_source
+
+        # From the validation set itself, not this host's batches: every host generates the same prompts.
+        prompts = prompts_from_source(self.val_data.source, self.cfg.validation.generation_examples)
         if prompts:
             rouge, generations = self.generation_metrics(state, prompts, key)
             result.update(rouge)

@@ -169,8 +169,9 @@ def mode_sharded(out, overrides):
     from sgt_jax.trainer import Trainer
 
     result = {"devices": jax.device_count()}
+    # data.batch_size is the micro-batch: 8 rows, one per device, 4 of them per optimizer step.
     cfg = _load(list(overrides) + ["mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1", "optimizer.grad_accum_steps=4",
-                                   "data.batch_size=32"])
+                                   "data.batch_size=8"])
     trainer = Trainer(cfg)
     host_batch = next(iter(trainer.train_data))
     batch = trainer.global_batch(host_batch, 4)
@@ -189,8 +190,11 @@ def mode_sharded(out, overrides):
     for i, spec in enumerate(filter(None, os.environ.get("SGT_TEST_MESHES", "").split(";"))):
         data, fsdp, tensor, accum = spec.split(",")
         this_dir = f"{run_dir}_{i}"
+        # The same examples per optimizer step as the reference: micro-batches of batch_size / accum.
+        step_batch = int(next(o.split("=", 1)[1] for o in overrides if o.startswith("data.batch_size=")))
         run_cfg = _load(list(overrides) + [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
-                                           f"optimizer.grad_accum_steps={accum}", f"tracking.run_dir={this_dir}"])
+                                           f"optimizer.grad_accum_steps={accum}", f"tracking.run_dir={this_dir}",
+                                           f"data.batch_size={step_batch // int(accum)}"])
         train(run_cfg)
         events = read_events(Path(this_dir) / "tensorboard")
         runs.append({"mesh": spec, "loss": events["train/loss"], "grad_norm": events["train/grad_norm"]})

@@ -310,3 +310,44 @@ def test_errors_are_one_line(tmp_path, cfg, tok):
 
     cfg.source, cfg.batch_size, cfg.synthetic_num_examples = "synthetic", 64, 10
     _one_line_error(cfg, tok, "data.batch_size=64")
+
+
+def test_host_shares_in_different_buckets_get_the_global_batch_shape():
+    """A global batch whose host-0 share is short (bucket 32 on its own) and whose host-1 share holds a
+    100-token example: both hosts collate (2, 128), the bucket of the global batch's longest example, each
+    with its own examples left-padded. Fails if a host picks the bucket of its own share (the global array
+    of the hosts' batches would then have no single shape)."""
+    from sgt_jax.data.batching import GlobalBatchCollator, LeftPadCollator, TokenizedSource
+    from sgt_jax.data.formats import TokenizedExamples
+
+    lengths = [5, 7, 3, 100]
+    ids = np.concatenate([np.full(n, 10 + i, np.int32) for i, n in enumerate(lengths)])
+    ones = np.ones(len(ids), np.uint8)
+    source = TokenizedSource(TokenizedExamples(input_ids=ids, noise_mask=ones, loss_mask=ones,
+                                               offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)))
+    global_batch = [2, 3, 0, 1]  # host p gets positions p, p + 2: host 0 -> examples 2, 0; host 1 -> 3, 1
+    shares = [GlobalBatchCollator(source, 0, [32, 64, 128], p, 2)(global_batch) for p in (0, 1)]
+    assert [s["input_ids"].shape for s in shares] == [(2, 128), (2, 128)]
+    assert LeftPadCollator(0, [32, 64, 128])([source[2], source[0]])["input_ids"].shape == (2, 32)
+    for share, examples in zip(shares, ([2, 0], [3, 1])):
+        assert rows_of(share) == [tuple([10 + e] * lengths[e]) for e in examples]
+        assert (share["attention_mask"].sum(axis=1) == [lengths[e] for e in examples]).all()
+        assert (share["attention_mask"][:, -1] == 1).all()  # padding on the left
+
+
+def test_two_process_batches_have_the_same_shapes(tmp_path, cfg, tok):
+    """Through the pipeline, on a corpus whose lengths spread over the buckets: at every batch index the two
+    processes' batches have the same shape, that of the longest example of their union rounded up to a
+    bucket. Fails if the bucket is chosen from one host's share."""
+    texts = [" ".join(["word"] * n) for n in (2, 3, 40, 2, 5, 90, 3, 4, 20, 2, 3, 2, 60, 4, 3, 2)]
+    cfg.source = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    cfg.format, cfg.batch_size, cfg.buckets = "text", 4, [16, 32, 64, 128]
+    batches = [list(build_datasets(cfg, tok, process_index=p, process_count=2)[0]) for p in (0, 1)]
+    shapes = [[b["input_ids"].shape for b in bs] for bs in batches]
+    assert shapes[0] == shapes[1] and len(shapes[0]) == 4
+    bucket = lambda n: min(b for b in (16, 32, 64, 128) if b >= n)  # noqa: E731
+    own_buckets_differ = 0
+    for b0, b1 in zip(*batches):
+        assert b0["input_ids"].shape[1] == bucket(max(len(r) for r in rows_of(b0) + rows_of(b1)))
+        own_buckets_differ += bucket(max(map(len, rows_of(b0)))) != bucket(max(map(len, rows_of(b1))))
+    assert own_buckets_differ, "the corpus should put the hosts' shares in different buckets"

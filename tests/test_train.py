@@ -171,7 +171,8 @@ def sharded(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded")
     out = tmp / "result.json"
     # data=4,fsdp=2 with accum 1 (1 row per device), and data=2,fsdp=2,tensor=2 with accum 2 (micro-batches
-    # of 4 rows, tensor-parallel base model): both against the 1-device accum-1 reference.
+    # of data.batch_size=4 rows, the same 8 examples a step; tensor-parallel base model): both against the
+    # 1-device accum-1 reference.
     proc = run_worker("sharded", out, common_overrides(model_dir, tmp / "run"), devices=8, timeout=400,
                       SGT_TEST_MESHES="4,2,1,1;2,2,2,2")
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -5,7 +5,7 @@ Public API:
     load_tokenizer(model_dir) -> tokenizer (pad = eos when absent, padding_side="left")
     build_tokenizer(texts, out_dir, vocab_size=512, chat_template=True) -> tokenizer
     build_datasets(data_cfg, tokenizer, *, process_index=None, process_count=None, seed=None,
-                   num_workers=None) -> (DataPipeline, DataPipeline | None)
+                   num_workers=None, grad_accum_steps=1) -> (DataPipeline, DataPipeline | None)
     generate_corpus(num_examples, seed=1234) -> list[dict]
     DataError
 

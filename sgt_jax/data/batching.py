@@ -1,4 +1,11 @@
-"""Per-example token sources, left-padding collation to bucketed lengths, and packing."""
+"""Per-example token sources, left-padding collation to bucketed lengths, and packing.
+
+Host-agreed shapes. On several hosts every host collates only its share of a global batch, but the global
+array they form must have one sequence length. Every host knows the seeded global order, so each one looks
+up the *lengths* of all the global batch's examples (cheap: from the offsets, no token is read), pads its
+own share to the bucket of the longest, and all hosts agree without communicating
+(:class:`GlobalBatchCollator`).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
 
 
 class TokenizedSource:
-    """A random-access source of examples for `grain.MapDataset.source`.
+    """A random-access source of examples (read by index from the batch function).
 
     Reads ragged rows from flat arrays, optionally through an index array (a split of the data);
     index -1 is an empty example (used to pad validation to whole batches). Arrays stored in a cache
@@ -40,6 +47,11 @@ class TokenizedSource:
 
     def __len__(self) -> int:
         return len(self._data) if self._indices is None else len(self._indices)
+
+    def length(self, i: int) -> int:
+        """Tokens in example ``i`` (0 for an empty one), without reading them."""
+        j = int(i) if self._indices is None else int(self._indices[i])
+        return 0 if j < 0 else int(self._data.offsets[j + 1] - self._data.offsets[j])
 
     def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
         j = int(i) if self._indices is None else int(self._indices[i])
@@ -68,12 +80,30 @@ class TokenizedSource:
         return f"TokenizedSource(len={len(self)}, directory={self._directory!r})"
 
 
-class LeftPadCollator:
-    """Stack examples left-padded to the longest in the batch rounded up to a bucket.
+def collate_left_padded(examples: Sequence[Dict[str, np.ndarray]], length: int, pad_id: int) -> Dict[str, np.ndarray]:
+    """int32 (len(examples), length) arrays: input_ids (pad id on the left), attention_mask, noise_mask,
+    loss_mask."""
+    n = len(examples)
+    out = {
+        "input_ids": np.full((n, length), int(pad_id), np.int32),
+        "attention_mask": np.zeros((n, length), np.int32),
+        "noise_mask": np.zeros((n, length), np.int32),
+        "loss_mask": np.zeros((n, length), np.int32),
+    }
+    for row, e in enumerate(examples):
+        k = len(e["input_ids"])
+        if k == 0:
+            continue
+        out["input_ids"][row, length - k:] = e["input_ids"]
+        out["attention_mask"][row, length - k:] = 1
+        out["noise_mask"][row, length - k:] = e["noise_mask"]
+        out["loss_mask"][row, length - k:] = e["loss_mask"]
+    return out
 
-    Returns int32 (B, L) arrays: input_ids (pad id on the left), attention_mask, noise_mask,
-    loss_mask. Picklable so Grain worker processes can run it.
-    """
+
+class LeftPadCollator:
+    """Stack examples left-padded to the longest in the batch rounded up to a bucket (one host's view:
+    for a share of a multi-host global batch use :class:`GlobalBatchCollator`). Picklable."""
 
     def __init__(self, pad_id: int, buckets: Sequence[int]):
         self.pad_id = int(pad_id)
@@ -81,23 +111,31 @@ class LeftPadCollator:
 
     def __call__(self, examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
         longest = max((len(e["input_ids"]) for e in examples), default=0)
-        length = bucket_length(max(longest, 1), self.buckets)
-        n = len(examples)
-        out = {
-            "input_ids": np.full((n, length), self.pad_id, np.int32),
-            "attention_mask": np.zeros((n, length), np.int32),
-            "noise_mask": np.zeros((n, length), np.int32),
-            "loss_mask": np.zeros((n, length), np.int32),
-        }
-        for row, e in enumerate(examples):
-            k = len(e["input_ids"])
-            if k == 0:
-                continue
-            out["input_ids"][row, length - k:] = e["input_ids"]
-            out["attention_mask"][row, length - k:] = 1
-            out["noise_mask"][row, length - k:] = e["noise_mask"]
-            out["loss_mask"][row, length - k:] = e["loss_mask"]
-        return out
+        return collate_left_padded(examples, bucket_length(max(longest, 1), self.buckets), self.pad_id)
+
+
+class GlobalBatchCollator:
+    """Batch function over the *source indices* of a whole global batch: collates this host's share
+    (positions ``process_index::process_count``) left-padded to the bucket of the longest example of the
+    whole global batch, so every host builds the same (rows, length) shape without communicating.
+
+    ``source`` has ``length(i)`` and ``__getitem__(i)``; only the share's examples are read. Picklable (Grain
+    worker processes run it).
+    """
+
+    def __init__(self, source, pad_id: int, buckets: Sequence[int], process_index: int = 0, process_count: int = 1):
+        self.source = source
+        self.pad_id = int(pad_id)
+        self.buckets = list(buckets)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+
+    def global_length(self, indices: Sequence[int]) -> int:
+        longest = max((self.source.length(int(i)) for i in indices), default=0)
+        return bucket_length(max(longest, 1), self.buckets)
+
+    def __call__(self, indices: Sequence[int]) -> Dict[str, np.ndarray]:
+        share = list(indices)[self.process_index::self.process_count]
+        return collate_left_padded([self.source[int(i)] for i in share], self.global_length(indices), self.pad_id)
 
 
 def pack_examples(data: TokenizedExamples, indices: Sequence[int], max_length: int, eos_id: int) -> TokenizedExamples:

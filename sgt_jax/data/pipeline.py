@@ -7,13 +7,16 @@ prefetch, and an exactly restorable iterator state.
     state = it.get_state()    # JSON-serialisable; save it in the checkpoint
     it.set_state(state)       # continue exactly after the saved batch
 
-Host batches hold this host's `batch_size // process_count` rows; turn them into global jax arrays
-with `sgt_jax.parallel.host_batch_to_global(batch, mesh)`.
+One training batch is what one optimizer step consumes: `data.batch_size × optimizer.grad_accum_steps`
+examples (`data.batch_size` is the global micro-batch, as in MaxText), of which each host holds
+`1 / process_count`; validation batches are one micro-batch. Turn host batches into global jax arrays with
+`sgt_jax.parallel.host_batch_to_global(batch, mesh)` (or the trainer's micro-batch split).
 
 Order of operations (all index-based, so restoring is exact and independent of num_workers):
-source (tokenized once, cached) → shuffle(seed) → repeat(num_epochs) → cut to whole global batches →
-shard [process_index::process_count] → batch (left pad to bucket) → to_iter_dataset → mp_prefetch.
-A global batch is the union of the hosts' batches with the same index.
+example indices → shuffle(seed) → repeat(num_epochs) → cut to whole global batches → batch the global
+batch's indices → collate this host's share [process_index::process_count], left-padded to the bucket of
+the *global* batch's longest example (every host computes the same one: identical shapes on all hosts) →
+to_iter_dataset → mp_prefetch. A global batch is the union of the hosts' batches with the same index.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 
 from sgt_jax.data import sources as _sources
 from sgt_jax.data.batching import (
-    LeftPadCollator, TokenizedSource, default_num_workers, effective_buckets, pack_examples,
+    GlobalBatchCollator, TokenizedSource, default_num_workers, effective_buckets, pack_examples,
 )
 from sgt_jax.data.cache import cache_key, load_or_tokenize
 from sgt_jax.data.errors import DataError
@@ -95,7 +98,8 @@ class DataPipeline:
         source: TokenizedSource,
         *,
         global_batch_size: int,
-        collator: LeftPadCollator,
+        pad_id: int,
+        buckets,
         process_index: int,
         process_count: int,
         shuffle: bool,
@@ -124,21 +128,20 @@ class DataPipeline:
         self.fingerprint = fingerprint
         self.source = source
 
-        ds = grain.MapDataset.source(source)
+        n = len(source)
         if pad_final_batch:
             # Pad with empty rows (all masks 0) so every host gets the same number of whole batches.
-            n = len(source)
-            total = -(-n // global_batch_size) * global_batch_size
-            ds = grain.MapDataset.source(_PaddedSource(source, total))
+            source = _PaddedSource(source, -(-n // global_batch_size) * global_batch_size)
+        ds = grain.MapDataset.range(len(source))
         if shuffle:
             ds = ds.shuffle(seed=seed)
         ds = ds.repeat(num_epochs if num_epochs and num_epochs > 0 else None)
         finite = len(ds) < sys.maxsize
+        self.examples_dropped = (len(ds) - len(ds) // global_batch_size * global_batch_size) if finite else 0
         if finite:
-            ds = ds[: (len(ds) // global_batch_size) * global_batch_size]
-        ds = ds[process_index::process_count]
-        self._dataset = ds.batch(self.batch_size, drop_remainder=True, batch_fn=collator)
-        n = len(source)
+            ds = ds[: len(ds) - self.examples_dropped]
+        collator = GlobalBatchCollator(source, pad_id, buckets, process_index, process_count)
+        self._dataset = ds.batch(global_batch_size, drop_remainder=True, batch_fn=collator)
         self.num_batches_per_epoch = -(-n // global_batch_size) if pad_final_batch else n // global_batch_size
         self.num_batches = len(self._dataset) if finite else None
 
@@ -182,6 +185,9 @@ class _PaddedSource:
 
     def __len__(self):
         return self.total
+
+    def length(self, i) -> int:
+        return self.source.length(i) if i < len(self.source) else 0
 
     def __getitem__(self, i):
         if i < len(self.source):
@@ -248,12 +254,15 @@ def build_datasets(
     process_count: Optional[int] = None,
     seed: Optional[int] = None,
     num_workers: Optional[int] = None,
+    grad_accum_steps: int = 1,
 ) -> Tuple[DataPipeline, Optional[DataPipeline]]:
     """(train_pipeline, validation_pipeline or None) for `data_cfg` (a `sgt_jax.config.DataConfig`).
 
     `tokenizer`: from `load_tokenizer(model_dir)` (pad = eos, left padding). process_index /
     process_count default to jax's. `seed` overrides data_cfg.shuffle_seed (the shuffle and the
-    hold-out split); `num_workers` overrides data_cfg.num_workers. Validation is never shuffled, runs
+    hold-out split); `num_workers` overrides data_cfg.num_workers. A training batch holds
+    `data_cfg.batch_size × grad_accum_steps` examples (one optimizer step's), a validation batch
+    `data_cfg.batch_size` (one micro-batch). Validation is never shuffled, runs
     one epoch, and its last batch is padded with empty rows (all masks 0) so every example is seen
     and all hosts run the same number of batches.
     """
@@ -273,7 +282,11 @@ def build_datasets(
     workers = default_num_workers(data_cfg.num_workers if num_workers is None else num_workers)
     max_length = int(data_cfg.max_length)
     buckets = effective_buckets(data_cfg.buckets, max_length)
-    collator = LeftPadCollator(tokenizer.pad_token_id, buckets)
+    if int(data_cfg.batch_size) % process_count:
+        raise DataError(
+            f"data.batch_size={data_cfg.batch_size} is not divisible by the {process_count} processes; "
+            "set it to a multiple of the process count"
+        )
 
     train_data, train_dir, train_key = _tokenized(data_cfg, tokenizer, data_cfg.source, data_cfg.split, fmt,
                                                   data_cfg.synthetic_seed)
@@ -311,22 +324,28 @@ def build_datasets(
             source = TokenizedSource(data, indices, directory=directory)
         is_train = name == "train"
         epochs = int(data_cfg.num_epochs) if is_train else 1
+        global_batch = int(data_cfg.batch_size) * (int(grad_accum_steps) if is_train else 1)
         fingerprint = hashlib.sha256(json.dumps(
             [key, None if indices is None else hashlib.sha256(np.asarray(indices).tobytes()).hexdigest(),
-             name, seed, epochs, int(data_cfg.batch_size), buckets, bool(data_cfg.packing), max_length]
+             name, seed, epochs, global_batch, buckets, bool(data_cfg.packing), max_length]
         ).encode()).hexdigest()[:16]
         pipeline = DataPipeline(
-            source, global_batch_size=int(data_cfg.batch_size), collator=collator,
+            source, global_batch_size=global_batch, pad_id=tokenizer.pad_token_id, buckets=buckets,
             process_index=process_index, process_count=process_count, shuffle=is_train, seed=seed,
             num_epochs=epochs, num_workers=workers, prefetch_buffer_size=int(data_cfg.prefetch_buffer_size),
             pad_final_batch=not is_train, fingerprint=fingerprint, name=name,
         )
+        rows = "packed rows" if data_cfg.packing else "examples"
         if is_train and pipeline.num_batches_per_epoch == 0:
-            rows = "packed rows" if data_cfg.packing else "examples"
             raise DataError(
-                f"the training data has {len(source)} {rows}, fewer than data.batch_size={data_cfg.batch_size}; "
-                "lower data.batch_size or add data"
+                f"the training data has {len(source)} {rows}, fewer than one optimizer step's "
+                f"data.batch_size={data_cfg.batch_size} × optimizer.grad_accum_steps={grad_accum_steps}; "
+                "lower them or add data"
             )
+        if is_train and pipeline.examples_dropped:
+            log.warning("data: the last %d of %d %s (over %d epochs) do not fill a whole global batch of %d and "
+                        "are not trained on", pipeline.examples_dropped, len(source) * max(epochs, 1), rows,
+                        epochs, global_batch)
         return pipeline
 
     train = make(train_data, train_dir, train_key, train_indices, "train")
