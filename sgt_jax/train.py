@@ -53,6 +53,7 @@ def train(
     """
     from sgt_jax import checkpoint as ckpt_lib
     from sgt_jax import parallel, tracking
+    from sgt_jax.grad_balance import log_first_gradient_norms
     from sgt_jax.trainer import Trainer
 
     parallel.maybe_initialize_distributed(cfg.mesh)
@@ -74,7 +75,7 @@ def train(
     before = trainer.validate(state, step=start_step, tracker=tracker, label="before") if start_step == 0 else None
     last_validation = clock()
     stopped_by = "finished"
-    metrics = {}
+    metrics, grad_norms = {}, {}
     previous_streak = None
     tokens_seen, window_start = 0.0, time.perf_counter()
 
@@ -86,6 +87,8 @@ def train(
                 host_batch = next(data_iter)
             except StopIteration:
                 break
+            if step == 0:  # before the first update: does one objective term swamp the others' gradients?
+                grad_norms = log_first_gradient_norms(trainer, state, host_batch, tracker)
             state, metrics = trainer.train_step(state, host_batch)
             step += 1
             tokens_seen += float(host_batch["attention_mask"].sum()) * jax.process_count()
@@ -135,6 +138,7 @@ def train(
         after = trainer.validate(state, step=int(state.step), tracker=tracker, label="after")
         artifact_dir = trainer.save_artifact(state)
         summary.update(trainer.summarize(before, after))
+        summary.update({f"{k} (step 0)": v for k, v in grad_norms.items()})
         summary["artifact"] = str(artifact_dir)
     data_iter.close()
     tracker.close()
