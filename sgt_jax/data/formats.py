@@ -209,7 +209,7 @@ def render_prompt(prompt, fmt: str, tokenizer, text_column: str = "text", messag
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}]
         elif isinstance(prompt, dict):
-            messages = [prompt] if "role" in prompt else list(prompt.get(messages_column) or [])
+            messages = [prompt] if "role" in prompt else as_messages(prompt, messages_column)
         else:
             messages = list(prompt)
         if messages and messages[-1].get("role") == "assistant":
