@@ -9,7 +9,6 @@ bounded). Logging the per-term norms at step 0 makes such an imbalance visible b
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Mapping
 
 import jax
@@ -40,13 +39,16 @@ def term_gradient_norms(loss_fn, cloak_graphdef, params, base, batch: Mapping[st
     return out
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _norms(loss_fn, cloak_graphdef, base_graphdef, params, base_state, batch, run_key_data):
+def _norms_fn(loss_fn, cloak_graphdef, base_graphdef):
     from sgt_jax.step import example_keys, step_key
 
-    keys = example_keys(step_key(run_key_data, jnp.zeros((), jnp.int32)), batch["example_index"])
-    base = nnx.merge(base_graphdef, base_state)
-    return term_gradient_norms(loss_fn, cloak_graphdef, params, base, batch, keys)
+    @jax.jit
+    def norms(params, base_state, batch, run_key_data):
+        keys = example_keys(step_key(run_key_data, jnp.zeros((), jnp.int32)), batch["example_index"])
+        base = nnx.merge(base_graphdef, base_state)
+        return term_gradient_norms(loss_fn, cloak_graphdef, params, base, batch, keys)
+
+    return norms
 
 
 def first_step_gradient_norms(trainer, state, host_batch) -> dict[str, float]:
@@ -55,8 +57,8 @@ def first_step_gradient_norms(trainer, state, host_batch) -> dict[str, float]:
     from sgt_jax.objective import make_loss_fn
 
     batch = {k: v[0] for k, v in trainer.global_batch(host_batch, trainer.accum_steps).items()}
-    norms = _norms(make_loss_fn(trainer.cfg.objective), trainer.cloak_graphdef, trainer.base_graphdef,
-                   state.params, trainer.base_state, batch, state.run_key)
+    norms = _norms_fn(make_loss_fn(trainer.cfg.objective), trainer.cloak_graphdef, trainer.base_graphdef)(
+        state.params, trainer.base_state, batch, state.run_key)
     return {k: float(v) for k, v in jax.device_get(norms).items()}
 
 
