@@ -35,7 +35,7 @@ def term_gradient_norms(loss_fn, cloak_graphdef, params, base, batch: Mapping[st
     out = {}
     for i, name in enumerate(TERMS):
         (grads,) = pull(jnp.zeros_like(values).at[i].set(1.0))
-        out[f"grad_norm/{name}"] = optax.global_norm(grads)
+        out[f"grad_norm/{name}"] = optax.tree.norm(grads)
     return out
 
 
