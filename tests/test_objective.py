@@ -329,3 +329,24 @@ def test_utility_is_averaged_over_the_positions_the_transform_can_change(checkpo
     np.testing.assert_allclose(per_token[attn & ~affected], 0.0, atol=1e-6)  # ...as it carries no signal
     np.testing.assert_allclose(float(m["utility_loss"]), per_token[affected].mean(), rtol=1e-4)
     assert per_token[affected].mean() > 1.5 * per_token[attn].mean()  # the old all-token mean is distinguishable
+
+
+def test_term_gradient_norms_are_each_terms_own_gradient_norm(checkpoint, base_full):
+    """sgt_jax.grad_balance (the step-0 log) against one jax.grad per weighted term."""
+    from sgt_jax.grad_balance import TERMS, term_gradient_norms
+
+    cloak = TransformerCloak(config_path=checkpoint, scale=(1e-8, 1.0), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(cloak)
+    loss_fn = make_loss_fn(ObjectiveConfig(mode="ssl"))
+    batch, keys = _batch(), jax.random.split(jax.random.key(0), 4)
+    got = jax.jit(lambda p: term_gradient_norms(loss_fn, graphdef, p, base_full, batch, keys))(params)
+
+    def term(p, name):
+        return loss_fn(nnx.merge(graphdef, p), base_full, batch, keys, None, False)[1][name]
+
+    assert set(got) == {f"grad_norm/{t}" for t in TERMS}
+    for name in ("utility_term", "stochasticity_term"):  # the two the step-0 log compares
+        grads = jax.jit(jax.grad(lambda p: term(p, name)))(params)
+        want = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads)))
+        np.testing.assert_allclose(float(got[f"grad_norm/{name}"]), want, rtol=1e-4)
+    assert float(got["grad_norm/stochasticity_term"]) > 0 and float(got["grad_norm/utility_term"]) > 0
