@@ -9,14 +9,18 @@ Layout of an artifact directory::
     tokenizer/             the base model's tokenizer files
 
 ``StainedGlassTransform.load(dir)`` rebuilds the cloak and ``.transform(texts or ids)`` returns protected
-embeddings, with fresh OS entropy for the noise on every call unless a key (or the artifact's debug seed)
-is given.
+embeddings, with fresh OS entropy for the noise on every call unless a key is given. Texts are rendered and
+masked by the rule training used (``noise_rule`` in sgt_config.json: the data format, its template version
+and ``transform_all_tokens``), so BOS, template and special tokens stay clean exactly as in training. No
+debug seed is ever saved: noise in anything shipped is fresh per call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -33,8 +37,19 @@ WEIGHTS_NAME = "cloak.safetensors"
 EMBEDDINGS_NAME = "embeddings.safetensors"
 
 
+log = logging.getLogger(__name__)
+
+
 class ArtifactError(ValueError):
     """A missing or malformed artifact; one line naming the path and the fix."""
+
+
+class DebugSeedError(ArtifactError):
+    """An artifact that holds a debug ``cloak.seed`` (identical noise on every prompt) was loaded."""
+
+
+class BaseModelMismatchError(ArtifactError):
+    """An artifact used with another base model than the one it was trained on."""
 
 
 def _flatten(state) -> dict[str, np.ndarray]:
@@ -51,7 +66,6 @@ def _cloak_hyperparameters(cloak) -> dict[str, Any]:
         "transformer_type": cloak.transformer_type,
         "percent_to_mask": cloak.percent_to_mask,
         "shallow": cloak.shallow,
-        "seed": cloak.seed,
         "rho_init": cloak.rho_init,
         "std_dropout": cloak.std_dropout,
         "mean_dropout": cloak.mean_dropout,
@@ -63,11 +77,46 @@ def _cloak_hyperparameters(cloak) -> dict[str, Any]:
     }
 
 
+def noise_rule(data_config=None, tokenizer=None) -> dict[str, Any]:
+    """How training chose the noised tokens: the data format (its template version, and for chat the hash of
+    the tokenizer's chat template) and ``transform_all_tokens``. ``data_config``: a DataConfig or its dict;
+    None: plain text (every content token noised, special tokens such as BOS clean)."""
+    from sgt_jax.data.formats import TEMPLATE_VERSION
+
+    get = (lambda k, d: data_config.get(k, d)) if isinstance(data_config, Mapping) else (  # noqa: E731
+        lambda k, d: getattr(data_config, k, d))
+    fmt = get("format", "text") if data_config is not None else "text"
+    rule = {"format": fmt, "transform_all_tokens": bool(get("transform_all_tokens", False)),
+            "template_version": TEMPLATE_VERSION, "text_column": get("text_column", "text"),
+            "messages_column": get("messages_column", "messages")}
+    if fmt == "chat":
+        rule["chat_template_sha256"] = _chat_template_hash(tokenizer)
+    return rule
+
+
+def _chat_template_hash(tokenizer) -> Optional[str]:
+    template = getattr(tokenizer, "chat_template", None)
+    return hashlib.sha256(str(template).encode()).hexdigest() if template else None
+
+
+def _without_seed(training_config: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    if training_config is None:
+        return None
+    out = dict(training_config)
+    if isinstance(out.get("cloak"), Mapping):
+        out["cloak"] = {k: v for k, v in out["cloak"].items() if k != "seed"}
+    return out
+
+
 def save_artifact(
     out_dir, *, params, cloak_config, model_dir, fingerprint: str, tokenizer=None,
     training_config: Optional[Mapping[str, Any]] = None, embedding_table: Optional[np.ndarray] = None,
+    data_config=None,
 ) -> Path:
-    """Write the artifact for cloak ``params`` (an nnx State) built per ``cloak_config`` on ``model_dir``."""
+    """Write the artifact for cloak ``params`` (an nnx State) built per ``cloak_config`` on ``model_dir``.
+
+    ``data_config`` (or else ``training_config["data"]``) gives the noise rule inference reproduces. A
+    ``cloak.seed`` is a debug setting: it is dropped with a warning, never saved."""
     from sgt_jax.cloak import TransformerCloak
     from sgt_jax.models.hf import SafetensorsReader
 
@@ -76,6 +125,10 @@ def save_artifact(
     out.mkdir(parents=True, exist_ok=True)
     (out / "base_config").mkdir(exist_ok=True)
     shutil.copy(model_dir / "config.json", out / "base_config" / "config.json")
+    if getattr(cloak_config, "seed", None) is not None:
+        log.warning("cloak.seed=%s is a debug setting (identical noise on every prompt): it is not saved in the "
+                    "artifact, which draws fresh noise per call", cloak_config.seed)
+        cloak_config = dataclasses.replace(cloak_config, seed=None)
     cloak = nnx.eval_shape(lambda: TransformerCloak.from_config(cloak_config, str(model_dir)))
     save_file(_flatten(params), str(out / WEIGHTS_NAME))
     if embedding_table is None:
@@ -96,10 +149,54 @@ def save_artifact(
         "base_model": {"model_type": base_hf.get("model_type"), "path": str(model_dir), "fingerprint": fingerprint,
                        "hidden_size": base_hf.get("hidden_size"), "vocab_size": base_hf.get("vocab_size")},
         "tokenizer": tokenizer_info,
-        "training_config": dict(training_config) if training_config is not None else None,
+        "noise_rule": noise_rule(data_config if data_config is not None else (training_config or {}).get("data"),
+                                 tokenizer),
+        "training_config": _without_seed(training_config),
     }
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
     return out
+
+
+def _read_meta(directory: Path, seed: Optional[int], allow_debug_seed: bool) -> dict[str, Any]:
+    from sgt_jax.data.formats import TEMPLATE_VERSION
+
+    if not (directory / CONFIG_NAME).is_file():
+        raise ArtifactError(f"{directory} is not an SGT artifact (no {CONFIG_NAME}); pass the artifact directory "
+                            "written at the end of training (<run_dir>/sgt).")
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{directory} has artifact format {meta.get('format_version')}, this sgt_jax reads "
+                            f"{FORMAT_VERSION}; re-export it with a matching version.")
+    stored = meta["cloak"].get("seed")
+    if stored is not None and seed is None and not allow_debug_seed:
+        raise DebugSeedError(f"{directory} holds the debug cloak.seed={stored} (every prompt would get the same "
+                             "noise); re-save it without a seed, or load with allow_debug_seed=True to debug.")
+    rule = meta.get("noise_rule") or {}
+    if rule and rule.get("template_version") != TEMPLATE_VERSION:
+        raise ArtifactError(f"{directory} was trained with prompt template version {rule.get('template_version')}, "
+                            f"this sgt_jax renders version {TEMPLATE_VERSION}; use the sgt_jax that trained it.")
+    return meta
+
+
+def _load_cloak(directory: Path, hp: dict[str, Any]):
+    from sgt_jax.cloak import TransformerCloak
+
+    kwargs = hp.pop("estimator_kwargs")
+    cloak = nnx.eval_shape(lambda: TransformerCloak(config_path=str(directory / "base_config"), **hp, **kwargs))
+    graphdef, abstract = nnx.split(cloak)
+    weights = load_file(str(directory / WEIGHTS_NAME))
+    names = list(_flatten(jax.tree.map(lambda x: np.zeros((), np.float32), abstract)))
+    missing = sorted(set(names) - set(weights))
+    if missing:
+        raise ArtifactError(f"{directory / WEIGHTS_NAME} lacks {missing[0]} (and {len(missing) - 1} more); the file "
+                            "does not match sgt_config.json.")
+    values = []
+    for name, (_, leaf) in zip(names, jax.tree_util.tree_leaves_with_path(abstract)):
+        value = weights[name]
+        if value.shape != leaf.shape:
+            raise ArtifactError(f"{name} in {directory / WEIGHTS_NAME} has shape {value.shape}, expected {leaf.shape}.")
+        values.append(jnp.asarray(value))
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), values))
 
 
 class StainedGlassTransform:
@@ -111,42 +208,17 @@ class StainedGlassTransform:
         self.tokenizer = tokenizer
         self.meta = dict(meta)
         self.directory = directory
+        self.noise_rule = dict(self.meta.get("noise_rule") or noise_rule())
 
     @classmethod
-    def load(cls, directory, *, seed: Optional[int] = None) -> "StainedGlassTransform":
-        """Load an artifact. ``seed`` (debug only, never secure) makes the noise reproducible."""
-        from sgt_jax.cloak import TransformerCloak
-
+    def load(cls, directory, *, seed: Optional[int] = None, allow_debug_seed: bool = False) -> "StainedGlassTransform":
+        """Load an artifact. ``seed`` (debug only, never secure) makes the noise of every call identical; an
+        artifact that holds a seed (written by an older sgt_jax) loads only with ``allow_debug_seed=True``."""
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file():
-            raise ArtifactError(f"{directory} is not an SGT artifact (no {CONFIG_NAME}); pass the artifact directory "
-                                "written at the end of training (<run_dir>/sgt).")
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{directory} has artifact format {meta.get('format_version')}, this sgt_jax reads "
-                                f"{FORMAT_VERSION}; re-export it with a matching version.")
+        meta = _read_meta(directory, seed, allow_debug_seed)
         hp = dict(meta["cloak"])
-        kwargs = hp.pop("estimator_kwargs")
-        if seed is not None:
-            hp["seed"] = seed
-        cloak = nnx.eval_shape(lambda: TransformerCloak(config_path=str(directory / "base_config"), **hp, **kwargs))
-        graphdef, abstract = nnx.split(cloak)
-        weights = load_file(str(directory / WEIGHTS_NAME))
-        expected = _flatten(jax.tree.map(lambda x: np.zeros((), np.float32), abstract))
-        missing = sorted(set(expected) - set(weights))
-        if missing:
-            raise ArtifactError(f"{directory / WEIGHTS_NAME} lacks {missing[0]} (and {len(missing) - 1} more); the file "
-                                "does not match sgt_config.json.")
-        leaves_with_path = jax.tree_util.tree_leaves_with_path(abstract)
-        names = list(_flatten(jax.tree.map(lambda x: np.zeros((), np.float32), abstract)))
-        treedef = jax.tree_util.tree_structure(abstract)
-        values = []
-        for name, (_, leaf) in zip(names, leaves_with_path):
-            value = weights[name]
-            if value.shape != leaf.shape:
-                raise ArtifactError(f"{name} in {directory / WEIGHTS_NAME} has shape {value.shape}, expected {leaf.shape}.")
-            values.append(jnp.asarray(value))
-        cloak = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
+        hp["seed"] = seed if seed is not None else hp.get("seed")
+        cloak = _load_cloak(directory, hp)
         table = jnp.asarray(load_file(str(directory / EMBEDDINGS_NAME))["embed_tokens"])
         tokenizer = None
         if (directory / "tokenizer").is_dir():
@@ -155,32 +227,68 @@ class StainedGlassTransform:
             tokenizer = load_tokenizer(str(directory / "tokenizer"))
         return cls(cloak, table, tokenizer, meta, directory)
 
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Left-padded ids and masks of ``texts``; every non-pad token is transformed."""
+    def check_base(self, model_dir) -> None:
+        """Raise :class:`BaseModelMismatchError` unless ``model_dir`` holds, by content, the base model this
+        SGT was trained on (an SGT only protects prompts for the model whose embeddings it learned)."""
+        from sgt_jax.models.fingerprint import model_fingerprint
+
+        expected = (self.meta.get("base_model") or {}).get("fingerprint")
+        actual = model_fingerprint(model_dir)
+        if expected != actual:
+            raise BaseModelMismatchError(
+                f"the base model at {model_dir} (fingerprint {actual}) is not the one {self.directory} was trained "
+                f"on ({expected}); use that model (model.path) or train an SGT for this one.")
+
+    def encode(self, prompts: Sequence) -> dict[str, np.ndarray]:
+        """Left-padded ``input_ids``, ``attention_mask`` and ``noise_mask`` of ``prompts`` (str, or example dicts /
+        chat messages of the training format), rendered and masked by the code path training data goes through
+        (:func:`sgt_jax.data.formats.encode_prompts` with the artifact's ``noise_rule``)."""
+        from sgt_jax.data.formats import encode_prompts
+        from sgt_jax.generate import left_pad
+
         if self.tokenizer is None:
             raise ArtifactError(f"{self.directory} has no tokenizer/; pass token ids to transform().")
-        enc = self.tokenizer(list(texts), padding=True, return_tensors="np")
-        return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
+        rule = self.noise_rule
+        if rule.get("chat_template_sha256") not in (None, _chat_template_hash(self.tokenizer)):
+            raise ArtifactError(f"the chat template of {self.directory / 'tokenizer'} differs from the one the SGT "
+                                "was trained with; restore the artifact's tokenizer files.")
+        encoded = encode_prompts(list(prompts), self.tokenizer, rule["format"],
+                                 transform_all_tokens=bool(rule.get("transform_all_tokens")),
+                                 text_column=rule.get("text_column", "text"),
+                                 messages_column=rule.get("messages_column", "messages"))
+        ids, mask, noise = left_pad(encoded, self.tokenizer.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask, "noise_mask": noise}
 
-    def transform(self, texts_or_ids, *, attention_mask=None, noise_mask=None, key: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-        """Protected embeddings of texts (list of str) or token ids (B, S).
+    def _ids_noise_mask(self, ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Token ids without a mask: every real token but the special ones (BOS, EOS, ...) is noised, unless
+        training transformed all tokens; template tokens can only be told apart from text (use encode())."""
+        noise = attention_mask.astype(bool)
+        if not self.noise_rule.get("transform_all_tokens") and self.tokenizer is not None:
+            noise &= ~np.isin(ids, np.asarray(self.tokenizer.all_special_ids, dtype=np.int64))
+        return noise.astype(np.int32)
 
-        Returns ``inputs_embeds`` (float32 x_t), ``attention_mask`` and ``input_ids``. Fresh OS entropy per call
-        unless ``key`` is given or the artifact was loaded with a seed.
+    def transform(self, prompts_or_ids, *, attention_mask=None, noise_mask=None,
+                  key: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+        """Protected embeddings of prompts (str / list of str or example dicts, see :meth:`encode`) or of
+        token ids (B, S) (left-padded, with their ``attention_mask``).
+
+        ``noise_mask`` (B, S): the tokens to transform; by default the mask training would use. Returns
+        ``inputs_embeds`` (float32 x_t), ``attention_mask``, ``input_ids`` and ``noise_mask``. Fresh OS entropy
+        per call unless ``key`` is given (or a debug seed was passed to :meth:`load`).
         """
-        if isinstance(texts_or_ids, str):
-            texts_or_ids = [texts_or_ids]
-        if isinstance(texts_or_ids, (list, tuple)) and texts_or_ids and isinstance(texts_or_ids[0], str):
-            enc = self.encode(texts_or_ids)
+        if isinstance(prompts_or_ids, (str, dict)):
+            prompts_or_ids = [prompts_or_ids]
+        if _are_prompts(prompts_or_ids):
+            enc = self.encode(prompts_or_ids)
             ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+            default_noise = enc["noise_mask"]
         else:
-            ids = np.asarray(texts_or_ids, dtype=np.int32)
-            if ids.ndim == 1:
-                ids = ids[None]
-            if attention_mask is None:
-                attention_mask = np.ones_like(ids)
+            ids = np.asarray(prompts_or_ids, dtype=np.int32)
+            ids = ids[None] if ids.ndim == 1 else ids
+            attention_mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+            default_noise = self._ids_noise_mask(ids, np.asarray(attention_mask))
         attention_mask = np.asarray(attention_mask, dtype=np.int32)
-        noise_mask = attention_mask if noise_mask is None else np.asarray(noise_mask, dtype=np.int32)
+        noise_mask = default_noise if noise_mask is None else np.asarray(noise_mask, dtype=np.int32)
         if key is None:
             # Resolved here, outside jit: fresh entropy drawn while tracing would be baked into the program.
             from sgt_jax.cloak import _fresh_key
@@ -188,35 +296,42 @@ class StainedGlassTransform:
             key = jax.random.key(self.cloak.seed) if self.cloak.seed is not None else _fresh_key()
         x_t = _transform_jit(self.cloak, self.embedding_table, jnp.asarray(ids), jnp.asarray(attention_mask),
                              jnp.asarray(noise_mask), key)
-        return {"inputs_embeds": x_t, "attention_mask": jnp.asarray(attention_mask), "input_ids": jnp.asarray(ids)}
+        return {"inputs_embeds": x_t, "attention_mask": jnp.asarray(attention_mask), "input_ids": jnp.asarray(ids),
+                "noise_mask": jnp.asarray(noise_mask)}
 
-    def generate(self, texts, *, base_model=None, key: Optional[jax.Array] = None, **gen_kwargs) -> list[str]:
-        """Protect ``texts`` (a str or list of str) with the SGT and generate from the protected prompt embeddings
-        with the base model; returns the new text of each prompt (special tokens dropped).
+    def base_model(self):
+        """The base model at ``meta["base_model"]["path"]`` (checked by content against the trained one),
+        loaded once and kept."""
+        from sgt_jax.models import CausalLM
 
-        ``base_model``: a :class:`~sgt_jax.models.CausalLM`; when None the model at ``meta["base_model"]["path"]``
-        is loaded (bfloat16) once and kept. ``key`` seeds both the transform noise and the sampling (fresh
-        entropy when None). ``gen_kwargs`` go to :func:`sgt_jax.generate.generate` (defaults: the recommended
+        if getattr(self, "_base_model", None) is None:
+            path = self.meta["base_model"]["path"]
+            self.check_base(path)
+            self._base_model = CausalLM.from_pretrained(path)
+        return self._base_model
+
+    def generate(self, prompts, *, base_model=None, key: Optional[jax.Array] = None, noise_mask=None,
+                 **gen_kwargs) -> list[str]:
+        """Protect ``prompts`` (as :meth:`transform`) with the SGT and generate from the protected prompt
+        embeddings with the base model; returns the new text of each prompt (special tokens dropped).
+
+        ``base_model``: a :class:`~sgt_jax.models.CausalLM`; when None the artifact's base model (see
+        :meth:`base_model`). ``key`` seeds both the transform noise and the sampling (fresh entropy when None).
+        ``gen_kwargs`` go to :func:`sgt_jax.generate.generate` (defaults: the recommended
         :class:`~sgt_jax.config.GenerationConfig`; eos/pad/bos ids from the artifact's tokenizer).
         """
         from sgt_jax.config import GenerationConfig
         from sgt_jax.generate import decode_texts, generate
-        from sgt_jax.models import CausalLM
 
-        if isinstance(texts, str):
-            texts = [texts]
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
         if self.tokenizer is None:
             raise ArtifactError(f"{self.directory} has no tokenizer/; generate() needs one to encode and decode text.")
-        if base_model is None:
-            base_model = getattr(self, "_base_model", None)
-            if base_model is None:
-                base_model = self._base_model = CausalLM.from_pretrained(self.meta["base_model"]["path"])
+        base_model = self.base_model() if base_model is None else base_model
         transform_key = sample_key = None
         if key is not None:
             transform_key, sample_key = jax.random.split(key)
-        # Generation needs left padding whatever the tokenizer's default side.
-        enc = self.tokenizer(list(texts), padding=True, return_tensors="np", padding_side="left")
-        protected = self.transform(enc["input_ids"], attention_mask=enc["attention_mask"], key=transform_key)
+        protected = self.transform(prompts, noise_mask=noise_mask, key=transform_key)  # always left-padded
         info = self.meta.get("tokenizer") or {}
         special = {name: gen_kwargs.pop(name, info.get(name, getattr(self.tokenizer, name, None)))
                    for name in ("eos_token_id", "pad_token_id", "bos_token_id")}
@@ -224,6 +339,13 @@ class StainedGlassTransform:
         out = generate(base_model, inputs_embeds=protected["inputs_embeds"], input_ids=protected["input_ids"],
                        attention_mask=protected["attention_mask"], key=sample_key, **special, **settings)
         return decode_texts(self.tokenizer, out.sequences, out.lengths)
+
+
+def _are_prompts(items) -> bool:
+    """A batch of prompts (str, example dicts, chat message lists), as opposed to token ids."""
+    first = items[0] if isinstance(items, (list, tuple)) and items else None
+    return isinstance(first, (str, dict)) or (isinstance(first, (list, tuple)) and bool(first)
+                                              and isinstance(first[0], dict))
 
 
 @nnx.jit

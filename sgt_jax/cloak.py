@@ -83,35 +83,58 @@ def scale_from_embeddings(embedding_table) -> Tuple[float, float]:
     return float(0.1 * stds.min()), float(10.0 * np.abs(table).max())
 
 
-@jax.custom_jvp
-def _st_clip(h, lo, hi):
+# Below this fraction of max_scale the sigma gradient passes in log space (see straight_through_clip).
+LOG_SPACE_FRACTION = 0.1
+
+
+@jax.custom_vjp
+def _st_clip(h, lo, hi, ref):
     return jnp.clip(h, lo, hi)
 
 
-@_st_clip.defjvp
-def _st_clip_jvp(primals, tangents):
-    h, lo, hi = primals
+def _st_clip_fwd(h, lo, hi, ref):
     sigma = jnp.clip(h, lo, hi)
-    # Inside the bounds and above: identity. Below the floor: scaled by sigma (= lo), see straight_through_clip.
-    return sigma, tangents[0] * jnp.where(h < lo, sigma, jnp.ones_like(h))
+    return sigma, (h, lo, hi, ref, sigma)
+
+
+def _st_clip_bwd(res, g):
+    h, lo, hi, ref, sigma = res
+    grad = g * jnp.minimum(sigma / ref, 1.0)
+    # Outside the bounds the forward value does not move: pass only the part of the gradient whose descent
+    # step brings the head back (a descent step is -grad), never one that drives it further out.
+    grad = jnp.where(h > hi, jnp.maximum(grad, 0.0), grad)
+    grad = jnp.where(h < lo, jnp.minimum(grad, 0.0), grad)
+    zero = jnp.zeros((), h.dtype)
+    return grad, zero, zero, zero
+
+
+_st_clip.defvjp(_st_clip_fwd, _st_clip_bwd)
 
 
 def straight_through_clip(h: jax.Array, lo: float, hi: float) -> jax.Array:
-    """clip(h, lo, hi) forward; backward: identity, except below the floor where h receives dL/d(log sigma).
+    """clip(h, lo, hi) forward; backward: dsigma/dh := min(1, sigma / ref), ref = LOG_SPACE_FRACTION · hi,
+    and outside [lo, hi] only the part of the gradient that moves the head back inside.
 
     Why not a plain clip: the directly-learned parameterisation starts with the head at ~0 (rho_init = 0),
-    i.e. below min_scale; a plain clip is saturated there with zero gradient, so sigma could never grow
-    (a dead transform).
-    Why not a plain straight-through (identity) either: at the floor dL_N/dsigma = -1/sigma = -1e8 per
-    element for min_scale = 1e-8, so a handful of floored elements dominate the global gradient norm, the
-    norm clip then scales every utility gradient to nothing, and training follows L_N blindly (observed:
-    the composite loss *rises*). Passing ``sigma * dL/dsigma = dL/d(log sigma)`` below the floor (a
-    straight-through in log space) gives L_N a bounded push of -1 per element, and leaves the utility loss
-    essentially no gradient to drive an already-floored element further down.
-    A custom JVP (not ``h + stop_gradient(clip(h) - h)``) keeps the forward value *exactly* the clip: in
+    i.e. below or just above min_scale; a plain clip is saturated below with zero gradient, so sigma could
+    never grow (a dead transform).
+    Why not a plain straight-through (identity) either: dL_N/dsigma = -1/sigma is unbounded as sigma nears a
+    small floor (-1e8 per element at min_scale = 1e-8; with rho_init = 0 about half of the head starts just
+    above it). A handful of such elements then dominate the global gradient norm, the norm clip scales every
+    utility gradient to nothing, and training follows L_N blindly. Below ``ref`` the rule passes
+    ``(sigma / ref) · dL/dsigma = dL/d(log sigma) / ref``: a straight-through in log space, where L_N pushes
+    every element equally (-1/ref, whatever min_scale is) and the utility keeps its sign and relative weight
+    per element. Above ``ref`` it is the exact gradient of the clip; the two agree at ``ref``.
+    ``ref`` is tied to max_scale (≈ 10× the largest embedding feature by the rule of thumb), i.e. to the
+    embeddings' scale rather than to a floor that only marks "no noise".
+    Outside the bounds: a gradient that would push the head further out changes nothing in the forward, yet
+    Adam's normalised steps would let the head drift without bound; it is dropped.
+    A custom VJP (not ``h + stop_gradient(clip(h) - h)``) keeps the forward value *exactly* the clip: in
     float32 ``-0.5 + (1e-8 + 0.5)`` rounds to 0, which would make log(sigma) = -inf.
     """
-    return _st_clip(h, jnp.asarray(lo, h.dtype), jnp.asarray(hi, h.dtype))
+    dtype = h.dtype
+    return _st_clip(h, jnp.asarray(lo, dtype), jnp.asarray(hi, dtype),
+                    jnp.asarray(max(LOG_SPACE_FRACTION * hi, lo), dtype))
 
 
 def num_masked_features(percent_to_mask: float, hidden_size: int) -> int:

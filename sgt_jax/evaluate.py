@@ -104,7 +104,7 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
     from sgt_jax.generation_metrics import cached_base_generations, rouge_scores
     from sgt_jax.models import CausalLM
     from sgt_jax.models.hf import resolve_model_path
-    from sgt_jax.trainer import model_fingerprint
+    from sgt_jax.models.fingerprint import model_fingerprint
 
     artifact_dir, run_dir = resolve_sgt_path(sgt_path)
     sgt = StainedGlassTransform.load(artifact_dir)
@@ -122,11 +122,8 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
     report_dir = run_dir or out_path.parent
 
     model_dir = resolve_model_path(cfg.model.path)
+    sgt.check_base(model_dir)  # one line, before any model is loaded, when the base differs by content
     fingerprint = model_fingerprint(model_dir)
-    expected = (sgt.meta.get("base_model") or {}).get("fingerprint")
-    if expected and expected != fingerprint:
-        log.warning("base model at %s (fingerprint %s) differs from the one the SGT was trained on (%s)",
-                    model_dir, fingerprint, expected)
     base = CausalLM.from_pretrained(model_dir, dtype=cfg.model.dtype, attention_impl=cfg.model.attention_impl)
     tokenizer = load_tokenizer(str(model_dir))
     train_data, val_data = build_datasets(cfg.data, tokenizer, process_index=0, process_count=1)

@@ -101,10 +101,13 @@ def export_torch(artifact_dir, out_dir) -> Path:
     config = {
         "format": "sgt_torch", "format_version": 1,
         "scale": list(hp["scale"]), "percent_to_mask": hp["percent_to_mask"], "shallow": hp["shallow"],
-        "seed": hp.get("seed"), "directly_learn_stds": hp["directly_learn_stds"],
+        "directly_learn_stds": hp["directly_learn_stds"],
         "use_causal_mask": hp["use_causal_mask"], "transformer_type": hp.get("transformer_type"),
         "hidden_size": configs["mean_estimator"]["hidden_size"], **configs,
         "base_model": meta.get("base_model"), "tokenizer": meta.get("tokenizer"),
+        # Which tokens training noised (format, template, transform_all_tokens): a client builds its
+        # noise_mask by this rule (sgt_jax's StainedGlassTransform.encode does).
+        "noise_rule": meta.get("noise_rule"),
     }
     weights = torch_state_dict(load_file(str(artifact_dir / WEIGHTS_NAME)))
     out.mkdir(parents=True, exist_ok=True)

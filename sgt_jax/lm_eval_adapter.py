@@ -79,6 +79,7 @@ class SGTLM(TemplateLM):
             from sgt_jax.artifact import StainedGlassTransform
 
             self.sgt = StainedGlassTransform.load(sgt)
+            self.sgt.check_base(model_dir)  # an SGT protects prompts only for the base it was trained on
             self.cloak = self.sgt.cloak
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or self.base.config.max_position_embeddings)

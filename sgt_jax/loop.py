@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from sgt_jax import parallel
+from sgt_jax.grad_balance import log_first_gradient_norms
 
 log = logging.getLogger("sgt_jax.train")
 
@@ -107,6 +108,7 @@ class LoopResult:
     state: Any
     stopped_by: str  # finished | preempted | non-finite
     data_state: Any  # the data iterator's position after the last trained batch
+    first_grad_norms: dict = dataclasses.field(default_factory=dict)  # per objective term, at step 0
 
 
 def log_global_batch(cfg) -> None:
@@ -131,6 +133,9 @@ def run(trainer, state, data_iter, data_state, *, checkpointer, tracker, guard, 
     if parallel.agree({"exhausted": batch is None})["exhausted"]:
         return LoopResult(state, "finished", data_state)
     previous_streak = None
+    first_grad_norms = {}
+    if step == 0:  # before the first update: does one objective term swamp the others' gradients?
+        first_grad_norms = log_first_gradient_norms(trainer, state, batch, tracker)
     while True:
         state, metrics = trainer.train_step(state, batch)
         step += 1
@@ -145,16 +150,16 @@ def run(trainer, state, data_iter, data_state, *, checkpointer, tracker, guard, 
         if d.nonfinite:
             log.error("%d non-finite steps in a row (train.max_nonfinite_steps): stopping without saving over "
                       "the last good checkpoint; lower optimizer.learning_rate or check the data", streak)
-            return LoopResult(state, "non-finite", data_state)
+            return LoopResult(state, "non-finite", data_state, first_grad_norms)
         if d.validate:
             log.info("validation at step %d", step)
             trainer.validate(state, step=step, tracker=tracker)
             validation.reset()
         if d.preempted:
-            return LoopResult(state, "preempted", data_state)
+            return LoopResult(state, "preempted", data_state, first_grad_norms)
         if d.save:
             checkpointer.save(step, state, data_state=data_state, config=trainer.saved_config)
         if on_step is not None:
             on_step(step, state)
         if d.exhausted:
-            return LoopResult(state, "finished", data_state)
+            return LoopResult(state, "finished", data_state, first_grad_norms)

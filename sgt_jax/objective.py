@@ -8,6 +8,12 @@ L_M (utility) is ``ssl`` (cosine to the clean hidden state at the truncation lay
 to the transformed next-token distribution). L_N = -mean(log(sigma / max_scale)) pushes sigma up;
 L_S = mean(|cos(x, x_t)|) pushes x_t away from x.
 
+The utility loss of ``ssl`` and ``distill`` is a mean over the *affected* positions only: real tokens at
+or after the first transformed token of their row. The base model is causal, so a position before that
+(BOS, a template preamble) has exactly the clean hidden state whatever the SGT does; counting it would only
+dilute L_M by a factor that depends on the prompt format's length, and with it the effective strength of
+``objective.weight``. (``lm`` averages over its targets, the response tokens, which all come after the prompt.)
+
 Every mean is ``masked sum / denominator``. With ``denominator=None`` a function averages over its own
 mask; the train step (``sgt_jax.step``) passes the *global* counts instead, so that micro-batch partial
 results add up to the exact global mean (then every returned metric is such a partial sum too).
@@ -31,6 +37,7 @@ __all__ = [
     "chunked_distill_loss",
     "composite",
     "local_denominators",
+    "affected_mask",
     "sgt_objective",
     "objective_terms",
     "make_loss_fn",
@@ -232,6 +239,14 @@ def composite(utility_loss, stochasticity, similarity, objective_cfg, *, moe_aux
 # ------------------------------------------------------------------------------------------ end to end
 
 
+def affected_mask(attention_mask, noise_mask) -> jax.Array:
+    """(..., S) bool: real tokens at or after the first transformed token of their row, i.e. the positions whose
+    hidden state in a causal model can differ between clean and transformed input."""
+    valid = attention_mask.astype(bool)
+    transformed = (valid & noise_mask.astype(bool)).astype(jnp.int32)
+    return valid & (jnp.cumsum(transformed, axis=-1) > 0)
+
+
 def local_denominators(batch: Mapping[str, jax.Array], hidden_size: int) -> Dict[str, jax.Array]:
     """The counts each mean divides by, from this batch alone (same keys as ``sgt_jax.step``'s global ones)."""
     valid = batch["attention_mask"].astype(bool)
@@ -239,6 +254,7 @@ def local_denominators(batch: Mapping[str, jax.Array], hidden_size: int) -> Dict
     count = lambda m: jnp.maximum(m.sum(), 1).astype(jnp.float32)  # noqa: E731
     return {
         "tokens": count(valid),
+        "affected_tokens": count(affected_mask(batch["attention_mask"], batch["noise_mask"])),
         "transformed_tokens": count(transformed),
         "transformed_elements": count(transformed) * hidden_size,
         "lm_targets": count(lm_target_mask(batch["attention_mask"], batch["loss_mask"])),
@@ -263,6 +279,7 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
     input_ids = batch["input_ids"]
     attention_mask = batch["attention_mask"].astype(bool)
     transform_mask = attention_mask & batch["noise_mask"].astype(bool)
+    affected = affected_mask(attention_mask, batch["noise_mask"])  # where L_M has signal (module docstring)
     base_dtype = getattr(base, "dtype", jnp.float32)
     chunk_size = int(getattr(objective_cfg, "vocab_chunk_size", 0) or 0)
 
@@ -281,8 +298,8 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
             layer = base.num_layers - 1 if ssl_layer is None else ssl_layer
             run = lambda e: base(inputs_embeds=e, attention_mask=attention_mask, return_hidden_at=layer)  # noqa: E731
         clean = jax.lax.stop_gradient(run(x_base))
-        utility = ssl_loss(run(x_t_base), clean, attention_mask,
-                           relative_l2_weight=objective_cfg.ssl_relative_l2_weight, denominator=den["tokens"])
+        utility = ssl_loss(run(x_t_base), clean, affected,
+                           relative_l2_weight=objective_cfg.ssl_relative_l2_weight, denominator=den["affected_tokens"])
     elif mode == "lm" and chunk_size > 0:
         utility = chunked_lm_loss(_final_hidden(base, x_t_base, attention_mask), _lm_head_kernel(base), input_ids,
                                   attention_mask, batch["loss_mask"], chunk_size=chunk_size,
@@ -293,12 +310,12 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
     elif chunk_size > 0:
         clean_hidden = jax.lax.stop_gradient(_final_hidden(base, x_base, attention_mask))
         utility = chunked_distill_loss(clean_hidden, _final_hidden(base, x_t_base, attention_mask),
-                                       _lm_head_kernel(base), attention_mask, chunk_size=chunk_size,
-                                       denominator=den["tokens"])
+                                       _lm_head_kernel(base), affected, chunk_size=chunk_size,
+                                       denominator=den["affected_tokens"])
     else:
         clean_logits = jax.lax.stop_gradient(base(inputs_embeds=x_base, attention_mask=attention_mask))
         logits = base(inputs_embeds=x_t_base, attention_mask=attention_mask)
-        utility = distill_loss(clean_logits, logits, attention_mask, denominator=den["tokens"])
+        utility = distill_loss(clean_logits, logits, affected, denominator=den["affected_tokens"])
 
     # Elements with noise: the percent_to_mask-replaced features carry none, so they are not counted.
     masked_per_token = getattr(cloak, "num_masked_features", 0) if out.feature_mask is not None else 0

@@ -17,7 +17,10 @@ Use with transformers (left padding, as for any batched generation)::
     model = transformers.AutoModelForCausalLM.from_pretrained("base_model"); sgt = load_torch_sgt("exported_sgt")
     enc = tok(["Tell me about Paris."], return_tensors="pt", padding=True)
     x = model.get_input_embeddings()(enc.input_ids).float()
-    x_t = sgt(x, enc.attention_mask).x_t                    # fresh OS entropy unless generator= / seed
+    # The tokens training noised: content 1, BOS / template / special tokens 0 (rule: config.json "noise_rule";
+    # sgt_jax.StainedGlassTransform.encode builds the prompt and this mask exactly as training did).
+    noise_mask = enc.attention_mask * ~torch.isin(enc.input_ids, torch.tensor(tok.all_special_ids))  # text format
+    x_t = sgt(x, enc.attention_mask, noise_mask).x_t        # fresh OS entropy unless generator= / eps=
     out = model.generate(inputs_embeds=x_t.to(model.dtype), attention_mask=enc.attention_mask, max_new_tokens=64,
                          do_sample=True, temperature=0.6, top_k=5000, top_p=0.9)
     print(tok.batch_decode(out, skip_special_tokens=True))
@@ -207,7 +210,6 @@ class TorchStainedGlassTransform(nn.Module):
         self.shallow = float(c["shallow"])
         self.percent_to_mask = float(c["percent_to_mask"])
         self.num_masked_features = int(math.floor(self.percent_to_mask * c["hidden_size"] + 0.5))
-        self.seed = c.get("seed")
         causal = bool(c["use_causal_mask"])
         self.mean_estimator = Estimator(c["mean_estimator"], causal)
         self.std_estimator = Estimator(c["std_estimator"], causal)
@@ -223,10 +225,7 @@ class TorchStainedGlassTransform(nn.Module):
 
     def _generator(self, device) -> torch.Generator:
         gen = torch.Generator(device=device)
-        if self.seed is not None:
-            gen.manual_seed(int(self.seed))  # debug only: reproducible, never secure
-        else:
-            gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))  # fresh OS entropy
+        gen.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))  # fresh OS entropy
         return gen
 
     @torch.no_grad()
@@ -235,9 +234,10 @@ class TorchStainedGlassTransform(nn.Module):
                 eps: Optional[torch.Tensor] = None) -> SGTOutput:
         """Transform float32 embeddings (B, S, D). Padding (attention_mask 0) is never transformed.
 
-        noise_mask: tokens to transform (default: every real token). eps: the standard-normal noise (B, S, D)
-        to use (tests, reproducing another implementation); else drawn from ``generator``, else from the
-        exported debug seed, else from fresh OS entropy on every call.
+        noise_mask: tokens to transform; pass the mask training would use (``config["noise_rule"]``: BOS,
+        template and special tokens clean), as sgt_jax's ``StainedGlassTransform.encode`` builds it (default:
+        every real token). eps: the standard-normal noise (B, S, D) to use (tests, reproducing another
+        implementation); else drawn from ``generator``, else from fresh OS entropy on every call.
         """
         x = inputs_embeds
         if x.dtype != torch.float32:

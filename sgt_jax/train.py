@@ -90,6 +90,7 @@ def train(
         after = trainer.validate(state, step=int(state.step), tracker=tracker, label="after")
         artifact_dir = trainer.save_artifact(state)
         summary.update(trainer.summarize(before, after))
+        summary.update({f"{k} (step 0)": v for k, v in result.first_grad_norms.items()})
         summary["artifact"] = str(artifact_dir)
         if cfg.validation.attack_steps and jax.process_index() == 0:
             from sgt_jax.attack import summary_attack_lines

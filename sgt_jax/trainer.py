@@ -7,7 +7,6 @@ data, the cloak and its optimizer, the jitted train and eval steps, validation, 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import secrets
 from pathlib import Path
@@ -25,6 +24,7 @@ from sgt_jax import objective, optim, parallel, step as step_lib
 from sgt_jax.cloak import TransformerCloak
 from sgt_jax.config import SGTConfig
 from sgt_jax.models import CausalLM, DecoderConfig
+from sgt_jax.models.fingerprint import model_fingerprint
 from sgt_jax.models.hf import resolve_model_path
 
 log = logging.getLogger("sgt_jax.train")
@@ -33,14 +33,6 @@ log = logging.getLogger("sgt_jax.train")
 def default_truncation_layer(num_layers: int) -> int:
     """The seed's truncation layer index: 12 for a 32-layer model (13 layers kept), scaled for other depths."""
     return int(min(num_layers - 1, max(0, round(num_layers * 12 / 32))))
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Identity of the base model on disk: its config and the names and sizes of its weight files."""
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.safetensors.index.json")):
-        digest.update(f"{path.name}:{path.stat().st_size}".encode())
-    return digest.hexdigest()[:16]
 
 
 def fresh_run_key_data(seed: Optional[int]) -> np.ndarray:
@@ -322,7 +314,7 @@ class Trainer:
             artifact.save_artifact(
                 out, params=jax.device_get(state.params), cloak_config=self.cfg.cloak,
                 model_dir=self.model_dir, fingerprint=self.saved_config["base_model_fingerprint"],
-                tokenizer=self.tokenizer, training_config=self.saved_config,
+                tokenizer=self.tokenizer, training_config=self.saved_config, data_config=self.cfg.data,
             )
         return out
 

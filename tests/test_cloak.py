@@ -129,6 +129,45 @@ def test_sigma_gets_gradient_at_initialisation(model_dir, direct):
         assert float(jax.grad(lambda h: jnp.clip(h, 1e-8, 1.0).sum())(jnp.zeros(3)).sum()) == 0
 
 
+def _head_gradient(cloak, loss_of_sigma, heads):
+    """d loss(sigma(head)) / d head, element by element."""
+    return np.asarray(jax.grad(lambda h: loss_of_sigma(cloak.sigma_from_head(h)).sum())(jnp.asarray(heads, jnp.float32)))
+
+
+def test_directly_learned_sigma_gradient_is_bounded_and_keeps_the_head_inside(model_dir):
+    """The 7B recipe's scale (1e-8, 1): with rho_init = 0 half the head starts just above the floor, where the
+    exact dL_N/dhead = -1/sigma reaches -1e8. The rule (by hand, ref = 0.1 · max_scale = 0.1): inside the
+    bounds dL/dhead = dL/dsigma · min(1, sigma / ref); outside, only a gradient that brings the head back."""
+    import sgt_jax.cloak as cloak_lib
+
+    assert cloak_lib.LOG_SPACE_FRACTION == 0.1
+    cloak = nnx.eval_shape(lambda: TransformerCloak(config_path=model_dir, scale=(1e-8, 1.0),
+                                                    directly_learn_stds=True, rngs=nnx.Rngs(0)))
+    heads = [-1.0, 0.0, 2e-8, 1e-5, 1e-3, 0.05, 0.1, 0.5, 1.0, 3.0]
+    neg_log = lambda s: -jnp.log(s / 1.0)  # noqa: E731  (L_N per element)
+    want = [-10.0, -10.0, -10.0, -10.0, -10.0, -10.0, -10.0, -2.0, -1.0, 0.0]  # -min(1/sigma, 1/ref); 0 above max
+    np.testing.assert_allclose(_head_gradient(cloak, neg_log, heads), want, rtol=1e-5)
+    # A loss that wants sigma smaller (the utility's usual pull): passed above the cap, dropped below the floor.
+    want_down = [0.0, 0.0, 2e-7, 1e-4, 1e-2, 0.5, 1.0, 1.0, 1.0, 1.0]
+    np.testing.assert_allclose(_head_gradient(cloak, lambda s: s, heads), want_down, rtol=1e-5, atol=1e-12)
+    # The forward value is exactly the clip.
+    np.testing.assert_array_equal(np.asarray(cloak.sigma_from_head(jnp.asarray(heads, jnp.float32))),
+                                  np.clip(np.asarray(heads, np.float32), np.float32(1e-8), np.float32(1.0)))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_stochasticity_gradient_is_bounded_over_the_whole_range(model_dir, direct):
+    """|dL_N/dhead| per element stays O(1) from far below the floor to far above the cap in both
+    parameterisations (tanh: (hi - lo)/2 · sech^2(h/s)/s / sigma <= 2/s, as sigma >= (hi - lo)(1+tanh)/2)."""
+    cloak = nnx.eval_shape(lambda: TransformerCloak(config_path=model_dir, scale=(1e-8, 1.0),
+                                                    directly_learn_stds=direct, shallow=1.0, rngs=nnx.Rngs(0)))
+    heads = np.concatenate([-np.logspace(2, -9, 60), [0.0], np.logspace(-9, 2, 60)]).astype(np.float32)
+    grad = _head_gradient(cloak, lambda s: -jnp.log(s), heads)
+    assert np.all(np.isfinite(grad))
+    assert np.abs(grad).max() <= (10.0 if direct else 2.0) * (1 + 1e-5)
+    assert np.all(grad <= 0)  # L_N only ever pushes sigma up
+
+
 # ----------------------------------------------------------------------------------- randomness
 
 

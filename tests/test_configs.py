@@ -42,7 +42,10 @@ def test_large_model_config_follows_the_seed(name):
     opt = cfg.optimizer
     assert (opt.b1, opt.b2, opt.eps, opt.learning_rate, opt.weight_decay) == (0.9, 0.95, 1e-5, 3e-5, 0.1)
     assert (cfg.model.truncate_at_layer, cfg.model.dtype) == (12, "bfloat16")
-    assert cfg.data.format == "openorca" and cfg.data.source.startswith("/")
+    # OpenOrca data; the instruct model's data goes through its own chat template (format chat), the base
+    # models' through the OpenOrca scaffold.
+    want_format = "chat" if name.startswith("mistral") else "openorca"
+    assert cfg.data.format == want_format and cfg.data.source.startswith("/")
     assert cfg.data.num_workers >= 4
     g = cfg.generation
     assert (g.do_sample, g.temperature, g.top_k, g.top_p, g.repetition_penalty, g.renormalize_logits) == (

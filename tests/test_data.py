@@ -160,6 +160,38 @@ def test_openorca_and_chat_masks(tok):
     assert tok.decode(data.input_ids[data.loss_mask == 1]) == "ciao</s>"
 
 
+def test_chat_format_renders_openorca_and_alpaca_columns_with_the_chat_template(tok):
+    """The chat recipes (Mistral Instruct) train on OpenOrca/Alpaca files through the model's own template: the
+    columns become a user turn (system prompt first: some templates accept only user/assistant) + the reply."""
+    from sgt_jax.data.formats import encode_prompts, required_columns
+
+    assert required_columns("chat", present=["system_prompt", "question", "response"]) == ["question", "response"]
+    assert required_columns("chat", present=["instruction", "input", "output"]) == ["instruction", "output"]
+    assert required_columns("chat", present=["messages", "question", "response"]) == ["messages"]
+    ex = {"system_prompt": "Be brief.", "question": "What is 2 + 3?", "response": "5"}
+    data = tokenize_examples([ex], tok, "chat", max_length=None)
+    messages = [{"role": "user", "content": "Be brief.\n\nWhat is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    assert data.input_ids.tolist() == tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert tok.decode(data.input_ids[data.noise_mask == 1]) == "Be brief.\n\nWhat is 2 + 3?"
+    # The inference prompt of the same question: the same tokens and mask up to the reply.
+    prompt = encode_prompts([{k: v for k, v in ex.items() if k != "response"}], tok, "chat")[0]
+    end = int(np.argmax(data.loss_mask))
+    assert prompt["input_ids"] == data.input_ids[:end].tolist()
+    assert prompt["noise_mask"] == data.noise_mask[:end].tolist()
+    alpaca = tokenize_examples([{"instruction": "Reverse it.", "input": "apple", "output": "elppa"}], tok, "chat",
+                               max_length=None)
+    assert tok.decode(alpaca.input_ids[alpaca.noise_mask == 1]) == "Reverse it.\n\napple"
+
+
+def test_mistral_instruct_recipe_uses_the_chat_template():
+    from pathlib import Path
+
+    from sgt_jax.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "mistral_7b_instruct.yaml")
+    assert cfg.data.format == "chat"
+
+
 def test_batch_shapes_bounded_by_buckets(cfg, tok):
     cfg.buckets, cfg.batch_size = [48, 80, 128], 4
     train, _ = build_datasets(cfg, tok, process_index=0, process_count=1)

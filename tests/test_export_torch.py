@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from sgt_jax.config import CloakConfig
 from sgt_jax.export_torch import export_torch, load_torch_sgt
 from sgt_jax.testing import make_tiny_checkpoint
 
+TINY_CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -125,3 +127,58 @@ def test_noise_sources_and_standalone_use(tmp_path):
     res = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "(1, 3, 32)" in res.stdout
+
+
+def test_pytorch_client_generates_what_the_jax_artifact_generates(tmp_path):
+    """The client path end to end: the artifact of the default run's setup (embedded tiny Llama, alpaca format)
+    exported with ``python -m sgt_jax.export_torch``, loaded in PyTorch, the protected prompt fed as
+    ``inputs_embeds`` to transformers' greedy ``generate`` on the same base weights; the same noise (the eps
+    JAX drew for the transform key) is handed to the torch module, so the tokens must be equal."""
+    import transformers
+
+    from sgt_jax.artifact import StainedGlassTransform
+    from sgt_jax.config import load_config
+    from sgt_jax.data import load_tokenizer
+    from sgt_jax.models import CausalLM
+    from sgt_jax.models.hf import resolve_model_path
+
+    cfg = load_config(TINY_CONFIG)
+    model_dir = resolve_model_path(cfg.model.path)
+    cloak = TransformerCloak.from_config(cfg.cloak, str(model_dir), rngs=nnx.Rngs(0))
+    d = cloak.hidden_size
+    rng = np.random.default_rng(0)
+    cloak.mean_head.kernel[...] = jnp.asarray(rng.normal(0, 0.02, (d, d)), jnp.float32)
+    cloak.std_head.bias[...] = jnp.full((d,), 0.02, jnp.float32)
+    artifact = save_artifact(tmp_path / "sgt", params=nnx.state(cloak, nnx.Param), cloak_config=cfg.cloak,
+                             model_dir=model_dir, fingerprint="test", tokenizer=load_tokenizer(str(model_dir)),
+                             data_config=cfg.data)
+    res = subprocess.run([sys.executable, "-m", "sgt_jax.export_torch", str(artifact), str(tmp_path / "torch")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    module = load_torch_sgt(tmp_path / "torch")
+
+    sgt = StainedGlassTransform.load(artifact)
+    prompts = ["Name three colors.", "Give the opposite of the word cold."]
+    key, new_tokens = jax.random.key(4), 8
+    jax_texts = sgt.generate(prompts, base_model=CausalLM.from_pretrained(model_dir, dtype="float32"), key=key,
+                             do_sample=False, max_new_tokens=new_tokens)
+
+    enc = sgt.encode(prompts)  # the client's prompt and noise mask (what generate() protects)
+    ids, mask, noise = (torch.from_numpy(np.asarray(enc[k], np.int64)) for k in ("input_ids", "attention_mask",
+                                                                                  "noise_mask"))
+    eps = np.array(_jax_eps(jax.random.split(key)[0], *ids.shape, d))  # generate()'s transform key
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    with torch.no_grad():
+        x = model.get_input_embeddings()(ids)
+        x_t = module(x, mask, noise, eps=torch.from_numpy(eps)).x_t
+        out = model.generate(inputs_embeds=x_t, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                             eos_token_id=sgt.tokenizer.eos_token_id, pad_token_id=sgt.tokenizer.pad_token_id,
+                             output_scores=True, return_dict_in_generate=True)
+    top2 = [torch.topk(s, 2).values for s in out.scores]
+    assert min(float((t[:, 0] - t[:, 1]).min()) for t in top2) > 1e-3  # no near-tie decides a token
+    torch_texts = sgt.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+    assert torch_texts == jax_texts and all(t.strip() for t in torch_texts)
+    # The protection is real: the transformed prompt is not the clean one, and BOS / template stay clean.
+    changed = (x_t != x).any(-1)
+    assert torch.equal(changed, noise.bool()) and noise.sum() > 0

@@ -244,8 +244,11 @@ def test_artifact_generate_uses_the_protected_prompt(tmp_path):
                                     num_attention_heads=4, num_key_value_heads=2, corpus_examples=100)
     cfg = CloakConfig(scale=[1e-3, 1.0])
     cloak = TransformerCloak.from_config(cfg, str(model_dir), rngs=nnx.Rngs(0))
+    from sgt_jax.models.fingerprint import model_fingerprint
+
     directory = save_artifact(tmp_path / "sgt", params=nnx.state(cloak, nnx.Param), cloak_config=cfg,
-                              model_dir=model_dir, fingerprint="test", tokenizer=load_tokenizer(str(model_dir)))
+                              model_dir=model_dir, fingerprint=model_fingerprint(model_dir),
+                              tokenizer=load_tokenizer(str(model_dir)))
     sgt = StainedGlassTransform.load(directory)
     texts, key = ["What is the capital of France?", "Add 2 and 3."], jax.random.key(5)
     texts_out = sgt.generate(texts, key=key, do_sample=False, max_new_tokens=4)  # base model from the artifact

@@ -39,8 +39,10 @@ def setup(tmp_path_factory):
     cfg = CloakConfig(scale=[1e-3, 1.0])
     cloak = TransformerCloak.from_config(cfg, str(model_dir), rngs=nnx.Rngs(0))
     cloak.std_head.bias[...] = cloak.std_head.bias[...] * 0 + 0.05
+    from sgt_jax.models.fingerprint import model_fingerprint
+
     sgt_dir = save_artifact(root / "sgt", params=nnx.state(cloak, nnx.Param), cloak_config=cfg, model_dir=model_dir,
-                            fingerprint="test")
+                            fingerprint=model_fingerprint(model_dir))
     data = root / "tiny_mc.jsonl"
     data.write_text("\n".join(json.dumps({"question": q, "choices": c, "answer": a}) for q, c, a in QUESTIONS))
     tasks = root / "tasks"

@@ -295,3 +295,58 @@ def test_short_training_run_lowers_the_loss_and_raises_sigma(checkpoint):
     first, last = h[:10].mean(0), h[-10:].mean(0)
     assert last[0] < 0.8 * first[0], (first, last)
     assert last[1] > 3 * first[1], (first, last)
+
+
+@pytest.mark.parametrize("mode", ["ssl", "distill"])
+def test_utility_is_averaged_over_the_positions_the_transform_can_change(checkpoint, base_full, mode):
+    """A clean prefix (BOS, a template preamble) has exactly the clean hidden state in a causal model: L_M is
+    the mean over real tokens at or after a row's first transformed token (by hand below), so a longer template
+    does not dilute it."""
+    batch = dict(_batch(seed=3))
+    noise = np.asarray(batch["noise_mask"]).copy()
+    noise[:, :5] = 0  # a clean prefix of 3-5 real tokens per row
+    noise[3, 5] = 0  # row 3 starts later still
+    batch["noise_mask"] = jnp.asarray(noise)
+    cloak = TransformerCloak(config_path=checkpoint, scale=(1e-3, 1.0), rngs=nnx.Rngs(0))
+    cloak.mean_head.kernel[...] = 0.3 * jax.random.normal(jax.random.key(1), (D, D)) / np.sqrt(D)
+    key = jax.random.key(0)
+    _, m = _objective_fn(cloak, base_full, ObjectiveConfig(mode=mode), ssl_layer=1)(batch, key)
+
+    attn = np.asarray(batch["attention_mask"]).astype(bool)
+    x = base_full.embed(batch["input_ids"]).astype(jnp.float32)
+    x_t = cloak(x, batch["attention_mask"], batch["noise_mask"], key=key, deterministic=True).x_t
+    if mode == "ssl":
+        h = [np.asarray(base_full(inputs_embeds=e, attention_mask=batch["attention_mask"], return_hidden_at=1))
+             for e in (x, x_t)]
+        per_token = 1.0 - _np_cos(h[1], h[0])
+    else:
+        logp = [np.asarray(jax.nn.log_softmax(base_full(inputs_embeds=e, attention_mask=batch["attention_mask"])))
+                for e in (x, x_t)]
+        per_token = (np.exp(logp[0]) * (logp[0] - logp[1])).sum(-1)
+    first = np.argmax(noise.astype(bool) & attn, axis=1)
+    affected = attn & (np.arange(attn.shape[1])[None] >= first[:, None])
+    assert (attn & ~affected).sum() >= 10  # the clean prefix is not counted...
+    np.testing.assert_allclose(per_token[attn & ~affected], 0.0, atol=1e-6)  # ...as it carries no signal
+    np.testing.assert_allclose(float(m["utility_loss"]), per_token[affected].mean(), rtol=1e-4)
+    assert per_token[affected].mean() > 1.5 * per_token[attn].mean()  # the old all-token mean is distinguishable
+
+
+def test_term_gradient_norms_are_each_terms_own_gradient_norm(checkpoint, base_full):
+    """sgt_jax.grad_balance (the step-0 log) against one jax.grad per weighted term."""
+    from sgt_jax.grad_balance import TERMS, term_gradient_norms
+
+    cloak = TransformerCloak(config_path=checkpoint, scale=(1e-8, 1.0), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(cloak)
+    loss_fn = make_loss_fn(ObjectiveConfig(mode="ssl"))
+    batch, keys = _batch(), jax.random.split(jax.random.key(0), 4)
+    got = jax.jit(lambda p: term_gradient_norms(loss_fn, graphdef, p, base_full, batch, keys))(params)
+
+    def term(p, name):
+        return loss_fn(nnx.merge(graphdef, p), base_full, batch, keys, None, False)[1][name]
+
+    assert set(got) == {f"grad_norm/{t}" for t in TERMS}
+    for name in ("utility_term", "stochasticity_term"):  # the two the step-0 log compares
+        grads = jax.jit(jax.grad(lambda p: term(p, name)))(params)
+        want = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads)))
+        np.testing.assert_allclose(float(got[f"grad_norm/{name}"]), want, rtol=1e-4)
+    assert float(got["grad_norm/stochasticity_term"]) > 0 and float(got["grad_norm/utility_term"]) > 0

@@ -44,7 +44,14 @@ class Rendered:
     append_eos: bool
 
 
-def required_columns(fmt: str, text_column: str = "text", messages_column: str = "messages") -> List[str]:
+def required_columns(fmt: str, text_column: str = "text", messages_column: str = "messages",
+                     present: Sequence[str] = ()) -> List[str]:
+    """Columns ``fmt`` needs. Chat data without a messages column may be OpenOrca or Alpaca columns instead
+    (``present``): they are turned into a conversation and rendered with the tokenizer's chat template."""
+    if fmt == "chat" and messages_column not in present:
+        for layout in ("openorca", "alpaca"):
+            if set(required_columns(layout)) <= set(present):
+                return required_columns(layout)
     return {
         "alpaca": ["instruction", "output"],
         "openorca": ["question", "response"],
@@ -112,8 +119,20 @@ def render_text(example: Dict, column: str) -> Rendered:
     return Rendered(text, [(0, len(text))] if text else [], (0, len(text)), True, True)
 
 
+def as_messages(example: Dict, column: str) -> List[Dict]:
+    """The conversation of a chat example: its messages column, or one built from OpenOrca
+    (system_prompt/question/response) or Alpaca (instruction/input/output) columns. A system prompt is put
+    at the head of the user turn: some chat templates (Mistral's) accept only user and assistant roles."""
+    if column in example or not ({"question", "instruction"} & set(example)):
+        return list(example.get(column) or [])
+    openorca = "question" in example
+    parts = [_str(example.get(k)).strip() for k in (("system_prompt", "question") if openorca else ("instruction", "input"))]
+    reply = _str(example.get("response" if openorca else "output")).strip()
+    return [{"role": "user", "content": "\n\n".join(p for p in parts if p)}, {"role": "assistant", "content": reply}]
+
+
 def render_chat(example: Dict, column: str, tokenizer) -> Rendered:
-    messages = list(example[column] or [])
+    messages = as_messages(example, column)
     if not messages or messages[-1].get("role") != "assistant":
         raise DataError(
             f"a chat example in column {column!r} does not end with an assistant message; "
@@ -156,6 +175,77 @@ def _overlaps(offsets: np.ndarray, spans: Sequence[Tuple[int, int]]) -> np.ndarr
     for s, e in spans:
         if e > s:
             out |= nonempty & (start < e) & (end > s)
+    return out
+
+
+def token_masks(r: Rendered, ids, offsets, special: np.ndarray, eos, transform_all_tokens: bool):
+    """(ids, noise, loss) of one rendered example from its tokens and their character offsets: THE rule for
+    which tokens are noised, shared by training data and inference prompts (:func:`encode_prompts`)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    is_special = np.isin(ids, special)
+    noise = _overlaps(offs, r.content_spans) & ~is_special
+    loss = _overlaps(offs, [r.response_span])
+    if r.append_eos and eos is not None and (len(ids) == 0 or ids[-1] != eos):
+        ids = np.append(ids, eos)
+        noise = np.append(noise, False)
+        loss = np.append(loss, True)
+    if transform_all_tokens:
+        noise = np.ones(len(ids), dtype=bool)
+    return ids, noise, loss
+
+
+# The field a plain-text prompt fills in each format (the rest of the example stays empty).
+_PROMPT_FIELD = {"alpaca": "instruction", "openorca": "question"}
+_RESPONSE_FIELD = {"alpaca": "output", "openorca": "response"}
+
+
+def render_prompt(prompt, fmt: str, tokenizer, text_column: str = "text", messages_column: str = "messages") -> Rendered:
+    """A prompt (what a client sends at inference) rendered as training renders an example up to its response:
+    the same template and content spans, no response, no eos. ``prompt``: a str (the format's instruction /
+    question / user message / text), an example dict (its response, if any, is dropped) or, for chat, a list of
+    messages not ending with the assistant's reply."""
+    if fmt == "chat":
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, dict):
+            messages = [prompt] if "role" in prompt else as_messages(prompt, messages_column)
+        else:
+            messages = list(prompt)
+        if messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        # Render through render_chat with a placeholder reply, then cut at the generation prompt: the spans
+        # and the template come from the one code path training uses.
+        r = render_chat({messages_column: messages + [{"role": "assistant", "content": "x"}]}, messages_column,
+                        tokenizer)
+        end = r.response_span[0]
+        return Rendered(r.text[:end], r.content_spans, (end, end), r.add_special_tokens, False)
+    if fmt == "text":
+        text = prompt if isinstance(prompt, str) else _str(prompt.get(text_column))
+        return Rendered(text, [(0, len(text))] if text else [], (len(text), len(text)), True, False)
+    example = {_PROMPT_FIELD[fmt]: prompt} if isinstance(prompt, str) else dict(prompt)
+    example[_RESPONSE_FIELD[fmt]] = ""
+    r = render(example, fmt, tokenizer, text_column, messages_column)
+    return Rendered(r.text, r.content_spans, (len(r.text), len(r.text)), r.add_special_tokens, False)
+
+
+def encode_prompts(prompts: Sequence, tokenizer, fmt: str, *, transform_all_tokens: bool = False,
+                   text_column: str = "text", messages_column: str = "messages") -> List[Dict[str, List[int]]]:
+    """``[{"input_ids", "noise_mask"}]`` of inference prompts, with the noise mask training would give them
+    (:func:`render_prompt` + :func:`token_masks`); left-pad with :func:`sgt_jax.generate.left_pad`."""
+    if fmt not in FORMATS:
+        raise DataError(f"data.format={fmt!r} is not known; choose one of {', '.join(FORMATS)}")
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"data.format='chat' needs a tokenizer with a chat template, and {tokenizer.name_or_path!r} "
+                        "has none; add chat_template to its tokenizer_config.json")
+    special = np.asarray(sorted(int(i) for i in tokenizer.all_special_ids), dtype=np.int64)
+    out = []
+    for prompt in prompts:
+        r = render_prompt(prompt, fmt, tokenizer, text_column, messages_column)
+        enc = tokenizer(r.text, add_special_tokens=r.add_special_tokens, return_offsets_mapping=True,
+                        return_attention_mask=False)
+        ids, noise, _ = token_masks(r, enc["input_ids"], enc["offset_mapping"], special, None, transform_all_tokens)
+        out.append({"input_ids": [int(t) for t in ids], "noise_mask": [int(t) for t in noise]})
     return out
 
 
@@ -206,17 +296,7 @@ def tokenize_examples(
                 return_attention_mask=False,
             )
             for r, ids, offs in zip(group, enc["input_ids"], enc["offset_mapping"]):
-                ids = np.asarray(ids, dtype=np.int64)
-                offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
-                is_special = np.isin(ids, special)
-                noise = _overlaps(offs, r.content_spans) & ~is_special
-                loss = _overlaps(offs, [r.response_span])
-                if r.append_eos and eos is not None and (len(ids) == 0 or ids[-1] != eos):
-                    ids = np.append(ids, eos)
-                    noise = np.append(noise, False)
-                    loss = np.append(loss, True)
-                if transform_all_tokens:
-                    noise = np.ones(len(ids), dtype=bool)
+                ids, noise, loss = token_masks(r, ids, offs, special, eos, transform_all_tokens)
                 if max_length is not None and len(ids) > max_length:
                     num_truncated += 1
                     ids, noise, loss = ids[:max_length], noise[:max_length], loss[:max_length]

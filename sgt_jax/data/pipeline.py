@@ -222,8 +222,8 @@ def _tokenized(data_cfg, tokenizer, source: str, split: str, fmt: str, seed_for_
             rows = generate_corpus(int(data_cfg.synthetic_num_examples), int(seed_for_synthetic))
         else:
             ds = _sources.load_raw(source, split, data_cfg.cache_dir)
-            _sources.check_columns(ds, required_columns(fmt, data_cfg.text_column, data_cfg.messages_column),
-                                   source, fmt)
+            _sources.check_columns(ds, required_columns(fmt, data_cfg.text_column, data_cfg.messages_column,
+                                                        list(ds.column_names)), source, fmt)
             rows = _iter_rows(ds)
         data = tokenize_examples(rows, tokenizer, fmt, max_length=max_length,
                                  transform_all_tokens=bool(data_cfg.transform_all_tokens),
