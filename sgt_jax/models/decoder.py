@@ -361,8 +361,14 @@ class DecoderStack(nnx.Module):
         if last_layer is not None:
             layer_state = jax.tree.map(lambda x: x[: last_layer + 1], layer_state)
 
+        # Inside a shard_map that is manual over the FSDP axis the stacked parameters arrive as shards; the
+        # train step sets ``layer_gather`` so that each layer is gathered as the scan reaches it (and again in
+        # the backward under remat), never the whole stack at once.
+        gather = getattr(self, "layer_gather", None)
+
         def one_layer(carry, state):
             layer_hidden, aux_total = carry
+            state = state if gather is None else gather(state)
             layer_hidden, aux = nnx.merge(graphdef, state)(layer_hidden, attention_mask, cos, sin, causal)
             return (layer_hidden, aux_total + aux), None
 
@@ -445,6 +451,10 @@ class CausalLM(nnx.Module):
         return init_kv_cache(self.decoder.config, batch, max_len, self.dtype if dtype is None else dtype)
 
     def embed(self, input_ids) -> jax.Array:
+        # ``embed_lookup``: set by the train step when the table arrives sharded (see sgt_jax.parallel).
+        lookup = getattr(self, "embed_lookup", None)
+        if lookup is not None:
+            return lookup(self.embed_tokens[...], input_ids).astype(self.dtype)
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
