@@ -94,7 +94,7 @@ class Trainer:
         )
         replicated = NamedSharding(self.mesh, P())
         abstract = jax.eval_shape(self._fresh_state)
-        self.state_sharding = jax.tree.map(lambda _: replicated, abstract)
+        self.state_sharding = parallel.train_state_shardings(abstract, self.mesh)
         self._train_step = step_lib.jit_train_step(
             train_step, mesh=self.mesh, state_sharding=self.state_sharding, base_sharding=self.base_sharding
         )
