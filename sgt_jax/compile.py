@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -130,7 +131,16 @@ def abstract_batch(cfg: SGTConfig, mesh, accum_steps: int, seq_len: int):
 def _compile(jitted, *args):
     start = time.perf_counter()
     lowered = jitted.lower(*args)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as exc:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit its HBM
+        message = str(exc)
+        if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+            raise
+        used = re.search(r"Used ([\d.]+[KMGT]?i?B?) of ([\d.]+[KMGT]?i?B?) hbm", message)
+        detail = f"{used.group(1)} needed, {used.group(2)} of HBM available" if used else message.splitlines()[0][:200]
+        raise CompileFitError(f"does not fit: the TPU compiler ran out of memory ({detail}); lower data.batch_size, "
+                              "raise optimizer.grad_accum_steps or mesh.fsdp, or set model.remat_policy=full.")
     return compiled, time.perf_counter() - start
 
 
@@ -169,7 +179,8 @@ def compile_steps(cfg: SGTConfig, devices) -> dict[str, Any]:
     eval_jit = jax.jit(eval_fn, out_shardings=NamedSharding(mesh, P()))
     eval_batch = abstract_batch(cfg, mesh, 0, seq_len)
     key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype)
-    evaluate, eval_s = _compile(eval_jit, state.params, base_state, full_state, eval_batch, key)
+    with jax.set_mesh(mesh):  # as the Trainer validates: activations stay batch-sharded (FSDP, not TP)
+        evaluate, eval_s = _compile(eval_jit, state.params, base_state, full_state, eval_batch, key)
     return dict(mesh=mesh, config=config, truncate_at_layer=k, train=train, train_seconds=train_s,
                 eval=evaluate, eval_seconds=eval_s, seq_len=seq_len, state=state, base_state=base_state,
                 full_state=full_state if k is not None else None)
@@ -222,9 +233,11 @@ def step_report(compiled, seconds: float) -> dict[str, Any]:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     text = compiled.as_text()
     comms = hlo_lib.collectives(text)
+    estimate = cost.get("optimal_seconds")
     return {"compile_seconds": round(seconds, 1), "memory": memory(compiled),
             "xla_flops_per_device": float(cost.get("flops", 0.0)),
-            "estimated_seconds": cost.get("optimal_seconds"),
+            # XLA's roofline estimate; it reports a negative value when it cannot estimate (e.g. some loops).
+            "estimated_seconds": float(estimate) if estimate is not None and estimate > 0 else None,
             "collectives": comms, "collectives_in_loops": sum(c["in_loop"] for c in comms)}
 
 
