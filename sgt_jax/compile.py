@@ -144,12 +144,11 @@ def _compile(jitted, *args):
     return compiled, time.perf_counter() - start
 
 
-def compile_steps(cfg: SGTConfig, devices) -> dict[str, Any]:
+def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[str, Any]:
     """Lower and compile the train step and the eval step exactly as :class:`sgt_jax.trainer.Trainer` builds
     them, over abstract inputs; returns the executables and the pieces the report needs."""
     from sgt_jax import objective, optim, parallel, step as step_lib
     from sgt_jax.models.attention import target_backend
-    from sgt_jax.trainer import Trainer
 
     mesh = parallel.make_mesh(cfg.mesh, devices=devices)
     with target_backend(devices[0].platform):
@@ -171,19 +170,29 @@ def compile_steps(cfg: SGTConfig, devices) -> dict[str, Any]:
     accum = cfg.optimizer.grad_accum_steps
     train_batch = abstract_batch(cfg, mesh, accum, seq_len)
     train, train_s = _compile(jitted, state, base_state, train_batch)
+    result = dict(mesh=mesh, config=config, truncate_at_layer=k, train=train, train_seconds=train_s, eval=None,
+                  eval_seconds=0.0, seq_len=seq_len, state=state, base_state=base_state,
+                  full_state=full_state if k is not None else None)
+    if with_eval:
+        result["eval"], result["eval_seconds"] = _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def)
+    return result
+
+
+def _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def):
+    from sgt_jax.trainer import Trainer
+
 
     # The Trainer's own eval function, bound to the abstract pieces it reads.
     holder = SimpleNamespace(cloak_graphdef=cloak_def, base_graphdef=base_def, _full_graphdef=full_def, cfg=cfg,
-                             hidden_size=config.hidden_size)
+                             hidden_size=result["config"].hidden_size)
+    full_state = result["full_state"] if result["full_state"] is not None else (
+        result["base_state"] if full_def is not None else None)
     eval_fn = lambda *a: Trainer._eval_batch_fn(holder, *a)  # noqa: E731
     eval_jit = jax.jit(eval_fn, out_shardings=NamedSharding(mesh, P()))
-    eval_batch = abstract_batch(cfg, mesh, 0, seq_len)
+    eval_batch = abstract_batch(cfg, mesh, 0, result["seq_len"])
     key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype)
     with jax.set_mesh(mesh):  # as the Trainer validates: activations stay batch-sharded (FSDP, not TP)
-        evaluate, eval_s = _compile(eval_jit, state.params, base_state, full_state, eval_batch, key)
-    return dict(mesh=mesh, config=config, truncate_at_layer=k, train=train, train_seconds=train_s,
-                eval=evaluate, eval_seconds=eval_s, seq_len=seq_len, state=state, base_state=base_state,
-                full_state=full_state if k is not None else None)
+        return _compile(eval_jit, result["state"].params, result["base_state"], full_state, eval_batch, key)
 
 
 def _tree_bytes(tree, mesh) -> int:
@@ -244,12 +253,13 @@ def step_report(compiled, seconds: float) -> dict[str, Any]:
 def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> dict[str, Any]:
     mesh = result["mesh"]
     hbm, peak = chip_spec(devices[0])
-    train, evaluate = step_report(result["train"], result["train_seconds"]), \
-        step_report(result["eval"], result["eval_seconds"])
+    train = step_report(result["train"], result["train_seconds"])
+    evaluate = step_report(result["eval"], result["eval_seconds"]) if result["eval"] is not None else None
     # While training, the full model that validation uses stays loaded next to the train step's buffers.
     full_bytes = _tree_bytes(result["full_state"], mesh) if result["full_state"] is not None else 0
     opt_bytes = _tree_bytes(result["state"].opt_state, mesh)
-    needed = max(train["memory"]["total"] + full_bytes, evaluate["memory"]["total"] + opt_bytes)
+    needed = max(train["memory"]["total"] + full_bytes,
+                 evaluate["memory"]["total"] + opt_bytes if evaluate else 0)
     flops = model_flops(cfg, result["config"], result["truncate_at_layer"], result["seq_len"])
     est = train["estimated_seconds"]
     mfu = flops / (est * len(devices) * peak) if est and peak else None
@@ -276,6 +286,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"batch {report['batch_size']} x seq {report['seq_len']}, accum {report['grad_accum_steps']}",
             f"{'per device':<14}{'arguments':>13}{'outputs':>13}{'temporaries':>13}{'total':>13}{'compile s':>11}"]
     for name in ("train_step", "eval_step"):
+        if report[name] is None:
+            continue
         m, s = report[name]["memory"], report[name]
         rows.append(f"{name:<14}{_gib(m['arguments']):>13}{_gib(m['outputs']):>13}{_gib(m['temporaries']):>13}"
                     f"{_gib(m['total']):>13}{s['compile_seconds']:>11}")

@@ -118,16 +118,19 @@ def _op_name(line: str) -> str:
     return m.group(1) if m else ""
 
 
-def dot_precisions(text: str) -> list[dict[str, str]]:
-    """Every dot / convolution (also inside fusions) with its operand precision config and source op name."""
+def dot_precisions(text: str) -> list[dict[str, Any]]:
+    """Every dot / convolution (also inside fusions): its operand precision config, operand dtypes and source."""
+    _, _, types = parse_computations(text)
     out = []
     for line in text.splitlines():
         m = _OPCODE.search(line)
         if not m or m.group("op") not in ("dot", "convolution"):
             continue
         precision = re.search(r"operand_precision=\{([^}]*)\}", line)
+        operands = [a.strip().split()[-1].lstrip("%") for a in m.group("args").split(",") if a.strip()]
+        dtypes = [d for name in operands for d, _ in _ARRAY.findall(types.get(name, ""))[:1]]
         out.append({"op": m.group("op"), "precision": precision.group(1) if precision else "default",
-                    "source": _op_name(line)})
+                    "operand_dtypes": dtypes, "source": _op_name(line)})
     return out
 
 
