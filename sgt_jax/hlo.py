@@ -96,7 +96,9 @@ def collectives(text: str) -> list[dict[str, Any]]:
             if not m or m.group("op").removesuffix("-start") not in COLLECTIVE_OPS:
                 continue
             channel = re.search(r"channel_id=(\d+)", line)
-            key = ("channel", channel.group(1)) if channel else ("name", line.split("=")[0].strip())
+            # Channel ids are not unique across ops after XLA's passes: the op and its type complete the key.
+            key = (m.group("op").removesuffix("-start"), channel.group(1), m.group("type")) if channel \
+                else ("name", line.split("=")[0].strip())
             operands = [a.strip().lstrip("%") for a in m.group("args").split(",") if a.strip()]
             operand_bytes = sum(type_bytes(types.get(name.split()[-1].lstrip("%"), name)) for name in operands)
             result_bytes = type_bytes(m.group("type"))
