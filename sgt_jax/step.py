@@ -150,10 +150,16 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    # The splash kernel's custom VJP does not carry the varying-manual-axes types, so with splash the region
+    # runs untyped: no automatic psum is inserted for the invariant parameters then (nothing to pcast), and the
+    # one psum after the scan is the reduction either way.
+    check_vma = nnx.merge(base_def, base_state).decoder.layers.attention.attention_impl != "splash"
+
     def local(params, base_state, batch):
-        if axes:
+        if axes and check_vma:
             # Without this, the gradient of a device-invariant parameter is psum'd inside the loop.
             params = jax.lax.pcast(params, axes, to="varying")
+        if axes:
             base_state = _gather_leaves(base_state, outer_specs, axes)
 
         def body(carry, micro):
@@ -169,7 +175,7 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
         metric_shapes = jax.eval_shape(
             lambda: grad_fn(params, base_state, first, example_keys(key, first["example_index"]))[0][1])
         metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        if axes:
+        if axes and check_vma:
             metric_zeros = jax.lax.pcast(metric_zeros, axes, to="varying")
         (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), batch)
         if axes:
@@ -186,6 +192,7 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
         in_specs=(P(), base_specs, P(None, axes)),
         out_specs=(P(), P()),
         axis_names=set(axes),
+        check_vma=check_vma,
     )(params, base_state, batch)
 
 

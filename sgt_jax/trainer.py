@@ -217,7 +217,8 @@ class Trainer:
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
                 break
             batch = {k: v[0] for k, v in self.global_batch(host_batch, 1).items()}
-            out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
+            with jax.set_mesh(self.mesh):  # activations batch-sharded (FSDP); splash finds its mesh
+                out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
             real = np.asarray(out["real_rows"])
             if not real.any():
                 continue
