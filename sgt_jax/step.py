@@ -129,6 +129,14 @@ def _gather_leaves(tree, specs, axes):
     return treedef.unflatten([parallel.gather_manual(x, s, axes) for x, s in zip(leaves, spec_leaves)])
 
 
+def _metric_zeros(grad_fn, params, base_state, batch, key, varying_axes):
+    first = jax.tree.map(lambda x: x[0], batch)
+    metric_shapes = jax.eval_shape(
+        lambda: grad_fn(params, base_state, first, example_keys(key, first["example_index"]))[0][1])
+    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    return jax.lax.pcast(metric_zeros, varying_axes, to="varying") if varying_axes else metric_zeros
+
+
 def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators, deterministic, mesh):
     """Sum of micro-batch gradients and metrics, reduced across devices once."""
     from sgt_jax import parallel
@@ -171,12 +179,7 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
             return (grads_acc, metrics_acc), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        first = jax.tree.map(lambda x: x[0], batch)
-        metric_shapes = jax.eval_shape(
-            lambda: grad_fn(params, base_state, first, example_keys(key, first["example_index"]))[0][1])
-        metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        if axes and check_vma:
-            metric_zeros = jax.lax.pcast(metric_zeros, axes, to="varying")
+        metric_zeros = _metric_zeros(grad_fn, params, base_state, batch, key, axes if check_vma else ())
         (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), batch)
         if axes:
             grads, metrics = jax.lax.psum((grads, metrics), axes)
