@@ -298,9 +298,14 @@ class Trainer:
         x = jnp.take(table, ids, axis=0).astype(jnp.float32)
         return cloak(x, mask, noise_mask, key=key, deterministic=True).x_t.astype(table.dtype)
 
+    def _replicated(self, tree):
+        """The cloak's parameters are sharded over fsdp; on several hosts a shard may live on another host, so
+        read them back through one replicated copy (a collective every host joins)."""
+        return jax.jit(lambda t: t, out_shardings=NamedSharding(self.mesh, P()))(tree)
+
     def weight_histograms(self, state) -> dict[str, np.ndarray]:
-        head = lambda name: np.asarray(jax.device_get(state.params[name]["kernel"][...]))  # noqa: E731
-        return {"weights/mean_head": head("mean_head"), "weights/std_head": head("std_head")}
+        heads = self._replicated({name: state.params[name]["kernel"][...] for name in ("mean_head", "std_head")})
+        return {f"weights/{name}": np.asarray(jax.device_get(value)) for name, value in heads.items()}
 
     def _reconstruction_rows(self, host_batch, nearest: np.ndarray, limit: int = 4) -> list[dict[str, str]]:
         rows = []
@@ -323,9 +328,10 @@ class Trainer:
         from sgt_jax import artifact
 
         out = Path(self.cfg.train.artifact_dir or Path(self.cfg.tracking.run_dir) / "sgt")
+        params = self._replicated(state.params)
         if jax.process_index() == 0:
             artifact.save_artifact(
-                out, params=jax.device_get(state.params), cloak_config=self.cfg.cloak,
+                out, params=jax.device_get(params), cloak_config=self.cfg.cloak,
                 model_dir=self.model_dir, fingerprint=self.saved_config["base_model_fingerprint"],
                 tokenizer=self.tokenizer, training_config=self.saved_config,
             )
