@@ -189,6 +189,7 @@ class TransformerCloak(nnx.Module):
         use_causal_mask: bool = True,
         *,
         remat_policy: str = "none",
+        matmul_precision: str = "highest",
         rngs: Optional[nnx.Rngs] = None,
         **kwargs: Any,
     ):
@@ -223,6 +224,8 @@ class TransformerCloak(nnx.Module):
             raise CloakConfigError(f"cloak.seed={seed!r} must be an int (debug only) or None (secure).")
         if remat_policy not in REMAT_POLICIES:
             raise CloakConfigError(f"cloak.remat_policy={remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}.")
+        if matmul_precision not in ("default", "high", "highest"):
+            raise CloakConfigError(f"cloak.matmul_precision={matmul_precision!r} is not one of default, high, highest.")
         if config_path is None:
             raise CloakConfigError("cloak.config_path is required: the base model's directory with config.json.")
 
@@ -266,20 +269,25 @@ class TransformerCloak(nnx.Module):
         f32 = jnp.float32
         # remat_policy: a training-memory setting only (recompute the estimators' layer activations in the
         # backward instead of keeping them); the transform's values are the same under every policy.
+        # matmul_precision: on a TPU a float32 dot runs by default as one bfloat16 pass (TF32 on recent GPUs);
+        # "highest" makes every matmul of the transform, forward and backward, single precision.
+        self.matmul_precision = matmul_precision
         self.mean_estimator = DecoderStack(mean_config, dtype=f32, param_dtype=f32, final_norm=True,
-                                           remat_policy=remat_policy, rngs=rngs)
+                                           remat_policy=remat_policy, matmul_precision=matmul_precision, rngs=rngs)
         self.std_estimator = DecoderStack(std_config, dtype=f32, param_dtype=f32, final_norm=True,
-                                          remat_policy=remat_policy, rngs=rngs)
+                                          remat_policy=remat_policy, matmul_precision=matmul_precision, rngs=rngs)
+        precision = jax.lax.Precision(matmul_precision)
         # mu = 0 at the start: the transform begins as "x plus small noise", never as a random remapping.
         self.mean_head = nnx.Linear(hidden, hidden, kernel_init=nnx.initializers.zeros_init(),
-                                    bias_init=nnx.initializers.zeros_init(), dtype=f32, param_dtype=f32, rngs=rngs)
+                                    bias_init=nnx.initializers.zeros_init(), dtype=f32, param_dtype=f32, precision=precision,
+                                    rngs=rngs)
         # Near-zero weights so the head starts at rho_init for every token; scaled by 1/sqrt(D) because the
         # estimator output is RMS-normalised (norm ~ sqrt(D)), keeping the head's spread ~1e-3 at any width.
         # Not exactly zero, so tokens differ from the start; gradient reaches sigma either way (see
         # straight_through_clip / tanh).
         self.std_head = nnx.Linear(hidden, hidden, kernel_init=nnx.initializers.normal(1e-3 / math.sqrt(hidden)),
                                    bias_init=nnx.initializers.constant(self.rho_init), dtype=f32, param_dtype=f32,
-                                   rngs=rngs)
+                                   precision=precision, rngs=rngs)
 
     @classmethod
     def from_config(cls, cloak_cfg, model_path, *, rngs: Optional[nnx.Rngs] = None) -> "TransformerCloak":
@@ -300,6 +308,7 @@ class TransformerCloak(nnx.Module):
             std_num_experts=cloak_cfg.std_num_experts,
             use_causal_mask=cloak_cfg.use_causal_mask,
             remat_policy=cloak_cfg.remat_policy,
+            matmul_precision=getattr(cloak_cfg, "matmul_precision", "highest"),
             rngs=rngs,
             **dict(cloak_cfg.estimator_kwargs or {}),
         )

@@ -45,6 +45,7 @@ OBJECTIVE_MODES = ("ssl", "lm", "distill")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("alpaca", "openorca", "chat", "text")
 DTYPES = ("bfloat16", "float32", "float16")
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,10 @@ class CloakConfig:
     # Rematerialisation of the estimators' layers in training (none | full | a jax.checkpoint_policies name):
     # trades recomputation for activation memory; the transform itself is unchanged.
     remat_policy: str = "none"
+    # Precision of every matmul of the cloak, forward and backward: highest (true float32; on a TPU several
+    # bfloat16 passes, ~3-6x the MXU time of the cloak's matmuls), high (bf16x3) or default (one bfloat16 pass
+    # on a TPU, TF32 on recent GPUs: not the single precision the transform needs). The base is unaffected.
+    matmul_precision: str = "highest"
 
 
 @dataclass
@@ -325,6 +330,7 @@ def validate(cfg: SGTConfig) -> None:
         _check(cfg.model.truncate_at_layer >= 0, "model.truncate_at_layer must be >= 0 (or null for the whole model).")
     c = cfg.cloak
     _choice(c.remat_policy, REMAT_POLICIES, "cloak.remat_policy")
+    _choice(c.matmul_precision, MATMUL_PRECISIONS, "cloak.matmul_precision")
     if c.scale is not None:
         _check(len(c.scale) == 2, f"cloak.scale must be [min_scale, max_scale], got {list(c.scale)}.")
         lo, hi = c.scale

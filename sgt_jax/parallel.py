@@ -14,6 +14,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -118,6 +119,53 @@ def shard_params(state_or_model, mesh: Mesh):
     return jax.tree.map(lambda x, s: jax.device_put(x, s), state_or_model, shardings)
 
 
+def train_state_shardings(abstract_state, mesh: Mesh):
+    """Shardings of a train state: the cloak's parameters and every optimizer moment by their logical axes (the
+    moments are nnx Variables that keep the parameter's metadata), counters and keys replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_rule = param_shardings(abstract_state, mesh)
+    return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, by_rule)
+
+
+def _manual_names(entry, manual_axes) -> tuple[str, ...]:
+    names = entry if isinstance(entry, tuple) else () if entry is None else (entry,)
+    return tuple(name for name in names if name in manual_axes)
+
+
+def manual_spec(spec: PartitionSpec, manual_axes) -> PartitionSpec:
+    """The part of ``spec`` over the mesh axes a ``shard_map`` is manual in (the others stay automatic)."""
+    kept = [_manual_names(entry, manual_axes) for entry in spec]
+    return PartitionSpec(*[None if not k else k[0] if len(k) == 1 else k for k in kept])
+
+
+def gather_manual(tree, specs, manual_axes):
+    """Inside a ``shard_map``: all-gather each leaf of ``tree`` along the dimensions its ``spec`` (a tree of
+    PartitionSpecs, same structure) shards over manual axes, giving the whole parameter back."""
+
+    def gather(x, spec):
+        for dim, entry in enumerate(spec):
+            names = _manual_names(entry, manual_axes)
+            if names:
+                x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
+        return x
+
+    return jax.tree.map(gather, tree, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def sharded_embedding_lookup(axis: str):
+    """Inside a ``shard_map`` manual over ``axis``, for a (vocab, embed) table sharded over ``axis`` on its embed
+    dimension and ids sharded over it on the batch: every device looks up its columns for the ids of the whole
+    ``axis`` group, and an all-to-all hands each device its own rows with all columns back. Moves (B, S, D)
+    activations instead of gathering the table."""
+
+    def lookup(table_shard, ids):
+        group_ids = jax.lax.all_gather(ids, axis, axis=0, tiled=True)
+        columns = jnp.take(table_shard, group_ids, axis=0)
+        return jax.lax.all_to_all(columns, axis, split_axis=0, concat_axis=columns.ndim - 1, tiled=True)
+
+    return lookup
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
@@ -172,9 +220,10 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
     return True
 
 
-__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "host_batch_to_global",
-           "logical_to_sharding", "logical_to_spec", "make_mesh", "maybe_initialize_distributed",
-           "param_shardings", "prefetch_to_device", "shard_params"]
+__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "gather_manual",
+           "host_batch_to_global", "logical_to_sharding", "logical_to_spec", "make_mesh", "manual_spec",
+           "maybe_initialize_distributed", "param_shardings", "prefetch_to_device", "shard_params",
+           "sharded_embedding_lookup", "train_state_shardings"]
 
 
 def prefetch_to_device(iterator, size: int = 2, sharding_fn=None):

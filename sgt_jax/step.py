@@ -91,53 +91,111 @@ def batch_shards(mesh: jax.sharding.Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
 
 
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _base_layout(base_state, mesh, axes):
+    """How the frozen base enters the manual region: (in_specs, specs to gather before the scan, per-layer
+    specs gathered inside the layer scan, whether the embedding table stays sharded). Parameters come in
+    sharded over the FSDP axis as the logical-axis rules place them; the decoder layers are gathered one at a
+    time inside the layer scan, the embedding table of a truncated model (no LM head reads it) is never
+    gathered (see :func:`parallel.sharded_embedding_lookup`), and the small rest (norms, an LM head) is
+    gathered once."""
+    from sgt_jax import parallel
+
+    is_spec = lambda s: isinstance(s, P)  # noqa: E731
+    shardings = parallel.param_shardings(base_state, mesh)
+    in_specs = jax.tree.map(lambda s: parallel.manual_spec(s.spec, axes), shardings)
+    paths = {path: _path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(in_specs, is_leaf=is_spec)[0]}
+    truncated = "lm_head" not in {names[0] for names in paths.values()}
+    lookup = truncated and "fsdp" in axes
+
+    def before_scan(path, spec):
+        names = paths[path]
+        skip = names[:2] == ("decoder", "layers") or (lookup and names[0] == "embed_tokens")
+        return P() if skip else spec
+
+    outer = jax.tree_util.tree_map_with_path(before_scan, in_specs, is_leaf=is_spec)
+    layers = jax.tree.map(lambda spec: P(*spec[1:]), in_specs["decoder"]["layers"], is_leaf=is_spec)
+    return in_specs, outer, layers, lookup
+
+
+def _gather_leaves(tree, specs, axes):
+    from sgt_jax import parallel
+
+    leaves, treedef = jax.tree.flatten(tree)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
+    return treedef.unflatten([parallel.gather_manual(x, s, axes) for x, s in zip(leaves, spec_leaves)])
+
+
+def _metric_zeros(grad_fn, params, base_state, batch, key, varying_axes):
+    first = jax.tree.map(lambda x: x[0], batch)
+    metric_shapes = jax.eval_shape(
+        lambda: grad_fn(params, base_state, first, example_keys(key, first["example_index"]))[0][1])
+    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    return jax.lax.pcast(metric_zeros, varying_axes, to="varying") if varying_axes else metric_zeros
+
+
 def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators, deterministic, mesh):
     """Sum of micro-batch gradients and metrics, reduced across devices once."""
+    from sgt_jax import parallel
+
     cloak_def, base_def = graphdefs
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    base_specs, outer_specs, layer_specs, lookup = _base_layout(base_state, mesh, axes) if axes else (P(),) * 3 + (0,)
 
-    def micro_loss(p, micro, keys):
-        cloak = nnx.merge(cloak_def, p)
-        base = nnx.merge(base_def, base_state_local)
-        return loss_fn(cloak, base, micro, keys, denominators, deterministic)
+    def merged_base(local_base):
+        base = nnx.merge(base_def, local_base)
+        if axes:
+            base.decoder.layer_gather = lambda layer: _gather_leaves(layer, layer_specs, axes)
+            if lookup:
+                base.embed_lookup = parallel.sharded_embedding_lookup("fsdp")
+        return base
+
+    def micro_loss(p, local_base, micro, keys):
+        return loss_fn(nnx.merge(cloak_def, p), merged_base(local_base), micro, keys, denominators, deterministic)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    # The splash kernel's custom VJP does not carry the varying-manual-axes types, so with splash the region
+    # runs untyped: no automatic psum is inserted for the invariant parameters then (nothing to pcast), and the
+    # one psum after the scan is the reduction either way.
+    check_vma = nnx.merge(base_def, base_state).decoder.layers.attention.attention_impl != "splash"
+
     def local(params, base_state, batch):
-        nonlocal base_state_local
-        base_state_local = base_state
-        if axes:
+        if axes and check_vma:
             # Without this, the gradient of a device-invariant parameter is psum'd inside the loop.
             params = jax.lax.pcast(params, axes, to="varying")
+        if axes:
+            base_state = _gather_leaves(base_state, outer_specs, axes)
 
         def body(carry, micro):
             grads_acc, metrics_acc = carry
             keys = example_keys(key, micro["example_index"])
-            (_, metrics), grads = grad_fn(params, micro, keys)
+            (_, metrics), grads = grad_fn(params, base_state, micro, keys)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        first = jax.tree.map(lambda x: x[0], batch)
-        metric_shapes = jax.eval_shape(lambda: grad_fn(params, first, example_keys(key, first["example_index"]))[0][1])
-        metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        if axes:
-            metric_zeros = jax.lax.pcast(metric_zeros, axes, to="varying")
+        metric_zeros = _metric_zeros(grad_fn, params, base_state, batch, key, axes if check_vma else ())
         (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), batch)
         if axes:
             grads, metrics = jax.lax.psum((grads, metrics), axes)
         return grads, metrics
 
-    base_state_local = None
     if not axes:
         return local(params, base_state, batch)
+    # The base enters sharded over the batch axes as its logical-axis rules place it (FSDP), never gathered
+    # whole; the cloak (small next to the base) enters whole, so its gradient is reduced once, after the scan.
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(), P(None, axes)),
+        in_specs=(P(), base_specs, P(None, axes)),
         out_specs=(P(), P()),
         axis_names=set(axes),
+        check_vma=check_vma,
     )(params, base_state, batch)
 
 

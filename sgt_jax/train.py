@@ -25,7 +25,7 @@ log = logging.getLogger("sgt_jax.train")
 DEFAULT_CONFIG = Path(__file__).parent / "assets" / "tiny.yaml"
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sgt_jax.train",
         description="Train a Stained Glass Transform for a frozen decoder LLM. With no arguments: the embedded "
@@ -34,8 +34,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
     parser.add_argument("--config", help="YAML file (e.g. configs/llama2_7b.yaml) over the schema defaults; "
                         f"default: the embedded tiny run ({DEFAULT_CONFIG.name}, also configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.learning_rate=1e-4")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the train and eval steps ahead of time (no weights read, nothing allocated), "
+                        "report per-device memory, collectives and XLA's step-time estimate; exit 3 if it does not fit")
+    parser.add_argument("--topology", help="with --compile-only: a TPU slice to compile for on this machine, e.g. "
+                        "v5e:4x4, v4:2x2x2, v5p:2x2x2 (needs the tpu extra); default: the local devices")
+    parser.add_argument("--compile-report", help="with --compile-only: also write the JSON report to this path")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
+    return _parse(argv)[0]
+
+
+def _parse(argv: Optional[Sequence[str]] = None) -> tuple[SGTConfig, argparse.Namespace]:
+    parser = _parser()
     args = parser.parse_args(argv)
-    return config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    if (args.topology or args.compile_report) and not args.compile_only:
+        parser.error("--topology and --compile-report need --compile-only")
+    return config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides), args
 
 
 def train(
@@ -106,7 +123,22 @@ def train(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from sgt_jax.errors import run_cli
 
-    return run_cli(lambda: train(parse_args(argv)))
+    outcome = {"code": 0}
+
+    def body():
+        cfg, args = _parse(argv)
+        if not args.compile_only:
+            train(cfg)
+            return
+        from sgt_jax import compile as compile_lib
+
+        try:
+            compile_lib.compile_only(cfg, topology=args.topology, report_path=args.compile_report)
+        except compile_lib.CompileFitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            outcome["code"] = compile_lib.FIT_EXIT_CODE
+
+    return run_cli(body) or outcome["code"]
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ class Trainer:
         )
         replicated = NamedSharding(self.mesh, P())
         abstract = jax.eval_shape(self._fresh_state)
-        self.state_sharding = jax.tree.map(lambda _: replicated, abstract)
+        self.state_sharding = parallel.train_state_shardings(abstract, self.mesh)
         self._train_step = step_lib.jit_train_step(
             train_step, mesh=self.mesh, state_sharding=self.state_sharding, base_sharding=self.base_sharding
         )
@@ -201,9 +201,9 @@ class Trainer:
         for i, host_batch in enumerate(iter(self.val_data)):
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
                 break
-            global_batch = self.global_batch(host_batch, 1)
-            batch = {k: v[0] for k, v in global_batch.items()}
-            out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
+            batch = {k: v[0] for k, v in self.global_batch(host_batch, 1).items()}
+            with jax.set_mesh(self.mesh):  # activations batch-sharded (FSDP); splash finds its mesh
+                out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
             real = np.asarray(out["real_rows"])
             if not real.any():
                 continue
@@ -285,9 +285,14 @@ class Trainer:
         x = jnp.take(table, ids, axis=0).astype(jnp.float32)
         return cloak(x, mask, noise_mask, key=key, deterministic=True).x_t.astype(table.dtype)
 
+    def _replicated(self, tree):
+        """The cloak's parameters are sharded over fsdp; on several hosts a shard may live on another host, so
+        read them back through one replicated copy (a collective every host joins)."""
+        return jax.jit(lambda t: t, out_shardings=NamedSharding(self.mesh, P()))(tree)
+
     def weight_histograms(self, state) -> dict[str, np.ndarray]:
-        head = lambda name: np.asarray(jax.device_get(state.params[name]["kernel"][...]))  # noqa: E731
-        return {"weights/mean_head": head("mean_head"), "weights/std_head": head("std_head")}
+        heads = self._replicated({name: state.params[name]["kernel"][...] for name in ("mean_head", "std_head")})
+        return {f"weights/{name}": np.asarray(jax.device_get(value)) for name, value in heads.items()}
 
     def _reconstruction_rows(self, host_batch, nearest: np.ndarray, limit: int = 4) -> list[dict[str, str]]:
         rows = []
@@ -310,9 +315,10 @@ class Trainer:
         from sgt_jax import artifact
 
         out = Path(self.cfg.train.artifact_dir or Path(self.cfg.tracking.run_dir) / "sgt")
+        params = self._replicated(state.params)
         if jax.process_index() == 0:
             artifact.save_artifact(
-                out, params=jax.device_get(state.params), cloak_config=self.cfg.cloak,
+                out, params=jax.device_get(params), cloak_config=self.cfg.cloak,
                 model_dir=self.model_dir, fingerprint=self.saved_config["base_model_fingerprint"],
                 tokenizer=self.tokenizer, training_config=self.saved_config, data_config=self.cfg.data,
             )

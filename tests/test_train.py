@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -180,14 +181,16 @@ def sharded(model_dir, tmp_path_factory):
 
 
 def test_one_gradient_reduction_per_step(sharded):
-    """In the compiled step (data=4, fsdp=2, accum 4) no collective sits in any while-loop body (the
-    accumulation scan and the layer scans inside it), and the all-reduces outside reduce each gradient
-    element once. Fails if the pcast/shard_map is removed (a psum per micro-batch inside the scan body) or if
+    """In the compiled step (data=4, fsdp=2, accum 4) no reduction sits in any while-loop body (the
+    accumulation scan and the layer scans inside it) — there only the fsdp-sharded base is gathered, one layer
+    at a time, and its embedding lookup exchanged — and the all-reduces outside reduce each gradient element
+    once. Fails if the pcast/shard_map is removed (a psum per micro-batch inside the scan body) or if
     gradients are reduced twice."""
     assert sharded["devices"] == 8
     hlo = sharded["hlo"]
     assert hlo["num_while"] >= 1, "no while loop: the accumulation scan is gone"
-    assert hlo["collectives_inside_while"] == [], hlo["collectives_inside_while"][:5]
+    in_loops = hlo["collectives_inside_while"]
+    assert [c for c in in_loops if not re.search(r" (all-gather|all-to-all)(-start)?\(", c)] == [], in_loops[:5]
     reduced = sum(hlo["all_reduce_elements_outside"])
     # Gradients + metrics (+ a few scalar mask counts for the global denominators).
     assert sharded["num_params"] <= reduced <= sharded["num_params"] + sharded["num_metric_elements"] + 16, (

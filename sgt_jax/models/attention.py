@@ -7,10 +7,13 @@ query at index i sees key j when ``j <= i`` and ``i - j < sliding_window``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 # A finite large negative logit: fully masked rows (left-pad queries) give a uniform, NaN-free softmax.
@@ -21,13 +24,26 @@ class AttentionConfigError(ValueError):
     """The requested attention kernel cannot run here; the message names model.attention_impl and the fix."""
 
 
+_TARGET_BACKEND: list[str] = []
+
+
+@contextlib.contextmanager
+def target_backend(platform: str):
+    """Build models for another backend than the local one (ahead-of-time compilation for a TPU topology)."""
+    _TARGET_BACKEND.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.pop()
+
+
 def check_attention_impl(attention_impl: str) -> None:
     """Refuse, in one line, a kernel the current backend lacks (called at construction, outside jit)."""
     if attention_impl not in ATTENTION_IMPLS:
         raise AttentionConfigError(
             f"model.attention_impl={attention_impl!r} is unknown; use one of {', '.join(ATTENTION_IMPLS)}."
         )
-    backend = jax.default_backend()
+    backend = _TARGET_BACKEND[-1] if _TARGET_BACKEND else jax.default_backend()
     needed = {"cudnn": "gpu", "splash": "tpu"}.get(attention_impl)
     if needed is not None and backend != needed:
         raise AttentionConfigError(
@@ -96,7 +112,7 @@ def _cudnn_attention(query, key, value, mask, scale):
 
 
 @functools.lru_cache(maxsize=16)
-def _splash_kernel(seq_len: int, num_heads: int, causal: bool, sliding_window: int | None):
+def _splash_kernel(seq_len: int, num_heads: int, causal: bool, sliding_window: int | None, interpret: bool = False):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -108,10 +124,32 @@ def _splash_kernel(seq_len: int, num_heads: int, causal: bool, sliding_window: i
         head_mask = masks.CausalMask(shape)
     else:
         head_mask = masks.FullMask(shape)
-    return kernel.make_splash_mha_single_device(mask=masks.MultiHeadMask([head_mask] * num_heads))
+    # Cached across traces: its mask arrays must be concrete, not tracers of the trace that built it first.
+    with jax.ensure_compile_time_eval():
+        return kernel.make_splash_mha_single_device(mask=masks.MultiHeadMask([head_mask] * num_heads),
+                                                    interpret=interpret)
 
 
-def _splash_attention(query, key, value, padding_mask, scale, causal, sliding_window):
+def _splash_layout(num_heads: int, batch: int):
+    """The mesh axes the splash shard_map is manual over (every axis not manual already: a Mosaic kernel cannot
+    be partitioned automatically), and which of them split the batch (data, fsdp) and the heads (tensor) —
+    an axis that does not divide its dimension leaves it replicated. None without a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    free = [name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind != jax.sharding.AxisType.Manual]
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in free and mesh.shape[a] > 1)
+    while batch_axes and batch % int(np.prod([mesh.shape[a] for a in batch_axes])):
+        batch_axes = batch_axes[:-1]
+    head_axis = "tensor" if "tensor" in free and mesh.shape["tensor"] > 1 and num_heads % mesh.shape["tensor"] == 0 \
+        else None
+    return set(free), (batch_axes or None), head_axis
+
+
+def _splash_attention(query, key, value, padding_mask, scale, causal, sliding_window, interpret=False):
+    """Splash attention (TPU Pallas) in its own ``shard_map`` over the mesh in context (batch over data and
+    fsdp, heads over tensor); left padding as segment ids (pad and real tokens never attend each other), GQA by
+    repeating the kv heads, the sliding window and bidirectional masks as splash masks."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     batch, seq_len, num_heads, _ = query.shape
@@ -122,27 +160,33 @@ def _splash_attention(query, key, value, padding_mask, scale, causal, sliding_wi
         )
     repeat = num_heads // key.shape[2]
     key, value = jnp.repeat(key, repeat, axis=2), jnp.repeat(value, repeat, axis=2)
-    kernel = _splash_kernel(seq_len, num_heads, causal, sliding_window)
-    # Padding as segment ids: pad tokens (0) never attend real tokens (1), nor the reverse.
+    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (B, H, S, D)  # noqa: E731
+    q, k, v = to_heads_first(query * scale), to_heads_first(key), to_heads_first(value)
     segments = padding_mask.astype(jnp.int32)
-    to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # (B, H, S, D)
 
-    def one_example(q, k, v, seg):
-        return kernel(q, k, v, segment_ids=SegmentIds(q=seg, kv=seg))
+    def local(q, k, v, seg):
+        kernel = _splash_kernel(seq_len, q.shape[1], causal, sliding_window, interpret)
+        return jax.vmap(lambda *a: kernel(*a[:3], segment_ids=SegmentIds(q=a[3], kv=a[3])))(q, k, v, seg)
 
-    out = jax.vmap(one_example)(to_heads_first(query * scale), to_heads_first(key), to_heads_first(value), segments)
+    layout = _splash_layout(num_heads, batch)
+    if layout is None or not layout[0]:
+        return to_heads_first(local(q, k, v, segments))
+    axes, batch_axes, head_axis = layout
+    spec = P(batch_axes, head_axis, None, None)
+    out = jax.shard_map(local, in_specs=(spec, spec, spec, P(batch_axes, None)), out_specs=spec, axis_names=axes,
+                        check_vma=False)(q, k, v, segments)
     return to_heads_first(out)
 
 
 def dot_product_attention(query, key, value, padding_mask, *, attention_impl="xla", causal=True,
-                          sliding_window=None, scale=None):
+                          sliding_window=None, scale=None, interpret=False):
     """Attention over (B, S, H, D) queries and (B, S, K, D) keys/values (GQA: H a multiple of K).
 
     padding_mask: (B, S), 1 for real tokens. Returns (B, S, H, D) in the value dtype.
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if attention_impl == "splash":
-        return _splash_attention(query, key, value, padding_mask, scale, causal, sliding_window)
+        return _splash_attention(query, key, value, padding_mask, scale, causal, sliding_window, interpret)
     mask = attention_mask_4d(padding_mask, causal=causal, sliding_window=sliding_window)
     if attention_impl == "cudnn":
         return _cudnn_attention(query, key, value, mask, scale)

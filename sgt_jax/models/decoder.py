@@ -293,6 +293,21 @@ class DecoderLayer(nnx.Module):
         return hidden + mlp_out, jnp.asarray(aux_loss, jnp.float32)
 
 
+def _batch_sharded_activations():
+    """Under an automatic (GSPMD) mesh context, keep the residual stream sharded over the batch axes: with
+    parameters sharded over fsdp on their embed dimension the partitioner then gathers each layer's weights
+    (FSDP) instead of all-reducing (B, S, D) activations over the contraction. Identity elsewhere (no mesh
+    context, or inside a shard_map that is already manual over those axes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return lambda x: x
+    auto = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind != jax.sharding.AxisType.Manual}
+    axes = tuple(a for a in ("data", "fsdp") if a in auto and mesh.shape[a] > 1)
+    if not axes:
+        return lambda x: x
+    return lambda x: jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 def _remat(fn, remat_policy: str):
     if remat_policy == "none":
         return fn
@@ -323,11 +338,14 @@ class DecoderStack(nnx.Module):
     SGT's estimators (fp32). Layer parameters are stacked on a leading ``layers`` axis."""
 
     def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla",
-                 remat_policy="none", final_norm=True, rngs: nnx.Rngs):
+                 remat_policy="none", final_norm=True, matmul_precision: str | None = None, rngs: nnx.Rngs):
         check_attention_impl(attention_impl)
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={remat_policy!r} is unknown; use one of {', '.join(REMAT_POLICIES)}.")
         self.config, self.remat_policy = config, remat_policy
+        # None: the backend's default. Set for the float32 cloak: every dot of the stack, and (the precision is
+        # fixed on each dot when traced) every dot of its backward, runs at this precision.
+        self.matmul_precision = matmul_precision
         self.dtype, param_dtype = _as_dtype(dtype), _as_dtype(param_dtype)
 
         @nnx.split_rngs(splits=config.num_hidden_layers)
@@ -352,6 +370,12 @@ class DecoderStack(nnx.Module):
         ``cache_index..cache_index + T - 1`` (``cache_index`` may be traced), ``attention_mask`` is (B, M) over
         the whole cache (1 for real, filled slots, the new tokens included), position ids default to the real
         tokens counted by that mask, and (hidden_out, aux loss, updated cache) is returned."""
+        if self.matmul_precision is not None:
+            with jax.default_matmul_precision(self.matmul_precision):
+                return self._call(hidden, attention_mask, position_ids, causal, last_layer, cache, cache_index)
+        return self._call(hidden, attention_mask, position_ids, causal, last_layer, cache, cache_index)
+
+    def _call(self, hidden, attention_mask, position_ids, causal, last_layer, cache, cache_index):
         if cache is not None:
             return self._call_cached(hidden, attention_mask, position_ids, causal, last_layer, cache, cache_index)
         if position_ids is None:
@@ -361,8 +385,16 @@ class DecoderStack(nnx.Module):
         if last_layer is not None:
             layer_state = jax.tree.map(lambda x: x[: last_layer + 1], layer_state)
 
+        # Inside a shard_map that is manual over the FSDP axis the stacked parameters arrive as shards; the
+        # train step sets ``layer_gather`` so that each layer is gathered as the scan reaches it (and again in
+        # the backward under remat), never the whole stack at once.
+        gather = getattr(self, "layer_gather", None)
+        constrain = _batch_sharded_activations()
+
         def one_layer(carry, state):
             layer_hidden, aux_total = carry
+            state = state if gather is None else gather(state)
+            layer_hidden = constrain(layer_hidden)
             layer_hidden, aux = nnx.merge(graphdef, state)(layer_hidden, attention_mask, cos, sin, causal)
             return (layer_hidden, aux_total + aux), None
 
@@ -445,6 +477,10 @@ class CausalLM(nnx.Module):
         return init_kv_cache(self.decoder.config, batch, max_len, self.dtype if dtype is None else dtype)
 
     def embed(self, input_ids) -> jax.Array:
+        # ``embed_lookup``: set by the train step when the table arrives sharded (see sgt_jax.parallel).
+        lookup = getattr(self, "embed_lookup", None)
+        if lookup is not None:
+            return lookup(self.embed_tokens[...], input_ids).astype(self.dtype)
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,

@@ -1,0 +1,328 @@
+"""Ahead-of-time compilation of the real train and eval steps for a TPU slice, on any machine (``--compile-only``).
+
+JAX can compile for a TPU topology without TPUs (with ``libtpu`` installed: the ``tpu`` extra): the mesh is
+built over the topology's devices, every input is a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``,
+and ``.lower(...).compile()`` runs the TPU compiler, Mosaic kernels (splash attention) included. Nothing is
+allocated and no weight is read: the models are built from ``config.json`` with ``nnx.eval_shape``. The
+compiled executables' memory analysis says whether a configuration fits the chips before a slice is
+rented (the check MaxText's ``train_compile.py`` makes); the cost analysis gives XLA's step-time estimate.
+
+Without ``--topology`` the steps are compiled for the local backend (CPU), which works anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sgt_jax import hlo as hlo_lib
+from sgt_jax.config import ConfigError, SGTConfig
+
+log = logging.getLogger("sgt_jax.compile")
+
+GiB = 1 << 30
+# Per-chip HBM and peak dense bf16 FLOP/s (public TPU specifications), by the device_kind JAX reports.
+CHIPS = {
+    "TPU v4": (32 * GiB, 275e12),
+    "TPU v5 lite": (16 * GiB, 197e12),
+    "TPU v5": (95 * GiB, 459e12),  # v5p
+    "TPU v5p": (95 * GiB, 459e12),
+    "TPU v6 lite": (32 * GiB, 918e12),
+}
+# Head-room kept free of the compiler's estimate (fragmentation, the runtime's own buffers, host transfers).
+HBM_MARGIN = 0.10
+FIT_EXIT_CODE = 3
+
+
+class CompileFitError(Exception):
+    """The configuration does not fit the chips' memory; the one-line message gives the bytes."""
+
+
+def topology_devices(name: Optional[str]) -> list:
+    """The devices of a TPU topology such as ``v5e:4x4`` (no TPU needed), or the local devices for None."""
+    if name is None:
+        return list(jax.devices())
+    # libtpu otherwise warns about (and, with other processes using it, refuses) a machine that has no TPU.
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as exc:  # noqa: BLE001 - libtpu missing or an unknown name: one line either way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--topology {name!r} cannot be compiled for ({first[:160]}); install the TPU compiler "
+                          "with `pip install sgt_jax[tpu]` and use a name like v5e:4x4, v4:2x2x2 or v5p:2x2x2.")
+
+
+def chip_spec(device) -> tuple[int, Optional[float]]:
+    """(HBM bytes, peak bf16 FLOP/s or None) of one device; the host's memory for a CPU device."""
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
+    if device.device_kind not in CHIPS:
+        raise ConfigError(f"unknown chip {device.device_kind!r}: its HBM is not in sgt_jax.compile.CHIPS; "
+                          "compile for v4, v5e, v5p or v6e.")
+    return CHIPS[device.device_kind]
+
+
+def _with_sharding(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_models(cfg: SGTConfig, mesh):
+    """Abstract base (truncated as in training), full model for validation (or None) and cloak, from
+    ``config.json`` alone: (base graphdef, base state, full graphdef, full state, cloak graphdef, cloak params)."""
+    from sgt_jax import parallel
+    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.models import CausalLM, DecoderConfig
+    from sgt_jax.models.hf import resolve_model_path
+    from sgt_jax.trainer import default_truncation_layer
+
+    model_dir = resolve_model_path(cfg.model.path)
+    config = DecoderConfig.from_hf(model_dir)
+    k = None
+    if cfg.objective.mode == "ssl":
+        k = default_truncation_layer(config.num_hidden_layers) if cfg.model.truncate_at_layer is None \
+            else cfg.model.truncate_at_layer
+
+    def model(truncate):
+        kw = dict(dtype=cfg.model.dtype, attention_impl=cfg.model.attention_impl, remat_policy=cfg.model.remat_policy)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, truncate_at_layer=truncate,
+                                                                    rngs=nnx.Rngs(0), **kw)))
+        return graphdef, _with_sharding(state, parallel.param_shardings(state, mesh))
+
+    base_def, base_state = model(k)
+    full_def, full_state = (None, None)
+    if cfg.validation.perplexity:
+        full_def, full_state = (base_def, base_state) if k is None else model(None)
+    cloak_def, cloak_params = nnx.split(nnx.eval_shape(
+        lambda: TransformerCloak.from_config(cfg.cloak, str(model_dir), rngs=nnx.Rngs(0))))
+    return config, k, (base_def, base_state), (full_def, full_state), (cloak_def, cloak_params)
+
+
+def abstract_batch(cfg: SGTConfig, mesh, accum_steps: int, seq_len: int):
+    from sgt_jax import step as step_lib
+    from sgt_jax.data.batching import BATCH_KEYS
+
+    rows = cfg.data.batch_size
+    if rows % (max(accum_steps, 1) * step_lib.batch_shards(mesh)):
+        raise ConfigError(f"data.batch_size={rows} does not split into optimizer.grad_accum_steps={accum_steps} "
+                          f"micro-batches over {step_lib.batch_shards(mesh)} data x fsdp devices; make it a multiple "
+                          f"of {accum_steps * step_lib.batch_shards(mesh)}.")
+    shape = (accum_steps, rows // accum_steps) if accum_steps else (rows,)
+    sharding = step_lib.batch_sharding(mesh, accumulated=bool(accum_steps))
+    batch = {key: jax.ShapeDtypeStruct(shape + (seq_len,), jnp.int32, sharding=sharding) for key in BATCH_KEYS}
+    batch["example_index"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+    return batch
+
+
+def _compile(jitted, *args):
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except Exception as exc:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit its HBM
+        message = str(exc)
+        if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+            raise
+        used = re.search(r"Used ([\d.]+[KMGT]?i?B?) of ([\d.]+[KMGT]?i?B?) hbm", message)
+        detail = f"{used.group(1)} needed, {used.group(2)} of HBM available" if used else message.splitlines()[0][:200]
+        raise CompileFitError(f"does not fit: the TPU compiler ran out of memory ({detail}); lower data.batch_size, "
+                              "raise optimizer.grad_accum_steps or mesh.fsdp, or set model.remat_policy=full.")
+    return compiled, time.perf_counter() - start
+
+
+def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[str, Any]:
+    """Lower and compile the train step and the eval step exactly as :class:`sgt_jax.trainer.Trainer` builds
+    them, over abstract inputs; returns the executables and the pieces the report needs."""
+    from sgt_jax import objective, optim, parallel, step as step_lib
+    from sgt_jax.models.attention import target_backend
+
+    mesh = parallel.make_mesh(cfg.mesh, devices=devices)
+    with target_backend(devices[0].platform):
+        config, k, (base_def, base_state), (full_def, full_state), (cloak_def, cloak_params) = \
+            abstract_models(cfg, mesh)
+    steps = int(cfg.train.max_steps or 1000)  # the schedule is baked into the step; its length changes nothing
+    optimizer = optim.make_optimizer(cfg.optimizer, steps)
+    run_key = jax.random.key_data(jax.random.key(0))
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, optimizer, run_key), cloak_params)
+    state_sharding = parallel.train_state_shardings(abstract_state, mesh)
+    state = _with_sharding(abstract_state, state_sharding)
+    base_sharding = jax.tree.map(lambda x: x.sharding, base_state)
+    train_step = step_lib.make_train_step(
+        loss_fn=objective.make_loss_fn(cfg.objective), cloak_graphdef=cloak_def, base_graphdef=base_def,
+        optimizer=optimizer, mesh=mesh, hidden_size=config.hidden_size,
+        learning_rate_fn=optim.make_schedule(cfg.optimizer, steps))
+    jitted = step_lib.jit_train_step(train_step, mesh=mesh, state_sharding=state_sharding, base_sharding=base_sharding)
+    seq_len = min(max(cfg.data.buckets), cfg.data.max_length) if cfg.data.buckets else cfg.data.max_length
+    accum = cfg.optimizer.grad_accum_steps
+    train_batch = abstract_batch(cfg, mesh, accum, seq_len)
+    train, train_s = _compile(jitted, state, base_state, train_batch)
+    result = dict(mesh=mesh, config=config, truncate_at_layer=k, train=train, train_seconds=train_s, eval=None,
+                  eval_seconds=0.0, seq_len=seq_len, state=state, base_state=base_state,
+                  full_state=full_state if k is not None else None)
+    if with_eval:
+        result["eval"], result["eval_seconds"] = _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def)
+    return result
+
+
+def _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def):
+    from sgt_jax.trainer import Trainer
+
+
+    # The Trainer's own eval function, bound to the abstract pieces it reads.
+    holder = SimpleNamespace(cloak_graphdef=cloak_def, base_graphdef=base_def, _full_graphdef=full_def, cfg=cfg,
+                             hidden_size=result["config"].hidden_size)
+    full_state = result["full_state"] if result["full_state"] is not None else (
+        result["base_state"] if full_def is not None else None)
+    eval_fn = lambda *a: Trainer._eval_batch_fn(holder, *a)  # noqa: E731
+    eval_jit = jax.jit(eval_fn, out_shardings=NamedSharding(mesh, P()))
+    eval_batch = abstract_batch(cfg, mesh, 0, result["seq_len"])
+    key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype)
+    with jax.set_mesh(mesh):  # as the Trainer validates: activations stay batch-sharded (FSDP, not TP)
+        return _compile(eval_jit, result["state"].params, result["base_state"], full_state, eval_batch, key)
+
+
+def _tree_bytes(tree, mesh) -> int:
+    """Per-device bytes of an abstract, sharded tree (the largest shard of each leaf)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += int(np.prod(shard, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+           "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
+           "code": int(m.generated_code_size_in_bytes)}
+    # Donated (aliased) outputs reuse their argument's buffer.
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+    return out
+
+
+def _decoder_params(config, layers: int) -> int:
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    attention = d * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+    mlp = 3 * d * f * max(1, config.num_experts_per_tok if config.num_experts else 1)
+    return layers * (attention + mlp)
+
+
+def model_flops(cfg: SGTConfig, config, truncate_at_layer, seq_len: int) -> float:
+    """Matmul FLOPs of one optimizer step (the 6·N·T convention plus attention scores): the cloak's two
+    estimators and heads train (forward + backward = 3 passes); the frozen base runs forward on the clean and
+    on the transformed input and backward to its input only (no weight gradients): 3 passes."""
+    tokens = cfg.data.batch_size * seq_len
+    base_layers = config.num_hidden_layers if truncate_at_layer is None else truncate_at_layer + 1
+    cloak_layers = int((cfg.cloak.estimator_kwargs or {}).get("num_hidden_layers", 1))
+    d, heads, hd = config.hidden_size, config.num_attention_heads, config.head_dim
+    attention_per_layer = 4 * seq_len * heads * hd  # QK^T and AV, per token, forward
+    base = 3 * tokens * (2 * _decoder_params(config, base_layers) + base_layers * attention_per_layer)
+    cloak = 3 * tokens * 2 * (2 * _decoder_params(config, cloak_layers) + 2 * d * d + cloak_layers * attention_per_layer)
+    if cfg.objective.mode != "ssl":
+        base += 3 * tokens * 2 * d * config.vocab_size
+    return float(base + cloak)
+
+
+def step_report(compiled, seconds: float) -> dict[str, Any]:
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    text = compiled.as_text()
+    comms = hlo_lib.collectives(text)
+    estimate = cost.get("optimal_seconds")
+    return {"compile_seconds": round(seconds, 1), "memory": memory(compiled),
+            "xla_flops_per_device": float(cost.get("flops", 0.0)),
+            # XLA's roofline estimate; it reports a negative value when it cannot estimate (e.g. some loops).
+            "estimated_seconds": float(estimate) if estimate is not None and estimate > 0 else None,
+            "collectives": comms, "collectives_in_loops": sum(c["in_loop"] for c in comms)}
+
+
+def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> dict[str, Any]:
+    mesh = result["mesh"]
+    hbm, peak = chip_spec(devices[0])
+    train = step_report(result["train"], result["train_seconds"])
+    evaluate = step_report(result["eval"], result["eval_seconds"]) if result["eval"] is not None else None
+    # While training, the full model that validation uses stays loaded next to the train step's buffers.
+    full_bytes = _tree_bytes(result["full_state"], mesh) if result["full_state"] is not None else 0
+    opt_bytes = _tree_bytes(result["state"].opt_state, mesh)
+    needed = max(train["memory"]["total"] + full_bytes,
+                 evaluate["memory"]["total"] + opt_bytes if evaluate else 0)
+    flops = model_flops(cfg, result["config"], result["truncate_at_layer"], result["seq_len"])
+    est = train["estimated_seconds"]
+    mfu = flops / (est * len(devices) * peak) if est and peak else None
+    return {
+        "topology": topology or f"local {devices[0].platform}", "chip": devices[0].device_kind,
+        "devices": len(devices), "mesh": dict(mesh.shape), "seq_len": result["seq_len"],
+        "batch_size": cfg.data.batch_size, "grad_accum_steps": cfg.optimizer.grad_accum_steps,
+        "hbm_bytes_per_device": hbm, "margin": HBM_MARGIN, "needed_bytes_per_device": needed,
+        "fits": needed <= (1 - HBM_MARGIN) * hbm,
+        "base_argument_bytes_per_device": _tree_bytes(result["base_state"], mesh),
+        "state_argument_bytes_per_device": _tree_bytes(result["state"], mesh),
+        "full_model_bytes_per_device": full_bytes,
+        "model_flops_per_step": flops, "estimated_step_seconds": est,
+        "estimated_mfu": mfu, "train_step": train, "eval_step": evaluate,
+    }
+
+
+def _gib(n) -> str:
+    return f"{n / GiB:8.2f} GiB"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [f"compiled for {report['topology']} ({report['devices']} x {report['chip']}), mesh {report['mesh']}, "
+            f"batch {report['batch_size']} x seq {report['seq_len']}, accum {report['grad_accum_steps']}",
+            f"{'per device':<14}{'arguments':>13}{'outputs':>13}{'temporaries':>13}{'total':>13}{'compile s':>11}"]
+    for name in ("train_step", "eval_step"):
+        if report[name] is None:
+            continue
+        m, s = report[name]["memory"], report[name]
+        rows.append(f"{name:<14}{_gib(m['arguments']):>13}{_gib(m['outputs']):>13}{_gib(m['temporaries']):>13}"
+                    f"{_gib(m['total']):>13}{s['compile_seconds']:>11}")
+    verdict = "fits" if report["fits"] else "does NOT fit"
+    rows.append(f"needed {_gib(report['needed_bytes_per_device']).strip()} of {_gib(report['hbm_bytes_per_device']).strip()}"
+                f" per device (keeping {report['margin']:.0%} free): {verdict}")
+    est, mfu = report["estimated_step_seconds"], report["estimated_mfu"]
+    rows.append(f"model FLOPs/step {report['model_flops_per_step']:.3e}; XLA estimate (not a measurement): step "
+                + (f"{est:.3f} s, MFU {mfu:.1%}" if est and mfu else f"{est} s" if est else "n/a"))
+    rows.append("collectives (train step): op, operand bytes, result bytes, in loop body")
+    for c in report["train_step"]["collectives"]:
+        rows.append(f"  {c['op']:<18}{c['operand_bytes']:>14,}{c['result_bytes']:>14,}  {'loop' if c['in_loop'] else '-'}"
+                    f"  {c['source'][-70:]}")
+    return "\n".join(rows)
+
+
+def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path: Optional[str] = None) -> int:
+    """The ``--compile-only`` entry point: compile, print the table and the JSON report, and return 0 when the
+    configuration fits (raises :class:`CompileFitError` otherwise)."""
+    devices = topology_devices(topology)
+    result = compile_steps(cfg, devices)
+    report = build_report(cfg, topology, devices, result)
+    text = json.dumps(report, indent=1, default=str)
+    if report_path:
+        Path(report_path).write_text(text)
+    print(format_table(report), flush=True)
+    print(text, flush=True)
+    if not report["fits"]:
+        raise CompileFitError(
+            f"does not fit: {report['needed_bytes_per_device']:,} bytes per device needed, "
+            f"{int((1 - HBM_MARGIN) * report['hbm_bytes_per_device']):,} available on {report['chip']} "
+            f"({report['hbm_bytes_per_device']:,} HBM less {HBM_MARGIN:.0%}); lower data.batch_size, raise "
+            "optimizer.grad_accum_steps or mesh.fsdp, or set model.remat_policy=full.")
+    return 0
+
+
+__all__ = ["CHIPS", "CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "compile_only",
+           "compile_steps", "format_table", "model_flops", "topology_devices"]

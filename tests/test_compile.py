@@ -1,0 +1,148 @@
+"""Ahead-of-time compilation (``python -m sgt_jax.train --compile-only``) for a TPU slice on this CPU machine,
+and what the compiled TPU program shows: the frozen base sharded over fsdp inside the step (per-layer
+all-gathers, no gradient collective in a loop), the cloak's matmuls at HIGHEST precision, and the fit check.
+
+The model is a small Llama config.json written here (no weights); expected sizes are counted by hand from it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason="the tpu/test extra installs libtpu")
+
+# A small Llama: hidden 256, 8 query / 4 kv heads of 32, MLP 512, vocab 1024; ssl truncation keeps layers 0..2.
+SMALL = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
+             num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4, vocab_size=1024, rms_norm_eps=1e-5,
+             rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False)
+# By hand: q 256x256, k and v 256x128, o 256x256, MLP 3 x 256x512, two norms of 256.
+LAYER_PARAMS = 256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 512 + 2 * 256
+BASE_BYTES = 2 * (1024 * 256 + 3 * LAYER_PARAMS)  # bf16 embedding + 3 kept layers
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("small-llama")
+    (path / "config.json").write_text(json.dumps(SMALL))
+    return path
+
+
+def _overrides(model_dir, *extra):
+    return [f"model.path={model_dir}", "model.dtype=bfloat16", "model.truncate_at_layer=2", "data.max_length=128",
+            "data.buckets=[128]", "data.batch_size=16", "optimizer.grad_accum_steps=2", "model.remat_policy=full",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def fsdp4(small_dir):
+    """The train step compiled once for v5e:2x2 with data=1, fsdp=4."""
+    from sgt_jax import compile as compile_lib
+    from sgt_jax.config import load_config
+    from sgt_jax.train import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG, _overrides(small_dir, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"))
+    devices = compile_lib.topology_devices("v5e:2x2")
+    return compile_lib.compile_steps(cfg, devices, with_eval=False)
+
+
+def test_base_enters_the_step_sharded_over_fsdp(fsdp4):
+    """Per-device bytes of the base as the compiled step takes it (its own input shardings) are <= 0.3x the
+    whole base (what every chip held when the step gathered it): fails if the base is replicated again."""
+    import jax
+
+    base_shardings = fsdp4["train"].input_shardings[0][1]
+    shapes = jax.tree.leaves(fsdp4["base_state"])
+    per_device = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+                     for x, s in zip(shapes, jax.tree.leaves(base_shardings)))
+    assert sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in shapes) == BASE_BYTES
+    assert per_device <= 0.3 * BASE_BYTES, (per_device, BASE_BYTES)
+
+
+def test_fsdp_collectives_per_layer_and_no_gradient_collective_in_loops(fsdp4):
+    """In the optimized TPU HLO: the base's layers are all-gathered inside the layer scan, no all-gather returns
+    more than one layer's parameters (no whole-model gather), and no all-reduce / reduce-scatter sits in a loop
+    body (the gradient is reduced once per step, after the accumulation scan)."""
+    from sgt_jax import hlo
+
+    comms = hlo.collectives(fsdp4["train"].as_text())
+    gathers = [c for c in comms if c["op"] == "all-gather"]
+    assert any(c["in_loop"] for c in gathers), "no all-gather inside a loop: the layers are not gathered per layer"
+    assert max(c["result_bytes"] for c in gathers) <= 2 * LAYER_PARAMS, max(c["result_bytes"] for c in gathers)
+    reductions_in_loops = [c for c in comms if c["op"] in ("all-reduce", "reduce-scatter") and c["in_loop"]]
+    assert reductions_in_loops == [], reductions_in_loops[:3]
+
+
+def test_cloak_dots_run_at_highest_precision_and_base_dots_do_not(fsdp4):
+    """Every float32 dot (the cloak: estimators, heads, their backward) carries HIGHEST; every bfloat16 dot (the
+    frozen base) keeps the default. Fails if cloak.matmul_precision stops reaching a dot, or leaks into the base."""
+    from sgt_jax import hlo
+
+    dots = hlo.dot_precisions(fsdp4["train"].as_text())
+    cloak = [d for d in dots if d["operand_dtypes"] and set(d["operand_dtypes"]) == {"f32"}]
+    base = [d for d in dots if "bf16" in d["operand_dtypes"]]
+    assert cloak and base, (len(cloak), len(base))
+    assert all("highest" in d["precision"] for d in cloak), [d for d in cloak if "highest" not in d["precision"]][:3]
+    assert not any("highest" in d["precision"] for d in base), [d for d in base if "highest" in d["precision"]][:3]
+
+
+def test_compile_only_cli_on_cpu_for_the_tiny_config(tmp_path, capsys):
+    """No --topology: the embedded tiny run compiles for the local CPU, prints the table and the JSON report."""
+    from sgt_jax.train import main
+
+    report = tmp_path / "report.json"
+    assert main(["--compile-only", "--compile-report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["fits"] is True and data["devices"] >= 1
+    for step in ("train_step", "eval_step"):
+        assert data[step]["memory"]["total"] > data[step]["memory"]["arguments"] > 0
+    assert "train_step" in capsys.readouterr().out
+
+
+def test_configuration_that_cannot_fit_exits_3_with_one_line(small_dir, capsys):
+    """data.batch_size 512 at sequence 2048 on v5e:2x2 (16 GiB chips): exit 3 and one error line with bytes."""
+    from sgt_jax.train import main
+
+    code = main(["--compile-only", "--topology", "v5e:2x2",
+                 *_overrides(small_dir, "data.batch_size=512", "data.max_length=2048", "data.buckets=[2048]",
+                             "optimizer.grad_accum_steps=1", "model.remat_policy=none", "validation.perplexity=false",
+                             "mesh.data=-1", "mesh.fsdp=1")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 3 and len(err) == 1 and "does not fit" in err[0], err
+    assert any(ch.isdigit() for ch in err[0])
+
+
+def test_splash_attention_compiles_for_v5e_4x4_under_data_fsdp_tensor(small_dir):
+    """model.attention_impl=splash with data=2, fsdp=2, tensor=4: both steps compile for the TPU and carry the
+    Mosaic kernel (tpu_custom_call) — fails if the kernel is left to the automatic partitioner again."""
+    from sgt_jax import compile as compile_lib
+    from sgt_jax.config import load_config
+    from sgt_jax.train import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG, _overrides(small_dir, "model.attention_impl=splash", "mesh.data=2",
+                                                 "mesh.fsdp=2", "mesh.tensor=4"))
+    result = compile_lib.compile_steps(cfg, compile_lib.topology_devices("v5e:4x4"))
+    for step in ("train", "eval"):
+        assert 'custom_call_target="tpu_custom_call"' in result[step].as_text(), step
+
+
+def test_splash_interpret_mode_equals_xla_on_8_simulated_devices():
+    """Pallas interpret mode on an 8-device CPU mesh (data=2, fsdp=2, tensor=2): forward and input gradients of
+    splash equal the XLA kernel within 2e-5 (float32, left-padded rows, GQA), causal and with a sliding window
+    inside the train step's kind of shard_map, bidirectional (plain and windowed) under the eval step's jit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "_splash_worker.py"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4
+    for case in results:
+        assert case["max_abs_out"] > 0.1, case  # a real comparison, not of zeros
+        assert max(case["max_abs_diff"]) <= 2e-5, case
