@@ -7,6 +7,7 @@ data, the cloak and its optimizer, the jitted train and eval steps, validation, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import secrets
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sgt_jax import adversary as adversary_lib
 from sgt_jax import config as config_lib
 from sgt_jax import metrics as metrics_lib
 from sgt_jax import objective, optim, parallel, step as step_lib
@@ -88,8 +90,11 @@ class Trainer:
         self.saved_config["base_model_fingerprint"] = model_fingerprint(self.model_dir)
 
         loss_fn = objective.make_loss_fn(cfg.objective)
-        train_step = step_lib.make_train_step(
-            loss_fn=loss_fn, cloak_graphdef=self.cloak_graphdef, base_graphdef=self.base_graphdef,
+        self.adversary = adversary_lib.from_trainer_config(cfg, cloak, hf_config)  # None when off
+        make_step = (functools.partial(step_lib.make_train_step, cloak_graphdef=self.cloak_graphdef)
+                     if self.adversary is None else self.adversary.make_train_step)
+        train_step = make_step(
+            loss_fn=loss_fn, base_graphdef=self.base_graphdef,
             optimizer=self.optimizer, mesh=self.mesh, hidden_size=self.hidden_size, learning_rate_fn=self.schedule,
         )
         replicated = NamedSharding(self.mesh, P())
@@ -114,7 +119,8 @@ class Trainer:
 
     def _fresh_state(self) -> step_lib.TrainState:
         run_key = jnp.asarray(self._run_key_data)
-        return step_lib.init_train_state(self._init_params, self.optimizer, run_key)
+        state = step_lib.init_train_state(self._init_params, self.optimizer, run_key)
+        return state if self.adversary is None else state.replace(adversary=self.adversary.init_state())
 
     def init_state(self) -> step_lib.TrainState:
         # Fresh buffers: on one device device_put would alias self._init_params, and the train step donates
