@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgt_jax import adversary as adversary_lib
 from sgt_jax import config as config_lib
+from sgt_jax import noise_spacing
 from sgt_jax import metrics as metrics_lib
 from sgt_jax import objective, optim, parallel, step as step_lib
 from sgt_jax.cloak import TransformerCloak
@@ -192,9 +193,11 @@ class Trainer:
         full = None if full_state is None else nnx.merge(self._full_graphdef, full_state)
         out = step_lib.forward_eval(cloak, full, base.embedding_table, batch, keys)
         obf = out["obfuscation"]["cosine"]
+        selected = batch["attention_mask"].astype(bool) & batch["noise_mask"].astype(bool)
+        spacing = noise_spacing.spacing_sums(out["sigma"], batch["input_ids"], selected, base.embedding_table)
         return {
             "losses": losses,
-            "sums": out["sums"],
+            "sums": {**out["sums"], **spacing},
             "percent_changed": obf["percent_changed"],
             "mean_rank": obf["mean_rank"],
             "nearest": obf["nearest"],
@@ -247,6 +250,7 @@ class Trainer:
             return {}
         result = {f"{k}": v / batches for k, v in loss_sums.items()}
         result.update(metrics_lib.finalize_forward_metrics(sums))
+        result.update(noise_spacing.finalize_spacing(sums))
         obf = metrics_lib.summarize(np.concatenate(changed))
         result.update({f"obfuscation_{k}": v for k, v in obf.items()})
         rank = metrics_lib.summarize(np.concatenate(ranks))
@@ -339,8 +343,8 @@ class Trainer:
     def summarize(self, before: Optional[Mapping[str, float]], after: Mapping[str, float]) -> dict[str, Any]:
         """The privacy–utility summary: obfuscation and utility before and after training, and whether the
         final utility loss is within train.max_utility_loss."""
-        keys = ("obfuscation_mean", "obfuscation_min", "utility_loss", "mean_sigma", "perplexity_clean",
-                "perplexity_transformed", "top1_agreement", "loss")
+        keys = ("obfuscation_mean", "obfuscation_min", "utility_loss", "mean_sigma", "sigma_over_spacing",
+                "perplexity_clean", "perplexity_transformed", "top1_agreement", "loss")
         out: dict[str, Any] = {}
         for k in keys:
             if before and k in before:

@@ -52,3 +52,94 @@ def _final_state(run_dir, cfg):
     with Checkpointer(Path(run_dir) / "checkpoints", every_minutes=None) as ckpt:
         state, _, _ = ckpt.restore(STEPS, abstract_state=abstract)
     return jax.device_get(state)
+
+
+def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
+    """Off: no adversary leaves in the state, and the step lowers to the same HLO as on a state class without
+    the field (today's) and as the step built directly from sgt_jax.step."""
+    import flax.struct
+    from typing import Any
+
+    from sgt_jax import config as config_lib
+    from sgt_jax import objective
+    from sgt_jax import step as step_lib
+    from sgt_jax.trainer import Trainer
+
+    class OldTrainState(flax.struct.PyTreeNode):  # the train state before objective.adversary existed
+        step: Any
+        params: Any
+        opt_state: Any
+        run_key: Any
+        nonfinite_streak: Any
+        nonfinite_total: Any
+
+    cfg = config_lib.load_config(None, overrides(model_dir, tmp_path / "run", **{"objective.adversary": "off"}))
+    trainer = Trainer(cfg)
+    state = trainer.init_state()
+    assert state.adversary is None and trainer.adversary is None
+    fields = {f: getattr(state, f) for f in OldTrainState.__dataclass_fields__}
+    old = OldTrainState(**fields)
+    assert jax.tree.leaves(state) == jax.tree.leaves(old)
+    batch = trainer.global_batch(next(iter(trainer.train_data)), trainer.accum_steps)
+    direct = step_lib.make_train_step(
+        loss_fn=objective.make_loss_fn(cfg.objective), cloak_graphdef=trainer.cloak_graphdef,
+        base_graphdef=trainer.base_graphdef, optimizer=trainer.optimizer, mesh=trainer.mesh,
+        hidden_size=trainer.hidden_size, learning_rate_fn=trainer.schedule)
+    hlo_trainer = trainer._train_step.lower(state, trainer.base_state, batch).as_text()
+    hlo_old = jax.jit(direct).lower(old, trainer.base_state, batch).as_text()
+    hlo_new = jax.jit(direct).lower(state, trainer.base_state, batch).as_text()
+    strip = lambda text: "\n".join(l for l in text.splitlines() if "module @" not in l and "sharding" not in l)  # noqa: E731,E741
+    assert strip(hlo_old) == strip(hlo_new)
+    assert strip(hlo_trainer) == strip(hlo_new)
+
+
+def test_adversary_learns_in_the_step_and_resumes_bitwise(model_dir, tmp_path):
+    """On (mlp): the inverter's CE falls over 6 steps, and a run stopped after step 3's checkpoint and
+    resumed ends with the same cloak *and* adversary state, bit for bit, as the uninterrupted run."""
+    from sgt_jax import config as config_lib
+    from sgt_jax.tracking import read_events
+
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    _train(config_lib.load_config(None, overrides(model_dir, ref_dir)))
+    ce = [v for _, v in sorted(read_events(ref_dir / "tensorboard")["train/adversary_ce"])]
+    assert len(ce) == STEPS and ce[-1] < 0.8 * ce[0]
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_3(step, state):
+        if step == 3:
+            raise Crash
+
+    cut_cfg = config_lib.load_config(None, overrides(model_dir, cut_dir))
+    with pytest.raises(Crash):
+        _train(cut_cfg, on_step=crash_at_3)
+    _train(cut_cfg)  # resumes from step 3
+    ref, resumed = _final_state(ref_dir, cut_cfg), _final_state(cut_dir, cut_cfg)
+    assert resumed.adversary is not None and len(jax.tree.leaves(resumed.adversary)) > 0
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The adversary really moved (the comparison is not between two untouched initial states).
+    from sgt_jax.trainer import Trainer
+
+    init = jax.device_get(Trainer(cut_cfg).init_state().adversary.params)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(ref.adversary.params)))
+
+
+def test_sigma_over_spacing_by_hand():
+    """Vocabulary e0=(0,0), e1=(1,0), e2=(0,2); token 0 with sigma (0.5, 0.1): along e1-e0 the std is 0.5 over
+    distance 1, along e2-e0 it is 0.1 over distance 2: mean (0.5 + 0.05) / 2 = 0.275; one of two tokens
+    (the second is unselected) and it is >= 0.5? no."""
+    import jax.numpy as jnp
+
+    from sgt_jax.noise_spacing import finalize_spacing, spacing_sums
+
+    table = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    sigma = jnp.array([[[0.5, 0.1], [9.0, 9.0]]])
+    sums = spacing_sums(sigma, jnp.array([[0, 1]]), jnp.array([[True, False]]), table, k=2)
+    out = finalize_spacing(jax.device_get(sums))
+    assert out["sigma_over_spacing"] == pytest.approx(0.275, rel=1e-6)
+    assert out["sigma_over_spacing_ge_half"] == 0.0
+    sums = spacing_sums(sigma * 4, jnp.array([[0, 1]]), jnp.array([[True, False]]), table, k=2)
+    assert finalize_spacing(jax.device_get(sums))["sigma_over_spacing"] == pytest.approx(1.1, rel=1e-6)

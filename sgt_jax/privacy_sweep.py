@@ -1,0 +1,195 @@
+"""The privacy–utility sweep of the adversarial objective: ``python -m sgt_jax.privacy_sweep``.
+
+For each setting (a list of ``key=value`` overrides of the training config) it trains an SGT, measures a
+learned per-token attack on its artifact (an MLP inverter trained on transformed embeddings of the public
+training split with fresh noise per batch, evaluated on the held-out validation prompts' transformed tokens)
+and reads the run's final top-1 agreement and utility loss; it writes ``frontier.json`` and a frontier PNG
+(utility against learned-attack recovery, one point per run).
+
+    python -m sgt_jax.privacy_sweep --out runs/sweep \\
+        --setting objective.adversary=off --setting "objective.adversary=mlp objective.adversary_weight=1"
+
+The verdict of the end-of-training summary lives here too (:func:`privacy_verdict`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("sgt_jax.privacy_sweep")
+
+# Learned-attack recovery of transformed tokens above which the summary says the SGT does not hide tokens.
+HIGH_RECOVERY = 0.5
+NOT_HIDDEN = "this SGT does not hide tokens from a learned attacker"
+
+
+def privacy_verdict(learned_recovery: Optional[float], threshold: float = HIGH_RECOVERY) -> Optional[str]:
+    """The summary's privacy line from a learned attack's token recovery (fraction in [0, 1]); None when the
+    recovery is unknown."""
+    if learned_recovery is None or not np.isfinite(learned_recovery):
+        return None
+    pct = 100.0 * float(learned_recovery)
+    if learned_recovery >= threshold:
+        return f"{NOT_HIDDEN}: it recovers {pct:.1f}% of transformed tokens"
+    return f"a learned attacker recovers {pct:.1f}% of transformed tokens (below {100 * threshold:.0f}%)"
+
+
+def _batches(pipeline, limit: Optional[int] = None):
+    for i, batch in enumerate(iter(pipeline)):
+        if limit is not None and i >= limit:
+            return
+        yield batch
+
+
+def learned_recovery(artifact_dir, *, steps: int = 1500, hidden: int = 512, learning_rate: float = 1e-3,
+                     eval_batches: Optional[int] = None, seed: int = 0) -> dict[str, float]:
+    """Top-1 recovery of a one-hidden-layer MLP inverter (``hidden`` units, ``steps`` Adam steps) trained on
+    the artifact's transformed training split (fresh noise per batch), on the validation split's
+    transformed tokens; and the same MLP's recovery on clean embeddings of the validation split (ceiling)."""
+    import optax
+    from flax import nnx
+
+    from sgt_jax import config as config_lib
+    from sgt_jax import inverters
+    from sgt_jax.artifact import StainedGlassTransform
+    from sgt_jax.data import build_datasets
+
+    sgt = StainedGlassTransform.load(artifact_dir)
+    cfg = config_lib.from_dict({k: v for k, v in sgt.meta["training_config"].items() if k != "base_model_fingerprint"})
+    train_data, val_data = build_datasets(cfg.data, sgt.tokenizer, num_workers=0)
+    table = sgt.embedding_table
+    model = inverters.make_inverter("mlp", table.shape[1], table.shape[0], rngs=nnx.Rngs(seed), hidden=hidden)
+    opt = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
+    key = jax.random.key(seed + 1)
+
+    def transformed(batch, k):
+        mask = batch["attention_mask"]
+        noise = batch["noise_mask"] * mask
+        x_t = sgt.transform(batch["input_ids"], attention_mask=mask, noise_mask=noise, key=k)["inputs_embeds"]
+        return x_t, jnp.asarray(batch["input_ids"]), jnp.asarray(noise.astype(bool)), jnp.asarray(mask.astype(bool))
+
+    done = 0
+    while done < steps:
+        for batch in _batches(train_data):
+            if done >= steps:
+                break
+            x_t, ids, sel, att = transformed(batch, jax.random.fold_in(key, done))
+            inverters.inverter_train_step(opt, model, x_t, ids, sel, att)
+            done += 1
+    hits = clean_hits = count = 0.0
+    for i, batch in enumerate(_batches(val_data, eval_batches)):
+        x_t, ids, sel, att = transformed(batch, jax.random.fold_in(key, 10**6 + i))
+        n = float(sel.sum())
+        if n == 0:
+            continue
+        hits += float(inverters.inverter_loss(model, x_t, ids, sel, att)[1]) * n
+        clean = jnp.take(table, ids, axis=0)
+        clean_hits += float(inverters.inverter_loss(model, clean, ids, sel, att)[1]) * n
+        count += n
+    return {"mlp_recovery": hits / max(count, 1.0), "mlp_recovery_clean_input": clean_hits / max(count, 1.0),
+            "tokens": count}
+
+
+def run_point(config_path, overrides: Sequence[str], run_dir: Path, *, attack_steps: int) -> dict[str, Any]:
+    """Train one SGT (``overrides`` on ``config_path``, run dir ``run_dir``), attack its artifact, and write
+    the point's report to ``run_dir/privacy_point.json``."""
+    from sgt_jax import config as config_lib
+    from sgt_jax.train import train
+
+    cfg = config_lib.load_config(config_path, [*overrides, f"tracking.run_dir={run_dir}"])
+    summary = train(cfg)
+    if summary.get("stopped_by") != "finished":
+        raise RuntimeError(f"the run in {run_dir} stopped ({summary.get('stopped_by')}); no artifact to attack.")
+    attack = learned_recovery(summary["artifact"], steps=attack_steps)
+    point = {
+        "settings": list(overrides), "run_dir": str(run_dir),
+        "objective": "adversarial" if cfg.objective.adversary != "off" else "recommendations",
+        "top1_agreement": summary.get("top1_agreement (after)"), "utility_loss": summary.get("utility_loss (after)"),
+        "sigma_over_spacing": summary.get("sigma_over_spacing (after)"), **attack,
+    }
+    (Path(run_dir) / "privacy_point.json").write_text(json.dumps(point, indent=2))
+    return point
+
+
+def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> np.ndarray:
+    """PNG of top-1 agreement against learned-attack recovery, one marker per objective; returns the plotted
+    (x, y) coordinates in the order of ``points``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    coords = np.zeros((len(points), 2))
+    for objective, marker in (("recommendations", "o"), ("adversarial", "s")):
+        idx = [i for i, p in enumerate(points) if p["objective"] == objective]
+        if not idx:
+            continue
+        xy = np.array([[100 * points[i]["mlp_recovery"], 100 * points[i]["top1_agreement"]] for i in idx])
+        coll = ax.scatter(xy[:, 0], xy[:, 1], marker=marker, label=f"{objective} objective")
+        coords[idx] = np.asarray(coll.get_offsets())
+        for i, (x, y) in zip(idx, xy):
+            ax.annotate(" ".join(s.split(".")[-1] for s in points[i]["settings"]) or "default", (x, y), fontsize=6)
+    ax.set_xlabel("learned MLP attack: recovery of transformed tokens (%)")
+    ax.set_ylabel("top-1 agreement with the base model (%)")
+    ax.set_title("SGT privacy-utility frontier (lower right is worse)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return coords
+
+
+def sweep(settings: Sequence[Sequence[str]], out: Path, *, config_path=None, attack_steps: int = 1500,
+          common: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Every setting trained and attacked (run dirs ``out/run_<i>``), then ``out/frontier.json`` and
+    ``out/frontier.png``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = []
+    for i, setting in enumerate(settings):
+        log.info("sweep point %d/%d: %s", i + 1, len(settings), " ".join(setting) or "(defaults)")
+        points.append(run_point(config_path, [*common, *setting], out / f"run_{i}", attack_steps=attack_steps))
+    coords = plot_frontier(points, out / "frontier.png")
+    for p, (x, y) in zip(points, coords):
+        p["plotted"] = [float(x), float(y)]
+    (out / "frontier.json").write_text(json.dumps(points, indent=2))
+    return points
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from sgt_jax.errors import run_cli
+
+    parser = argparse.ArgumentParser(prog="python -m sgt_jax.privacy_sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="directory for the runs, frontier.json and frontier.png")
+    parser.add_argument("--setting", action="append", default=[],
+                        help='one sweep point: space-separated key=value overrides (repeat the flag per point)')
+    parser.add_argument("--config", help="training config (default: the embedded tiny run)")
+    parser.add_argument("--attack-steps", type=int, default=1500, help="Adam steps of the MLP attacker")
+    parser.add_argument("common", nargs="*", help="key=value overrides applied to every point")
+    args = parser.parse_args(argv)
+    settings = [shlex.split(s) for s in args.setting] or [[]]
+
+    def go():
+        points = sweep(settings, Path(args.out), config_path=args.config, attack_steps=args.attack_steps,
+                       common=args.common)
+        for p in points:
+            print(f"{p['objective']:>15}  top1 {100 * p['top1_agreement']:5.1f}%  mlp recovery "
+                  f"{100 * p['mlp_recovery']:5.1f}%  {' '.join(p['settings'])}")
+        return 0
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
