@@ -44,6 +44,19 @@ def privacy_verdict(learned_recovery: Optional[float], threshold: float = HIGH_R
     return f"a learned attacker recovers {pct:.1f}% of transformed tokens (below {100 * threshold:.0f}%)"
 
 
+RECOVERY_KEYS = ("attack_mlp_top1_recovery", "mlp_recovery")
+
+
+def summary_verdict(summary: Mapping[str, Any], threshold: float = HIGH_RECOVERY) -> Optional[str]:
+    """:func:`privacy_verdict` of the learned-attack recovery an end-of-training summary carries (the
+    attack module's quick ``mlp`` attack), or None when it carries none."""
+    for key in RECOVERY_KEYS:
+        for name in (key, f"{key} (after)"):
+            if summary.get(name) is not None:
+                return privacy_verdict(float(summary[name]), threshold)
+    return None
+
+
 def _batches(pipeline, limit: Optional[int] = None):
     for i, batch in enumerate(iter(pipeline)):
         if limit is not None and i >= limit:

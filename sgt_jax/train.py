@@ -138,6 +138,10 @@ def train(
         summary["artifact"] = str(artifact_dir)
     data_iter.close()
     tracker.close()
+    from sgt_jax.privacy_sweep import summary_verdict
+
+    if summary_verdict(summary):  # says plainly when a learned attacker recovers the tokens
+        summary["privacy"] = summary_verdict(summary)
     if jax.process_index() == 0:
         print(tracking.summary_table(summary, title="SGT training summary"), flush=True)
     return summary

@@ -143,3 +143,39 @@ def test_sigma_over_spacing_by_hand():
     assert out["sigma_over_spacing_ge_half"] == 0.0
     sums = spacing_sums(sigma * 4, jnp.array([[0, 1]]), jnp.array([[True, False]]), table, k=2)
     assert finalize_spacing(jax.device_get(sums))["sigma_over_spacing"] == pytest.approx(1.1, rel=1e-6)
+
+
+def test_privacy_verdict_flips_at_the_threshold():
+    from sgt_jax.privacy_sweep import NOT_HIDDEN, privacy_verdict, summary_verdict
+
+    assert NOT_HIDDEN in privacy_verdict(0.985)  # the recommendations' default on the tiny run: 98.5%
+    assert NOT_HIDDEN not in privacy_verdict(0.30)
+    assert NOT_HIDDEN in privacy_verdict(0.30, threshold=0.25)
+    assert privacy_verdict(None) is None
+    assert NOT_HIDDEN in summary_verdict({"attack_mlp_top1_recovery (after)": 0.99})
+    assert summary_verdict({"top1_agreement (after)": 0.99}) is None
+
+
+def test_sweep_of_three_settings_plots_the_runs_attack_reports(model_dir, tmp_path):
+    """Three tiny runs (one step each), each attacked by an identity-like SGT's learned attack: the frontier
+    PNG is written and its plotted points are exactly the runs' own reports; an untrained (identity-like)
+    SGT is recovered by the learned attacker, so its verdict says it does not hide tokens."""
+    import json
+
+    from sgt_jax.privacy_sweep import NOT_HIDDEN, privacy_verdict, sweep
+
+    common = overrides(model_dir, tmp_path / "unused", **{
+        "train.max_steps": 1, "optimizer.learning_rate": 1e-6, "data.synthetic_num_examples": 32,
+        "checkpoint.every_steps": 100})
+    settings = [["objective.adversary=off"], ["objective.adversary=off", "objective.alpha=0.8"],
+                ["objective.adversary=mlp", "objective.adversary_weight=0.1"]]
+    points = sweep(settings, tmp_path / "sweep", attack_steps=60, common=common)
+    assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 1000
+    frontier = json.loads((tmp_path / "sweep" / "frontier.json").read_text())
+    assert [p["objective"] for p in frontier] == ["recommendations", "recommendations", "adversarial"]
+    for i, p in enumerate(frontier):
+        report = json.loads((tmp_path / "sweep" / f"run_{i}" / "privacy_point.json").read_text())
+        assert p["plotted"] == pytest.approx([100 * report["mlp_recovery"], 100 * report["top1_agreement"]])
+    # One step at lr 1e-6 leaves the SGT at its near-identity initialisation: a learned attack reads it.
+    assert points[0]["mlp_recovery"] > 0.9
+    assert NOT_HIDDEN in privacy_verdict(points[0]["mlp_recovery"])
