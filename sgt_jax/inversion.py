@@ -1,0 +1,266 @@
+"""Inversion attacks on transformed embeddings, independent of where the transform comes from.
+
+A *transform* is any ``fn(input_ids, attention_mask, noise_mask, key) -> (x_t, sigma)`` (B, S, D) float32
+(sigma may be None): a trained SGT, the identity, or plain Gaussian noise. The attacker
+
+1. draws public prompts (:class:`PromptSet`), transforms them with a fresh key per batch *and epoch*, so an
+   example never shows the same noise twice (:func:`noised_batches`);
+2. trains a learned inverter on the (x_t, token) pairs at the noised positions (:func:`train_inverter`);
+3. is scored on held-out prompts that it never trained on (:func:`assert_disjoint`): top-1 / top-5 token
+   recovery over noised positions, per-sequence recovery quantiles, and the same attack on clean embeddings
+   (the ceiling), next to the majority-token baseline (:func:`run_attacks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sgt_jax import metrics as metrics_lib
+from sgt_jax.data.errors import DataError
+from sgt_jax.inverters import INVERTER_KINDS, inverter_logits, inverter_train_step, make_inverter
+
+__all__ = ["ATTACKS", "PromptSet", "assert_disjoint", "gaussian_transform", "noised_batches", "train_inverter",
+           "run_attacks"]
+
+ATTACKS = ("nn",) + INVERTER_KINDS
+Transform = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple]
+
+
+@dataclasses.dataclass
+class PromptSet:
+    """Left-padded prompts (N, L) int32: ids, attention mask, and the mask of positions the transform noises."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    noise_mask: np.ndarray
+
+    @classmethod
+    def from_prompts(cls, prompts: Sequence, pad_id: int, name: str) -> "PromptSet":
+        from sgt_jax.generate import left_pad
+
+        prompts = [p for p in prompts if any((p["noise_mask"] if isinstance(p, dict) else [1]))]
+        if not prompts:
+            raise DataError(f"the attack's {name} data has no prompt with a transformed token; pass a non-empty "
+                            f"--{name}-data in the run's data.format.")
+        return cls(*left_pad(prompts, pad_id))
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def targets(self) -> np.ndarray:
+        return (self.attention_mask & self.noise_mask).astype(bool)
+
+    def keys(self) -> set:
+        """One hashable key per prompt: its real tokens."""
+        return {tuple(ids[m.astype(bool)].tolist()) for ids, m in zip(self.input_ids, self.attention_mask)}
+
+    def without(self, other: "PromptSet") -> "PromptSet":
+        """These prompts minus any that also occur in ``other``."""
+        banned = other.keys()
+        keep = [i for i, (ids, m) in enumerate(zip(self.input_ids, self.attention_mask))
+                if tuple(ids[m.astype(bool)].tolist()) not in banned]
+        return PromptSet(self.input_ids[keep], self.attention_mask[keep], self.noise_mask[keep])
+
+
+def assert_disjoint(train: PromptSet, held_out: PromptSet) -> None:
+    """The attacker never trains on a prompt it is evaluated on."""
+    shared = train.keys() & held_out.keys()
+    if shared:
+        raise AssertionError(f"{len(shared)} evaluation prompt(s) are also in the attacker's training data.")
+
+
+def gaussian_transform(table: jax.Array, *, mu: float = 0.0, sigma: float = 0.0) -> Transform:
+    """x_t = e + mu + sigma * eps at noised positions (clean elsewhere): identity for mu = sigma = 0."""
+    table = jnp.asarray(table, jnp.float32)
+
+    @jax.jit
+    def apply(ids, attention_mask, noise_mask, key):
+        x = table[ids]
+        noisy = x + mu + sigma * jax.random.normal(key, x.shape, jnp.float32)
+        sel = (attention_mask.astype(bool) & noise_mask.astype(bool))[..., None]
+        return jnp.where(sel, noisy, x), jnp.full(x.shape, sigma, jnp.float32)
+
+    return apply
+
+
+def noised_batches(data: PromptSet, transform: Transform, key: jax.Array, *, batch_size: int, steps: int,
+                   seed: int = 0) -> Iterator[tuple[int, np.ndarray, dict]]:
+    """``steps`` training batches: a fresh shuffle per epoch and a fresh noise key per (epoch, batch), so
+    each example is transformed with new noise every time it is seen. Yields (epoch, row indices, batch)."""
+    n = len(data)
+    batch_size = min(batch_size, n)
+    per_epoch = max(n // batch_size, 1)
+    order = None
+    for step in range(steps):
+        epoch, b = divmod(step, per_epoch)
+        if b == 0 or order is None:
+            order = np.random.default_rng([seed, epoch]).permutation(n)
+        rows = order[b * batch_size:(b + 1) * batch_size]
+        ids, am, nm = data.input_ids[rows], data.attention_mask[rows], data.noise_mask[rows]
+        x_t, _ = transform(ids, am, nm, _batch_key(key, epoch, b))
+        yield epoch, rows, {"x_t": x_t, "input_ids": ids, "attention_mask": am, "target_mask": (am & nm).astype(bool)}
+
+
+@jax.jit
+def _batch_key(key, epoch, index):
+    return jax.random.fold_in(jax.random.fold_in(key, epoch), index)
+
+
+def train_inverter(kind: str, transform: Transform, data: PromptSet, *, hidden_size: int, vocab_size: int,
+                   steps: int, key: jax.Array, batch_size: int = 32, learning_rate: float = 1e-3,
+                   max_length: Optional[int] = None,
+                   on_step: Optional[Callable[[int, float], None]] = None) -> nnx.Module:
+    """Train a ``kind`` inverter (mlp | transformer) for ``steps`` Adam steps on noised public prompts
+    (``max_length``: the longest sequence the transformer inverter will read, default the data's)."""
+    init_key, noise_key = jax.random.split(key)
+    kwargs = {"max_length": int(max_length or data.input_ids.shape[1])} if kind == "transformer" else {}
+    model = make_inverter(kind, hidden_size, vocab_size, nnx.Rngs(init_key), **kwargs)
+    warmup = max(1, min(100, steps // 10))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1),
+                                                  learning_rate * 0.1)
+    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0)),
+                              wrt=nnx.Param)
+    train_step = nnx.cached_partial(inverter_train_step, optimizer, model)
+    for step, (_, _, batch) in enumerate(noised_batches(data, transform, noise_key, batch_size=batch_size,
+                                                        steps=steps)):
+        if kind == "mlp":  # per position: train on the noised positions only (a fraction of each prompt)
+            batch = _target_positions(batch, slots=16 * batch_size)
+        loss, _ = train_step(batch["x_t"], batch["input_ids"], batch["target_mask"], batch["attention_mask"])
+        if on_step is not None:
+            on_step(step + 1, loss)
+    return model
+
+
+def _target_positions(batch: dict, slots: int) -> dict:
+    """The batch's noised positions as one (1, slots) row (extra slots masked out, surplus dropped at random)."""
+    rows, cols = np.nonzero(batch["target_mask"])
+    if len(rows) > slots:
+        keep = np.random.default_rng(len(rows)).choice(len(rows), slots, replace=False)
+        rows, cols = rows[keep], cols[keep]
+    valid = np.zeros((1, slots), bool)
+    valid[0, :len(rows)] = True
+    rows, cols = np.pad(rows, (0, slots - len(rows))), np.pad(cols, (0, slots - len(cols)))
+    return {"x_t": _gather(batch["x_t"], rows, cols)[None], "input_ids": batch["input_ids"][rows, cols][None],
+            "target_mask": valid, "attention_mask": valid}
+
+
+@jax.jit
+def _gather(x_t, rows, cols):
+    return x_t[rows, cols]
+
+
+@nnx.jit
+def _inverter_ranks(model, x_t, ids, attention_mask):
+    logits = inverter_logits(model, x_t, attention_mask)
+    true = jnp.take_along_axis(logits, ids[..., None], axis=-1)
+    return jnp.sum(logits > true, axis=-1)
+
+
+def _nn_ranks(table, metric):
+    @jax.jit
+    def ranks(x_t, ids):
+        return metrics_lib.nearest_tokens(x_t, table, metric=metric, true_ids=ids)[1]
+
+    return lambda x_t, ids, attention_mask: ranks(x_t, ids)
+
+
+def _eval_batches(data: PromptSet, transform: Optional[Transform], table, key, batch_size: int):
+    """Fixed-shape evaluation batches (the last one padded with empty rows); x_t with a fixed key per batch,
+    or the clean embeddings when ``transform`` is None."""
+    n = len(data)
+    for b, start in enumerate(range(0, n, batch_size)):
+        rows = np.arange(start, start + batch_size) % n
+        real = np.arange(start, start + batch_size) < n
+        ids, am, nm = (jnp.asarray(a[rows]) for a in (data.input_ids, data.attention_mask, data.noise_mask))
+        if transform is None:
+            x_t, sigma = jnp.asarray(table)[ids].astype(jnp.float32), None
+        else:
+            x_t, sigma = transform(ids, am, nm, jax.random.fold_in(key, b))
+        yield real, ids, am, data.targets[rows] & real[:, None], x_t, sigma
+
+
+def score(rank_fn, data: PromptSet, transform: Optional[Transform], table, key, batch_size: int = 64) -> dict:
+    """top-1 / top-5 recovery (%) over the noised positions and per-sequence top-1 recovery quantiles."""
+    hit1, hit5, count, per_seq = 0.0, 0.0, 0.0, []
+    for real, ids, am, targets, x_t, _ in _eval_batches(data, transform, table, key, batch_size):
+        rank = np.asarray(rank_fn(x_t, ids, am))
+        hit1 += float(((rank == 0) & targets).sum())
+        hit5 += float(((rank < 5) & targets).sum())
+        count += float(targets.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            seq = 100.0 * ((rank == 0) & targets).sum(-1) / targets.sum(-1)
+        per_seq.append(seq[real])
+    return {"top1": 100.0 * hit1 / count, "top5": 100.0 * hit5 / count, "positions": int(count),
+            "per_sequence_top1": metrics_lib.summarize(np.concatenate(per_seq))}
+
+
+def majority_baseline(train: PromptSet, held_out: PromptSet) -> dict:
+    """Recovery (%) of always answering the training data's most frequent noised token(s)."""
+    counts = np.bincount(train.input_ids[train.targets])
+    top = np.argsort(-counts, kind="stable")[:5]
+    truth = held_out.input_ids[held_out.targets]
+    return {"top1": 100.0 * float(np.mean(truth == top[0])), "top5": 100.0 * float(np.mean(np.isin(truth, top))),
+            "token": int(top[0])}
+
+
+def run_attacks(transform: Transform, table, train: PromptSet, held_out: PromptSet, *,
+                attacks: Sequence[str] = ATTACKS, steps: int = 1500, batch_size: int = 32, key: jax.Array,
+                ceiling: bool = True, learning_rates: Optional[dict] = None,
+                on_step: Optional[Callable[[str, int, float], None]] = None) -> dict:
+    """Every attack in ``attacks`` against ``transform``; ``ceiling`` also scores each on clean embeddings
+    (learned attacks trained again on clean embeddings). Returns the report's ``attacks`` section."""
+    assert_disjoint(train, held_out)
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise DataError(f"--attacks {unknown[0]!r} is unknown; choose from {', '.join(ATTACKS)}.")
+    table = jnp.asarray(table, jnp.float32)
+    vocab, dim = table.shape
+    lrs = {"mlp": 1e-3, "transformer": 5e-4, **(learning_rates or {})}
+    eval_key = jax.random.fold_in(key, 7)
+    identity = gaussian_transform(table)
+    out: dict = {"majority_baseline": majority_baseline(train, held_out)}
+    max_length = max(train.input_ids.shape[1], held_out.input_ids.shape[1])
+    for index, attack in enumerate(attacks):
+        if attack == "nn":
+            for metric in ("cosine", "l2"):
+                ranks = _nn_ranks(table, metric)
+                res = score(ranks, held_out, transform, table, eval_key)
+                if ceiling:
+                    res["clean"] = _brief(score(ranks, held_out, None, table, eval_key))
+                out[f"nn_{metric}"] = res
+            continue
+        models = {"x_t": transform, "clean": identity} if ceiling else {"x_t": transform}
+        for j, (which, tf) in enumerate(models.items()):
+            model = train_inverter(attack, tf, train, hidden_size=dim, vocab_size=vocab, steps=steps,
+                                   key=jax.random.fold_in(key, 2 * index + j), max_length=max_length,
+                                   batch_size=batch_size, learning_rate=lrs[attack],
+                                   on_step=None if on_step is None else (lambda s, l, a=attack, w=which: on_step(f"{a}/{w}", s, l)))
+            rank_fn = lambda x_t, ids, am, m=model: _inverter_ranks(m, x_t, ids, am)  # noqa: E731
+            if which == "x_t":
+                out[attack] = score(rank_fn, held_out, transform, table, eval_key)
+            else:
+                out[attack]["clean"] = _brief(score(rank_fn, held_out, None, table, eval_key))
+    return out
+
+
+def _brief(res: dict) -> dict:
+    return {"top1": res["top1"], "top5": res["top5"]}
+
+
+def sigma_at_targets(transform: Transform, data: PromptSet, table, key, max_positions: int = 512) -> np.ndarray:
+    """(P, D) noise scales of the transform at up to ``max_positions`` noised positions of ``data``."""
+    out = []
+    for _, _, _, targets, _, sigma in _eval_batches(data, transform, table, key, 64):
+        if sigma is not None:
+            out.append(np.asarray(sigma)[targets])
+        if sum(len(o) for o in out) >= max_positions:
+            break
+    return np.concatenate(out)[:max_positions] if out else np.zeros((0, np.shape(table)[1]), np.float32)
