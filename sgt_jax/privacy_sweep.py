@@ -1,10 +1,10 @@
 """The privacy–utility sweep of the adversarial objective: ``python -m sgt_jax.privacy_sweep``.
 
-For each setting (a list of ``key=value`` overrides of the training config) it trains an SGT, measures a
-learned per-token attack on its artifact (an MLP inverter trained on transformed embeddings of the public
-training split with fresh noise per batch, evaluated on the held-out validation prompts' transformed tokens)
-and reads the run's final top-1 agreement and utility loss; it writes ``frontier.json`` and a frontier PNG
-(utility against learned-attack recovery, one point per run).
+For each setting (a list of ``key=value`` overrides of the training config) it trains an SGT, attacks it with
+``python -m sgt_jax.attack``'s learned per-token ``mlp`` attack (trained on transformed public prompts,
+scored on held-out ones; its report is ``<run>/attack_report.json``) and reads the run's final top-1 agreement
+and utility loss; it writes ``frontier.json`` and a frontier PNG (utility against learned-attack recovery,
+one point per run, one marker per objective).
 
     python -m sgt_jax.privacy_sweep --out runs/sweep \\
         --setting objective.adversary=off --setting "objective.adversary=mlp objective.adversary_weight=1"
@@ -22,26 +22,24 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger("sgt_jax.privacy_sweep")
 
-# Learned-attack recovery of transformed tokens above which the summary says the SGT does not hide tokens.
-HIGH_RECOVERY = 0.5
+# Learned-attack recovery (% of transformed tokens) at and above which the summary says the SGT does not hide
+# tokens: half the tokens of a prompt read back by an attacker who holds the artifact.
+HIGH_RECOVERY = 50.0
 NOT_HIDDEN = "this SGT does not hide tokens from a learned attacker"
 
 
-def privacy_verdict(learned_recovery: Optional[float], threshold: float = HIGH_RECOVERY) -> Optional[str]:
-    """The summary's privacy line from a learned attack's token recovery (fraction in [0, 1]); None when the
-    recovery is unknown."""
-    if learned_recovery is None or not np.isfinite(learned_recovery):
+def privacy_verdict(recovery_percent: Optional[float], threshold: float = HIGH_RECOVERY) -> Optional[str]:
+    """The summary's privacy line from a learned attack's token recovery (in %, as ``sgt_jax.attack``
+    reports it); None when the recovery is unknown."""
+    if recovery_percent is None or not np.isfinite(recovery_percent):
         return None
-    pct = 100.0 * float(learned_recovery)
-    if learned_recovery >= threshold:
-        return f"{NOT_HIDDEN}: it recovers {pct:.1f}% of transformed tokens"
-    return f"a learned attacker recovers {pct:.1f}% of transformed tokens (below {100 * threshold:.0f}%)"
+    if recovery_percent >= threshold:
+        return f"{NOT_HIDDEN}: it recovers {recovery_percent:.1f}% of transformed tokens"
+    return f"a learned attacker recovers {recovery_percent:.1f}% of transformed tokens (below {threshold:.0f}%)"
 
 
 RECOVERY_KEYS = ("attack_mlp_top1_recovery", "mlp_recovery")
@@ -57,65 +55,10 @@ def summary_verdict(summary: Mapping[str, Any], threshold: float = HIGH_RECOVERY
     return None
 
 
-def _batches(pipeline, limit: Optional[int] = None):
-    for i, batch in enumerate(iter(pipeline)):
-        if limit is not None and i >= limit:
-            return
-        yield batch
-
-
-def learned_recovery(artifact_dir, *, steps: int = 1500, hidden: int = 512, learning_rate: float = 1e-3,
-                     eval_batches: Optional[int] = None, seed: int = 0) -> dict[str, float]:
-    """Top-1 recovery of a one-hidden-layer MLP inverter (``hidden`` units, ``steps`` Adam steps) trained on
-    the artifact's transformed training split (fresh noise per batch), on the validation split's
-    transformed tokens; and the same MLP's recovery on clean embeddings of the validation split (ceiling)."""
-    import optax
-    from flax import nnx
-
-    from sgt_jax import config as config_lib
-    from sgt_jax import inverters
-    from sgt_jax.artifact import StainedGlassTransform
-    from sgt_jax.data import build_datasets
-
-    sgt = StainedGlassTransform.load(artifact_dir)
-    cfg = config_lib.from_dict({k: v for k, v in sgt.meta["training_config"].items() if k != "base_model_fingerprint"})
-    train_data, val_data = build_datasets(cfg.data, sgt.tokenizer, num_workers=0)
-    table = sgt.embedding_table
-    model = inverters.make_inverter("mlp", table.shape[1], table.shape[0], rngs=nnx.Rngs(seed), hidden=hidden)
-    opt = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
-    key = jax.random.key(seed + 1)
-
-    def transformed(batch, k):
-        mask = batch["attention_mask"]
-        noise = batch["noise_mask"] * mask
-        x_t = sgt.transform(batch["input_ids"], attention_mask=mask, noise_mask=noise, key=k)["inputs_embeds"]
-        return x_t, jnp.asarray(batch["input_ids"]), jnp.asarray(noise.astype(bool)), jnp.asarray(mask.astype(bool))
-
-    done = 0
-    while done < steps:
-        for batch in _batches(train_data):
-            if done >= steps:
-                break
-            x_t, ids, sel, att = transformed(batch, jax.random.fold_in(key, done))
-            inverters.inverter_train_step(opt, model, x_t, ids, sel, att)
-            done += 1
-    hits = clean_hits = count = 0.0
-    for i, batch in enumerate(_batches(val_data, eval_batches)):
-        x_t, ids, sel, att = transformed(batch, jax.random.fold_in(key, 10**6 + i))
-        n = float(sel.sum())
-        if n == 0:
-            continue
-        hits += float(inverters.inverter_loss(model, x_t, ids, sel, att)[1]) * n
-        clean = jnp.take(table, ids, axis=0)
-        clean_hits += float(inverters.inverter_loss(model, clean, ids, sel, att)[1]) * n
-        count += n
-    return {"mlp_recovery": hits / max(count, 1.0), "mlp_recovery_clean_input": clean_hits / max(count, 1.0),
-            "tokens": count}
-
-
 def run_point(config_path, overrides: Sequence[str], run_dir: Path, *, attack_steps: int) -> dict[str, Any]:
     """Train one SGT (``overrides`` on ``config_path``, run dir ``run_dir``), attack its artifact, and write
     the point's report to ``run_dir/privacy_point.json``."""
+    from sgt_jax import attack as attack_lib
     from sgt_jax import config as config_lib
     from sgt_jax.train import train
 
@@ -123,7 +66,10 @@ def run_point(config_path, overrides: Sequence[str], run_dir: Path, *, attack_st
     summary = train(cfg)
     if summary.get("stopped_by") != "finished":
         raise RuntimeError(f"the run in {run_dir} stopped ({summary.get('stopped_by')}); no artifact to attack.")
-    attack = learned_recovery(summary["artifact"], steps=attack_steps)
+    report = attack_lib.attack(run_dir, attacks=("nn", "mlp"), steps=attack_steps, ceiling=False, mi_samples=0,
+                               progress=False, print_table=False)
+    attack = {"mlp_recovery": report["attacks"]["mlp"]["top1"],
+              "nn_recovery": report["attacks"]["nn_cosine"]["top1"], "attack_report": str(Path(run_dir) / "attack_report.json")}
     point = {
         "settings": list(overrides), "run_dir": str(run_dir),
         "objective": "adversarial" if cfg.objective.adversary != "off" else "recommendations",
@@ -148,7 +94,7 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> np.ndarray
         idx = [i for i, p in enumerate(points) if p["objective"] == objective]
         if not idx:
             continue
-        xy = np.array([[100 * points[i]["mlp_recovery"], 100 * points[i]["top1_agreement"]] for i in idx])
+        xy = np.array([[points[i]["mlp_recovery"], 100 * points[i]["top1_agreement"]] for i in idx])
         coll = ax.scatter(xy[:, 0], xy[:, 1], marker=marker, label=f"{objective} objective")
         coords[idx] = np.asarray(coll.get_offsets())
         for i, (x, y) in zip(idx, xy):
@@ -198,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        common=args.common)
         for p in points:
             print(f"{p['objective']:>15}  top1 {100 * p['top1_agreement']:5.1f}%  mlp recovery "
-                  f"{100 * p['mlp_recovery']:5.1f}%  {' '.join(p['settings'])}")
+                  f"{p['mlp_recovery']:5.1f}%  {' '.join(p['settings'])}")
         return 0
 
     return run_cli(go)

@@ -148,11 +148,12 @@ def test_sigma_over_spacing_by_hand():
 def test_privacy_verdict_flips_at_the_threshold():
     from sgt_jax.privacy_sweep import NOT_HIDDEN, privacy_verdict, summary_verdict
 
-    assert NOT_HIDDEN in privacy_verdict(0.985)  # the recommendations' default on the tiny run: 98.5%
-    assert NOT_HIDDEN not in privacy_verdict(0.30)
-    assert NOT_HIDDEN in privacy_verdict(0.30, threshold=0.25)
+    assert NOT_HIDDEN in privacy_verdict(98.5)  # the recommendations' default on the tiny run
+    assert NOT_HIDDEN not in privacy_verdict(30.0)
+    assert NOT_HIDDEN in privacy_verdict(30.0, threshold=25.0)
     assert privacy_verdict(None) is None
-    assert NOT_HIDDEN in summary_verdict({"attack_mlp_top1_recovery (after)": 0.99})
+    assert NOT_HIDDEN in summary_verdict({"attack_mlp_top1_recovery (after)": 99.0})
+    assert NOT_HIDDEN not in summary_verdict({"attack_mlp_top1_recovery": 20.0})
     assert summary_verdict({"top1_agreement (after)": 0.99}) is None
 
 
@@ -175,7 +176,9 @@ def test_sweep_of_three_settings_plots_the_runs_attack_reports(model_dir, tmp_pa
     assert [p["objective"] for p in frontier] == ["recommendations", "recommendations", "adversarial"]
     for i, p in enumerate(frontier):
         report = json.loads((tmp_path / "sweep" / f"run_{i}" / "privacy_point.json").read_text())
-        assert p["plotted"] == pytest.approx([100 * report["mlp_recovery"], 100 * report["top1_agreement"]])
+        attack = json.loads(Path(report["attack_report"]).read_text())
+        assert report["mlp_recovery"] == attack["attacks"]["mlp"]["top1"]
+        assert p["plotted"] == pytest.approx([attack["attacks"]["mlp"]["top1"], 100 * report["top1_agreement"]])
     # One step at lr 1e-6 leaves the SGT at its near-identity initialisation: a learned attack reads it.
-    assert points[0]["mlp_recovery"] > 0.9
+    assert points[0]["mlp_recovery"] > 90.0
     assert NOT_HIDDEN in privacy_verdict(points[0]["mlp_recovery"])
