@@ -251,6 +251,8 @@ class Trainer:
         result = {f"{k}": v / batches for k, v in loss_sums.items()}
         result.update(metrics_lib.finalize_forward_metrics(sums))
         result.update(noise_spacing.finalize_spacing(sums))
+        result.update(noise_spacing.mi_estimate(self.base.embedding_table,
+                                                np.concatenate(sigmas).reshape(-1, self.hidden_size)))
         obf = metrics_lib.summarize(np.concatenate(changed))
         result.update({f"obfuscation_{k}": v for k, v in obf.items()})
         rank = metrics_lib.summarize(np.concatenate(ranks))

@@ -182,3 +182,16 @@ def test_sweep_of_three_settings_plots_the_runs_attack_reports(model_dir, tmp_pa
     # One step at lr 1e-6 leaves the SGT at its near-identity initialisation: a learned attack reads it.
     assert points[0]["mlp_recovery"] >= HIGH_RECOVERY
     assert NOT_HIDDEN in privacy_verdict(points[0]["mlp_recovery"])
+
+
+def test_validation_mi_drops_unnoised_rows_and_spans_0_to_log2_v():
+    """Rows of NaN (positions without noise) are ignored; tiny noise keeps all log2(V) bits, huge noise none."""
+    from sgt_jax.noise_spacing import mi_estimate
+
+    table = np.random.RandomState(0).randn(64, 8).astype(np.float32)
+    rows = np.full((10, 8), np.nan, np.float32)
+    rows[:4] = 0.01
+    assert mi_estimate(table, rows)["mi_bits"] == pytest.approx(6.0, abs=0.05)
+    rows[:4] = 100.0
+    assert mi_estimate(table, rows)["mi_bits"] < 0.05
+    assert mi_estimate(table, np.full((3, 8), np.nan)) == {}
