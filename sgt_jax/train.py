@@ -140,8 +140,9 @@ def train(
     tracker.close()
     from sgt_jax.privacy_sweep import summary_verdict
 
-    if summary_verdict(summary):  # says plainly when a learned attacker recovers the tokens
-        summary["privacy"] = summary_verdict(summary)
+    verdict = summary_verdict(summary)  # says plainly when a learned attacker recovers the tokens
+    if verdict:
+        summary["privacy"] = verdict
     if jax.process_index() == 0:
         print(tracking.summary_table(summary, title="SGT training summary"), flush=True)
     return summary

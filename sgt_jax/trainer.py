@@ -22,8 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgt_jax import adversary as adversary_lib
 from sgt_jax import config as config_lib
-from sgt_jax import noise_spacing
 from sgt_jax import metrics as metrics_lib
+from sgt_jax import noise_spacing
 from sgt_jax import objective, optim, parallel, step as step_lib
 from sgt_jax.cloak import TransformerCloak
 from sgt_jax.config import SGTConfig
