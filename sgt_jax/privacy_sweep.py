@@ -80,6 +80,13 @@ def run_point(config_path, overrides: Sequence[str], run_dir: Path, *, attack_st
     return point
 
 
+def _label(settings: Sequence[str]) -> str:
+    """``objective.adversary_weight=0.05`` → ``adversary_weight=0.05``; no settings → ``default``."""
+    parts = [f"{k.split('.')[-1]}={v}" for k, _, v in (s.partition("=") for s in settings)
+             if k.split(".")[-1] != "adversary"]  # the marker shows the objective
+    return " ".join(parts) or "default"
+
+
 def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> np.ndarray:
     """PNG of top-1 agreement against learned-attack recovery, one marker per objective; returns the plotted
     (x, y) coordinates in the order of ``points``."""
@@ -98,11 +105,13 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> np.ndarray
         coll = ax.scatter(xy[:, 0], xy[:, 1], marker=marker, label=f"{objective} objective")
         coords[idx] = np.asarray(coll.get_offsets())
         for i, (x, y) in zip(idx, xy):
-            ax.annotate(" ".join(s.split(".")[-1] for s in points[i]["settings"]) or "default", (x, y), fontsize=6)
+            ax.annotate(_label(points[i]["settings"]), (x, y), xytext=(-5, 3), textcoords="offset points",
+                        ha="right", fontsize=6)
     ax.set_xlabel("learned MLP attack: recovery of transformed tokens (%)")
     ax.set_ylabel("top-1 agreement with the base model (%)")
-    ax.set_title("SGT privacy-utility frontier (lower right is worse)")
-    ax.legend()
+    ax.set_xlim(0, 102)
+    ax.set_title("SGT privacy-utility frontier (upper left is better)")
+    ax.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
