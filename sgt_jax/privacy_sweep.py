@@ -112,8 +112,7 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> np.ndarray
     ax.set_xlim(0, 102)
     ax.set_title("SGT privacy-utility frontier (upper left is better)")
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return coords
 
