@@ -37,7 +37,7 @@ from sgt_jax.inversion import ATTACKS, PromptSet, run_attacks, sigma_at_targets
 
 log = logging.getLogger("sgt_jax.attack")
 
-__all__ = ["sgt_transform", "load_prompt_sets", "attack", "quick_attack_summary", "main"]
+__all__ = ["sgt_transform", "load_prompt_sets", "attack", "quick_attack_summary", "summary_attack_lines", "main"]
 
 REPORT_NAME = "attack_report.json"
 
@@ -169,17 +169,35 @@ def report_scalars(report: dict) -> dict[str, float]:
     return out
 
 
-def quick_attack_summary(sgt_path, *, steps: int = 300, overrides: Sequence[str] = (),
-                         seed: int = 0) -> dict[str, float]:
+def quick_attack_summary(sgt_path, *, steps: int = 300, eval_data: Optional[str] = None,
+                         overrides: Sequence[str] = (), seed: int = 0) -> dict[str, float]:
     """The learned ``mlp`` attack with quick settings (``steps`` Adam steps, no ceiling, no MI) next to
     nearest-neighbour recovery: the privacy lines of the training summary and of ``sgt_jax.evaluate``."""
     report = attack(sgt_path, attacks=("nn", "mlp"), steps=steps, ceiling=False, mi_samples=0, seed=seed,
+                    eval_data=eval_data,
                     max_eval=128, max_train=1024, overrides=overrides, progress=False, print_table=False,
                     out=str(_quick_report_path(sgt_path)))
     res = report["attacks"]
     return {"attack_mlp_top1_recovery": res["mlp"]["top1"], "attack_mlp_top5_recovery": res["mlp"]["top5"],
             "attack_nn_cosine_top1_recovery": res["nn_cosine"]["top1"],
             "attack_majority_baseline_top1": res["majority_baseline"]["top1"]}
+
+
+def summary_attack_lines(sgt_path, *, steps: int, **kwargs) -> dict[str, Any]:
+    """:func:`quick_attack_summary` for a summary that must not fail after a long run: a user-caused problem
+    (e.g. no validation split to attack) becomes a logged warning and an ``attack`` line saying why."""
+    from sgt_jax.errors import user_errors
+
+    import time
+
+    start = time.perf_counter()
+    try:
+        lines = quick_attack_summary(sgt_path, steps=steps, **kwargs)
+        log.info("learned attack (%d mlp steps): %.1f s", steps, time.perf_counter() - start)
+        return lines
+    except user_errors() as exc:
+        log.warning("learned attack skipped: %s", exc)
+        return {"attack": f"skipped: {exc}"}
 
 
 def _quick_report_path(sgt_path) -> Path:
@@ -205,7 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="attacker initialisation and noise seed (default 0)")
     parser.add_argument("--out", help=f"report path (default <run or artifact dir>/{REPORT_NAME}; with --frontier: "
                         "the PNG, default frontier.png in the current directory)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the saved config (e.g. data.max_length=64)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides of the saved config (e.g. data.max_length=64)")
     args = parser.parse_args(argv)
     from sgt_jax.errors import run_cli
 

@@ -223,6 +223,9 @@ class ValidationConfig:
     # Perplexity and next-token agreement need the whole base model: when training is truncated (ssl),
     # the full model is loaded once for validation. false: skip them (e.g. when memory is tight).
     perplexity: bool = True
+    # Adam steps of the learned per-position (mlp) inversion attack reported at the end of training and by
+    # sgt_jax.evaluate next to nearest-neighbour obfuscation (0: off; python -m sgt_jax.attack for the full set).
+    attack_steps: int = 300
 
 
 @dataclass
@@ -369,6 +372,7 @@ def validate(cfg: SGTConfig) -> None:
     _check(len(d.buckets) > 0 and all(b > 0 for b in d.buckets), "data.buckets must be a non-empty list of positive lengths.")
     _check(max(d.buckets) >= d.max_length, f"data.buckets' largest ({max(d.buckets)}) must be >= data.max_length ({d.max_length}).")
     _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction must be in [0, 1).")
+    _check(cfg.validation.attack_steps >= 0, "validation.attack_steps must be >= 0 (0 turns the learned attack off).")
     m = cfg.mesh
     sizes = [m.data, m.fsdp, m.tensor]
     _check(sum(1 for s in sizes if s == -1) <= 1, "mesh: at most one of data, fsdp, tensor may be -1.")

@@ -96,7 +96,7 @@ def _flatten(prefix: str, values: dict[str, Any], out: dict[str, Any]) -> dict[s
 def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str] = None,
              max_batches: Optional[int] = None, generation_examples: Optional[int] = None,
              out: Optional[str] = None, overrides: Sequence[str] = (), seed: int = 0,
-             print_table: bool = True) -> dict[str, Any]:
+             print_table: bool = True, attack_steps: Optional[int] = None) -> dict[str, Any]:
     """Evaluate the SGT at ``sgt_path`` (run dir or artifact); returns the report (also written to ``out``)."""
     from sgt_jax import tracking
     from sgt_jax.data import build_datasets, load_tokenizer
@@ -171,6 +171,13 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
             "reconstruction_rank_mean": metrics_lib.summarize(np.concatenate(ranks[m])).get("mean", float("nan")),
         }
 
+    attack_steps = cfg.validation.attack_steps if attack_steps is None else attack_steps
+    if attack_steps:  # a learned attacker next to the nearest-neighbour numbers (python -m sgt_jax.attack: all)
+        from sgt_jax.attack import summary_attack_lines
+
+        obfuscation["learned_attack"] = summary_attack_lines(artifact_dir, steps=attack_steps, eval_data=data,
+                                                             overrides=overrides, seed=seed)
+
     generation: dict[str, Any] = {"num_examples": len(prompts)}
     rows = []
     if prompts:
@@ -230,13 +237,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--generation-examples", type=int, help="prompts for the generation metrics (0: none)")
     parser.add_argument("--out", help="report JSON path (default <run or artifact dir>/eval_report.json)")
     parser.add_argument("--seed", type=int, default=0, help="noise / sampling seed (default 0)")
+    parser.add_argument("--attack-steps", type=int, help="Adam steps of the learned mlp attack reported next to "
+                        "obfuscation (default validation.attack_steps; 0: off)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the saved config")
     args = parser.parse_args(argv)
     from sgt_jax.errors import run_cli
 
     return run_cli(lambda: evaluate(args.sgt, data=args.data, data_format=args.data_format,
                                     max_batches=args.max_batches, generation_examples=args.generation_examples,
-                                    out=args.out, overrides=args.overrides, seed=args.seed))
+                                    out=args.out, overrides=args.overrides, seed=args.seed,
+                                    attack_steps=args.attack_steps))
 
 
 if __name__ == "__main__":

@@ -126,8 +126,8 @@ def train_inverter(kind: str, transform: Transform, data: PromptSet, *, hidden_s
     warmup = max(1, min(100, steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1),
                                                   learning_rate * 0.1)
-    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0)),
-                              wrt=nnx.Param)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     train_step = nnx.cached_partial(inverter_train_step, optimizer, model)
     for step, (_, _, batch) in enumerate(noised_batches(data, transform, noise_key, batch_size=batch_size,
                                                         steps=steps)):
@@ -223,7 +223,7 @@ def run_attacks(transform: Transform, table, train: PromptSet, held_out: PromptS
         raise DataError(f"--attacks {unknown[0]!r} is unknown; choose from {', '.join(ATTACKS)}.")
     table = jnp.asarray(table, jnp.float32)
     vocab, dim = table.shape
-    lrs = {"mlp": 1e-3, "transformer": 5e-4, **(learning_rates or {})}
+    lrs = {"mlp": 1e-3, "transformer": 1e-3, **(learning_rates or {})}
     eval_key = jax.random.fold_in(key, 7)
     identity = gaussian_transform(table)
     out: dict = {"majority_baseline": majority_baseline(train, held_out)}
@@ -239,10 +239,10 @@ def run_attacks(transform: Transform, table, train: PromptSet, held_out: PromptS
             continue
         models = {"x_t": transform, "clean": identity} if ceiling else {"x_t": transform}
         for j, (which, tf) in enumerate(models.items()):
+            report = None if on_step is None else (lambda s, loss, name=f"{attack}/{which}": on_step(name, s, loss))
             model = train_inverter(attack, tf, train, hidden_size=dim, vocab_size=vocab, steps=steps,
                                    key=jax.random.fold_in(key, 2 * index + j), max_length=max_length,
-                                   batch_size=batch_size, learning_rate=lrs[attack],
-                                   on_step=None if on_step is None else (lambda s, l, a=attack, w=which: on_step(f"{a}/{w}", s, l)))
+                                   batch_size=batch_size, learning_rate=lrs[attack], on_step=report)
             rank_fn = lambda x_t, ids, am, m=model: _inverter_ranks(m, x_t, ids, am)  # noqa: E731
             if which == "x_t":
                 out[attack] = score(rank_fn, held_out, transform, table, eval_key)

@@ -136,6 +136,10 @@ def train(
         artifact_dir = trainer.save_artifact(state)
         summary.update(trainer.summarize(before, after))
         summary["artifact"] = str(artifact_dir)
+        if cfg.validation.attack_steps and jax.process_index() == 0:
+            from sgt_jax.attack import summary_attack_lines
+
+            summary.update(summary_attack_lines(artifact_dir, steps=cfg.validation.attack_steps))
     data_iter.close()
     tracker.close()
     from sgt_jax.privacy_sweep import summary_verdict

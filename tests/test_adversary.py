@@ -23,7 +23,7 @@ def overrides(model_dir, run_dir, **extra):
         "validation.every_steps": 1000, "validation.max_batches": 1, "validation.generation_examples": 0,
         "checkpoint.every_steps": 3, "checkpoint.every_minutes": "null", "checkpoint.async_save": "false",
         "tracking.log_every_steps": 1, "tracking.progress_bar": "false", "tracking.run_dir": run_dir,
-        "objective.adversary": "mlp", "objective.adversary_learning_rate": 3e-3,
+        "objective.adversary": "mlp", "objective.adversary_learning_rate": 3e-3, "validation.attack_steps": 0,
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]

@@ -18,6 +18,7 @@ def test_short_default_run_improves_obfuscation_within_the_utility_bound(tmp_pat
         "validation.every_steps=1000",
         "validation.max_batches=2",
         "validation.generation_examples=0",
+        "validation.attack_steps=100",
         "checkpoint.every_steps=null",
         "checkpoint.every_minutes=null",
     ])
@@ -31,3 +32,5 @@ def test_short_default_run_improves_obfuscation_within_the_utility_bound(tmp_pat
     assert summary["utility_within_bound"] is True, summary
     assert summary["utility_loss (after)"] <= cfg.train.max_utility_loss
     assert (tmp_path / "run" / "sgt" / "sgt_config.json").is_file()
+    # A learned attacker is reported next to nearest-neighbour, and is never weaker than it.
+    assert summary["attack_mlp_top1_recovery"] >= summary["attack_nn_cosine_top1_recovery"], summary

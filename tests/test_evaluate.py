@@ -116,7 +116,7 @@ def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
     root, _ = tiny_run
     out = root / "report.json"
     assert main(["--sgt", str(root / "run"), "--max-batches", "2", "--generation-examples", "2",
-                 "--out", str(out)]) == 0
+                 "--attack-steps", "20", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report) >= {"forward", "obfuscation", "generation", "data", "sgt", "base_model_fingerprint"}
     fwd = report["forward"]
@@ -128,6 +128,9 @@ def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
         assert obf["percent_changed"]["mean"] == pytest.approx(0.0, abs=1e-9)
         assert set(obf["percent_changed"]) >= {"mean", "min", "max", "q10", "q50", "q90"}
         assert obf["reconstruction_rank_mean"] == pytest.approx(0.0, abs=1e-9)
+    learned = report["obfuscation"]["learned_attack"]  # the learned attack next to nearest-neighbour
+    assert 0.0 <= learned["attack_mlp_top1_recovery"] <= learned["attack_mlp_top5_recovery"] <= 100.0
+    assert learned["attack_nn_cosine_top1_recovery"] == pytest.approx(100.0)  # identity-like SGT
     gen = report["generation"]
     assert gen["num_examples"] == 2
     for key in ("rouge1_precision", "rouge2_recall", "rougeL_fmeasure"):
@@ -142,7 +145,8 @@ def test_evaluate_noisy_sgt_obfuscates(tiny_run):
     from sgt_jax.evaluate import evaluate
 
     root, noisy = tiny_run
-    report = evaluate(noisy, max_batches=1, generation_examples=0, out=str(root / "noisy.json"), print_table=False)
+    report = evaluate(noisy, max_batches=1, generation_examples=0, out=str(root / "noisy.json"), print_table=False,
+                      attack_steps=0)
     assert report["obfuscation"]["cosine"]["percent_changed"]["mean"] > 50
     assert report["obfuscation"]["l2"]["reconstruction_rank_mean"] >= 1
     assert report["forward"]["top1_agreement"] <= 1.0 and report["generation"] == {"num_examples": 0}

@@ -57,6 +57,7 @@ def common_overrides(model_dir, run_dir, **extra):
         "optimizer.schedule": "constant",
         "validation.every_steps": 1000,
         "validation.max_batches": 1,
+        "validation.attack_steps": 0,  # the learned attack is tested in test_attack / test_default_run
         "checkpoint.every_steps": 3,
         "checkpoint.every_minutes": "null",
         "checkpoint.async_save": "false",
