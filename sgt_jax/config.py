@@ -42,6 +42,7 @@ DEFAULT_MODEL = "embedded:tiny-llama"
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 OBJECTIVE_MODES = ("ssl", "lm", "distill")
+ADVERSARY_KINDS = ("off", "mlp", "transformer")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("alpaca", "openorca", "chat", "text")
 DTYPES = ("bfloat16", "float32", "float16")
@@ -115,6 +116,13 @@ class ObjectiveConfig:
     moe_aux_loss_weight: float = 0.01
     # lm/distill: vocabulary chunk for the cross-entropy (0: no chunking).
     vocab_chunk_size: int = 0
+    # Learned adversary trained alongside the cloak to recover the tokens from x_t: off, mlp or transformer.
+    # The cloak's loss gains adversary_weight * max(log p_inverter(true token), -log V) (min-max).
+    adversary: str = "off"
+    adversary_weight: float = 1.0  # weight of the adversary's penalty in the cloak's loss
+    adversary_learning_rate: float = 1.0e-3  # Adam learning rate of the adversary's inverter
+    # Inverter optimizer steps per cloak step (the first on the step's own batch and noise, the rest on fresh noise).
+    adversary_steps: int = 1
 
 
 @dataclass
@@ -350,6 +358,12 @@ def validate(cfg: SGTConfig) -> None:
     _check(0.0 <= o.alpha <= 1.0, f"objective.alpha={o.alpha} must be in [0, 1].")
     for name in ("transform_variance_priority", "transform_strength_priority", "weight"):
         _check(getattr(o, name) >= 0, f"objective.{name} must be >= 0.")
+    # A YAML `off` arrives as the boolean False.
+    o.adversary = {"false": "off", "none": "off"}.get(str(o.adversary).lower(), str(o.adversary).lower())
+    _choice(o.adversary, ADVERSARY_KINDS, "objective.adversary")
+    _check(o.adversary_weight >= 0, "objective.adversary_weight must be >= 0.")
+    _check(o.adversary_learning_rate > 0, "objective.adversary_learning_rate must be > 0.")
+    _check(o.adversary_steps >= 1, "objective.adversary_steps must be >= 1.")
     if o.mode != "ssl" and cfg.model.truncate_at_layer is not None:
         raise ConfigError(
             f"model.truncate_at_layer={cfg.model.truncate_at_layer} only applies to objective.mode=ssl; "

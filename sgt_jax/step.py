@@ -44,6 +44,8 @@ class TrainState(flax.struct.PyTreeNode):
     run_key: jax.Array  # uint32 key data of the run key (plain array: checkpointable)
     nonfinite_streak: jax.Array  # consecutive skipped steps
     nonfinite_total: jax.Array
+    # objective.adversary's inverter (sgt_jax.adversary.AdversaryState); None (no leaves) when it is off.
+    adversary: Any = None
 
 
 def init_train_state(params: Any, optimizer: optax.GradientTransformation, run_key: jax.Array) -> TrainState:

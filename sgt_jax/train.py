@@ -115,6 +115,11 @@ def train(
             summary.update(summary_attack_lines(artifact_dir, steps=cfg.validation.attack_steps))
     data_iter.close()
     tracker.close()
+    from sgt_jax.privacy_sweep import summary_verdict
+
+    verdict = summary_verdict(summary)  # says plainly when a learned attacker recovers the tokens
+    if verdict:
+        summary["privacy"] = verdict
     if jax.process_index() == 0:
         print(tracking.summary_table(summary, title="SGT training summary"), flush=True)
     return summary

@@ -7,6 +7,7 @@ data, the cloak and its optimizer, the jitted train and eval steps, validation, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import secrets
 from pathlib import Path
@@ -18,8 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sgt_jax import adversary as adversary_lib
 from sgt_jax import config as config_lib
 from sgt_jax import metrics as metrics_lib
+from sgt_jax import noise_spacing
 from sgt_jax import objective, optim, parallel, step as step_lib
 from sgt_jax.cloak import TransformerCloak
 from sgt_jax.config import SGTConfig
@@ -81,8 +84,11 @@ class Trainer:
         self.saved_config["base_model_fingerprint"] = model_fingerprint(self.model_dir)
 
         loss_fn = objective.make_loss_fn(cfg.objective)
-        train_step = step_lib.make_train_step(
-            loss_fn=loss_fn, cloak_graphdef=self.cloak_graphdef, base_graphdef=self.base_graphdef,
+        self.adversary = adversary_lib.from_trainer_config(cfg, cloak, hf_config)  # None when off
+        make_step = (functools.partial(step_lib.make_train_step, cloak_graphdef=self.cloak_graphdef)
+                     if self.adversary is None else self.adversary.make_train_step)
+        train_step = make_step(
+            loss_fn=loss_fn, base_graphdef=self.base_graphdef,
             optimizer=self.optimizer, mesh=self.mesh, hidden_size=self.hidden_size, learning_rate_fn=self.schedule,
         )
         replicated = NamedSharding(self.mesh, P())
@@ -108,7 +114,8 @@ class Trainer:
 
     def _fresh_state(self) -> step_lib.TrainState:
         run_key = jnp.asarray(self._run_key_data)
-        return step_lib.init_train_state(self._init_params, self.optimizer, run_key)
+        state = step_lib.init_train_state(self._init_params, self.optimizer, run_key)
+        return state if self.adversary is None else state.replace(adversary=self.adversary.init_state())
 
     def init_state(self) -> step_lib.TrainState:
         # Fresh buffers: on one device device_put would alias self._init_params, and the train step donates
@@ -172,9 +179,11 @@ class Trainer:
         full = None if full_state is None else nnx.merge(self._full_graphdef, full_state)
         out = step_lib.forward_eval(cloak, full, base.embedding_table, batch, keys)
         obf = out["obfuscation"]["cosine"]
+        selected = batch["attention_mask"].astype(bool) & batch["noise_mask"].astype(bool)
+        spacing = noise_spacing.spacing_sums(out["sigma"], batch["input_ids"], selected, base.embedding_table)
         return {
             "losses": losses,
-            "sums": out["sums"],
+            "sums": {**out["sums"], **spacing},
             "percent_changed": obf["percent_changed"],
             "mean_rank": obf["mean_rank"],
             "nearest": obf["nearest"],
@@ -225,6 +234,9 @@ class Trainer:
             return {}
         result = {f"{k}": v / batches for k, v in loss_sums.items()}
         result.update(metrics_lib.finalize_forward_metrics(sums))
+        result.update(noise_spacing.finalize_spacing(sums))
+        result.update(noise_spacing.mi_estimate(self.base.embedding_table,
+                                                np.concatenate(sigmas).reshape(-1, self.hidden_size)))
         obf = metrics_lib.summarize(np.concatenate(changed))
         result.update({f"obfuscation_{k}": v for k, v in obf.items()})
         rank = metrics_lib.summarize(np.concatenate(ranks))
@@ -327,8 +339,8 @@ class Trainer:
     def summarize(self, before: Optional[Mapping[str, float]], after: Mapping[str, float]) -> dict[str, Any]:
         """The privacy–utility summary: obfuscation and utility before and after training, and whether the
         final utility loss is within train.max_utility_loss."""
-        keys = ("obfuscation_mean", "obfuscation_min", "utility_loss", "mean_sigma", "perplexity_clean",
-                "perplexity_transformed", "top1_agreement", "loss")
+        keys = ("obfuscation_mean", "obfuscation_min", "utility_loss", "mean_sigma", "sigma_over_spacing",
+                "perplexity_clean", "perplexity_transformed", "top1_agreement", "loss")
         out: dict[str, Any] = {}
         for k in keys:
             if before and k in before:

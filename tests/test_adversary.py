@@ -1,0 +1,197 @@
+"""objective.adversary: the inverter learns inside the train step, its state resumes bitwise, and with the
+adversary off the train state and the train step's HLO are today's."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+STEPS = 6
+
+
+def overrides(model_dir, run_dir, **extra):
+    settings = {
+        "model.path": model_dir, "model.dtype": "float32", "cloak.seed": 7, "train.seed": 0,
+        "train.max_steps": STEPS, "data.batch_size": 8, "data.max_length": 64, "data.buckets": "[64]",
+        "data.transform_all_tokens": "true", "data.synthetic_num_examples": 96, "data.num_workers": 0,
+        "optimizer.warmup_steps": 0, "optimizer.schedule": "constant", "optimizer.learning_rate": 1e-3,
+        "validation.every_steps": 1000, "validation.max_batches": 1, "validation.generation_examples": 0,
+        "checkpoint.every_steps": 3, "checkpoint.every_minutes": "null", "checkpoint.async_save": "false",
+        "tracking.log_every_steps": 1, "tracking.progress_bar": "false", "tracking.run_dir": run_dir,
+        "objective.adversary": "mlp", "objective.adversary_learning_rate": 3e-3, "validation.attack_steps": 0,
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from sgt_jax.testing import make_tiny_model_dir
+
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", num_hidden_layers=2))
+
+
+def _train(cfg, **kw):
+    from sgt_jax.train import train
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train(cfg, **kw)
+
+
+def _final_state(run_dir, cfg):
+    from sgt_jax.checkpoint import Checkpointer
+    from sgt_jax.trainer import Trainer
+
+    template = Trainer(cfg).init_state()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+    with Checkpointer(Path(run_dir) / "checkpoints", every_minutes=None) as ckpt:
+        state, _, _ = ckpt.restore(STEPS, abstract_state=abstract)
+    return jax.device_get(state)
+
+
+def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
+    """Off: no adversary leaves in the state, and the step lowers to the same HLO as on a state class without
+    the field (today's) and as the step built directly from sgt_jax.step."""
+    import flax.struct
+    from typing import Any
+
+    from sgt_jax import config as config_lib
+    from sgt_jax import objective
+    from sgt_jax import step as step_lib
+    from sgt_jax.trainer import Trainer
+
+    class OldTrainState(flax.struct.PyTreeNode):  # the train state before objective.adversary existed
+        step: Any
+        params: Any
+        opt_state: Any
+        run_key: Any
+        nonfinite_streak: Any
+        nonfinite_total: Any
+
+    cfg = config_lib.load_config(None, overrides(model_dir, tmp_path / "run", **{"objective.adversary": "off"}))
+    trainer = Trainer(cfg)
+    state = trainer.init_state()
+    assert state.adversary is None and trainer.adversary is None
+    fields = {f: getattr(state, f) for f in OldTrainState.__dataclass_fields__}
+    old = OldTrainState(**fields)
+    assert jax.tree.leaves(state) == jax.tree.leaves(old)
+    batch = trainer.global_batch(next(iter(trainer.train_data)), trainer.accum_steps)
+    direct = step_lib.make_train_step(
+        loss_fn=objective.make_loss_fn(cfg.objective), cloak_graphdef=trainer.cloak_graphdef,
+        base_graphdef=trainer.base_graphdef, optimizer=trainer.optimizer, mesh=trainer.mesh,
+        hidden_size=trainer.hidden_size, learning_rate_fn=trainer.schedule)
+    hlo_trainer = trainer._train_step.lower(state, trainer.base_state, batch).as_text()
+    hlo_old = jax.jit(direct).lower(old, trainer.base_state, batch).as_text()
+    hlo_new = jax.jit(direct).lower(state, trainer.base_state, batch).as_text()
+    strip = lambda text: "\n".join(l for l in text.splitlines() if "module @" not in l and "sharding" not in l)  # noqa: E731,E741
+    assert strip(hlo_old) == strip(hlo_new)
+    assert strip(hlo_trainer) == strip(hlo_new)
+
+
+def test_adversary_learns_in_the_step_and_resumes_bitwise(model_dir, tmp_path):
+    """On (mlp): the inverter's CE falls over 6 steps, and a run stopped after step 3's checkpoint and
+    resumed ends with the same cloak *and* adversary state, bit for bit, as the uninterrupted run."""
+    from sgt_jax import config as config_lib
+    from sgt_jax.tracking import read_events
+
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    _train(config_lib.load_config(None, overrides(model_dir, ref_dir)))
+    ce = [v for _, v in sorted(read_events(ref_dir / "tensorboard")["train/adversary_ce"])]
+    assert len(ce) == STEPS and ce[-1] < 0.8 * ce[0]
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_3(step, state):
+        if step == 3:
+            raise Crash
+
+    cut_cfg = config_lib.load_config(None, overrides(model_dir, cut_dir))
+    with pytest.raises(Crash):
+        _train(cut_cfg, on_step=crash_at_3)
+    _train(cut_cfg)  # resumes from step 3
+    ref, resumed = _final_state(ref_dir, cut_cfg), _final_state(cut_dir, cut_cfg)
+    assert resumed.adversary is not None and len(jax.tree.leaves(resumed.adversary)) > 0
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The adversary really moved (the comparison is not between two untouched initial states).
+    from sgt_jax.trainer import Trainer
+
+    init = jax.device_get(Trainer(cut_cfg).init_state().adversary.params)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(ref.adversary.params)))
+
+
+def test_sigma_over_spacing_by_hand():
+    """Vocabulary e0=(0,0), e1=(1,0), e2=(0,2); token 0 with sigma (0.5, 0.1): along e1-e0 the std is 0.5 over
+    distance 1, along e2-e0 it is 0.1 over distance 2: mean (0.5 + 0.05) / 2 = 0.275; one of two tokens
+    (the second is unselected) and it is >= 0.5? no."""
+    import jax.numpy as jnp
+
+    from sgt_jax.noise_spacing import finalize_spacing, spacing_sums
+
+    table = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    sigma = jnp.array([[[0.5, 0.1], [9.0, 9.0]]])
+    sums = spacing_sums(sigma, jnp.array([[0, 1]]), jnp.array([[True, False]]), table, k=2)
+    out = finalize_spacing(jax.device_get(sums))
+    assert out["sigma_over_spacing"] == pytest.approx(0.275, rel=1e-6)
+    assert out["sigma_over_spacing_ge_half"] == 0.0
+    sums = spacing_sums(sigma * 4, jnp.array([[0, 1]]), jnp.array([[True, False]]), table, k=2)
+    assert finalize_spacing(jax.device_get(sums))["sigma_over_spacing"] == pytest.approx(1.1, rel=1e-6)
+
+
+def test_privacy_verdict_flips_at_the_threshold():
+    from sgt_jax.privacy_sweep import NOT_HIDDEN, privacy_verdict, summary_verdict
+
+    assert NOT_HIDDEN in privacy_verdict(98.5)  # the recommendations' default on the tiny run
+    assert NOT_HIDDEN not in privacy_verdict(30.0)
+    assert NOT_HIDDEN in privacy_verdict(30.0, threshold=25.0)
+    assert privacy_verdict(None) is None
+    assert NOT_HIDDEN in summary_verdict({"attack_mlp_top1_recovery (after)": 99.0})
+    assert NOT_HIDDEN not in summary_verdict({"attack_mlp_top1_recovery": 20.0})
+    assert summary_verdict({"top1_agreement (after)": 0.99}) is None
+
+
+def test_sweep_of_three_settings_plots_the_runs_attack_reports(model_dir, tmp_path):
+    """Three tiny runs (one step each), each attacked by an identity-like SGT's learned attack: the frontier
+    PNG is written and its plotted points are exactly the runs' own reports; an untrained (identity-like)
+    SGT is recovered by the learned attacker, so its verdict says it does not hide tokens."""
+    import json
+
+    from sgt_jax.privacy_sweep import HIGH_RECOVERY, NOT_HIDDEN, privacy_verdict, sweep
+
+    common = overrides(model_dir, tmp_path / "unused", **{
+        "train.max_steps": 1, "optimizer.learning_rate": 1e-6, "data.synthetic_num_examples": 32,
+        "checkpoint.every_steps": 100})
+    settings = [["objective.adversary=off"], ["objective.adversary=off", "objective.alpha=0.8"],
+                ["objective.adversary=mlp", "objective.adversary_weight=0.1"]]
+    points = sweep(settings, tmp_path / "sweep", attack_steps=60, common=common)
+    assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 1000
+    frontier = json.loads((tmp_path / "sweep" / "frontier.json").read_text())
+    assert [p["objective"] for p in frontier] == ["recommendations", "recommendations", "adversarial"]
+    for i, p in enumerate(frontier):
+        report = json.loads((tmp_path / "sweep" / f"run_{i}" / "privacy_point.json").read_text())
+        attack = json.loads(Path(report["attack_report"]).read_text())
+        assert report["mlp_recovery"] == attack["attacks"]["mlp"]["top1"]
+        assert p["plotted"] == pytest.approx([attack["attacks"]["mlp"]["top1"], 100 * report["top1_agreement"]])
+    # One step at lr 1e-6 leaves the SGT at its near-identity initialisation: a learned attack reads it.
+    assert points[0]["mlp_recovery"] >= HIGH_RECOVERY
+    assert NOT_HIDDEN in privacy_verdict(points[0]["mlp_recovery"])
+
+
+def test_validation_mi_drops_unnoised_rows_and_spans_0_to_log2_v():
+    """Rows of NaN (positions without noise) are ignored; tiny noise keeps all log2(V) bits, huge noise none."""
+    from sgt_jax.noise_spacing import mi_estimate
+
+    table = np.random.RandomState(0).randn(64, 8).astype(np.float32)
+    rows = np.full((10, 8), np.nan, np.float32)
+    rows[:4] = 0.01
+    assert mi_estimate(table, rows)["mi_bits"] == pytest.approx(6.0, abs=0.05)
+    rows[:4] = 100.0
+    assert mi_estimate(table, rows)["mi_bits"] < 0.05
+    assert mi_estimate(table, np.full((3, 8), np.nan)) == {}
