@@ -204,9 +204,12 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
         raise MeshConfigError(f"mesh.distributed={mode!r} is unknown; use auto, true or false.")
     explicit = mesh_cfg.coordinator_address is not None
     # Environments where jax.distributed.initialize() can discover the cluster by itself.
-    cluster_env = any(var in os.environ for var in (
+    # A TPU VM names its slice's workers; one name (e.g. "localhost", which the ahead-of-time compiler also
+    # sets for a topology) is a single host.
+    several_tpu_workers = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    cluster_env = several_tpu_workers or any(var in os.environ for var in (
         "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-        "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+        "MEGASCALE_COORDINATOR_ADDRESS"))
     if mode == "false" or (mode == "auto" and not (explicit or cluster_env)):
         return False
     kwargs = {}

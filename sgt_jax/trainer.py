@@ -210,7 +210,8 @@ class Trainer:
         for i, host_batch in enumerate(iter(self.val_data)):
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
                 break
-            batch = {k: v[0] for k, v in self.global_batch(host_batch, 1).items()}
+            global_batch = self.global_batch(host_batch, 1)
+            batch = {k: v[0] for k, v in global_batch.items()}
             with jax.set_mesh(self.mesh):  # activations batch-sharded (FSDP); splash finds its mesh
                 out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
             real = np.asarray(out["real_rows"])
