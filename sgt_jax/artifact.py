@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
+from sgt_jax.errors import SGTError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sgt_config.json"
@@ -40,7 +41,7 @@ EMBEDDINGS_NAME = "embeddings.safetensors"
 log = logging.getLogger(__name__)
 
 
-class ArtifactError(ValueError):
+class ArtifactError(SGTError):
     """A missing or malformed artifact; one line naming the path and the fix."""
 
 

@@ -186,16 +186,16 @@ def quick_attack_summary(sgt_path, *, steps: int = 300, eval_data: Optional[str]
 def summary_attack_lines(sgt_path, *, steps: int, **kwargs) -> dict[str, Any]:
     """:func:`quick_attack_summary` for a summary that must not fail after a long run: a user-caused problem
     (e.g. no validation split to attack) becomes a logged warning and an ``attack`` line saying why."""
-    from sgt_jax.errors import user_errors
-
     import time
+
+    from sgt_jax.errors import SGTError
 
     start = time.perf_counter()
     try:
         lines = quick_attack_summary(sgt_path, steps=steps, **kwargs)
         log.info("learned attack (%d mlp steps): %.1f s", steps, time.perf_counter() - start)
         return lines
-    except user_errors() as exc:
+    except SGTError as exc:
         log.warning("learned attack skipped: %s", exc)
         return {"attack": f"skipped: {exc}"}
 

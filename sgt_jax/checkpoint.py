@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from sgt_jax.errors import SGTError
 
 __all__ = [
     "CheckpointError",
@@ -74,7 +75,7 @@ STRUCTURAL_SETTINGS = (
 FINGERPRINT_KEY = "base_model_fingerprint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SGTError):
     """A checkpoint problem the user can fix (incompatible run directory, nothing to restore)."""
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from sgt_jax.models.decoder import REMAT_POLICIES, DecoderConfig, DecoderStack
+from sgt_jax.errors import SGTError
 
 __all__ = [
     "CloakConfigError",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 
-class CloakConfigError(ValueError):
+class CloakConfigError(SGTError):
     """A user-caused cloak problem (setting, dtype, family); the one-line message names the fix."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from sgt_jax.errors import SGTError
 
 __all__ = [
     "ConfigError",
@@ -49,7 +50,7 @@ DTYPES = ("bfloat16", "float32", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
-class ConfigError(ValueError):
+class ConfigError(SGTError):
     """A user-caused configuration problem, reported in one sentence naming the setting and the fix."""
 
 

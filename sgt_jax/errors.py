@@ -1,19 +1,21 @@
-"""The exceptions a user can cause (bad setting, path, model family, data, checkpoint). Each carries a
-one-line message naming the setting and the fix; entry points print it instead of a traceback."""
+"""The exceptions a user can cause (bad setting, path, model family, data, checkpoint, artifact). Every one
+derives from :class:`SGTError` and carries a one-line message naming the setting and the fix; the entry
+points print that line instead of a traceback (exit code 2).
+
+This module imports nothing from the package: every other module may import it, so the error types live
+next to the code that raises them and the CLIs catch the one base class."""
 
 from __future__ import annotations
 
+USER_ERROR_EXIT_CODE = 2
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from sgt_jax.artifact import ArtifactError
-    from sgt_jax.checkpoint import CheckpointError
-    from sgt_jax.cloak import CloakConfigError
-    from sgt_jax.config import ConfigError
-    from sgt_jax.data.errors import DataError
-    from sgt_jax.models.decoder import ModelLoadError
-    from sgt_jax.parallel import MeshConfigError
 
-    return (ArtifactError, CheckpointError, CloakConfigError, ConfigError, DataError, ModelLoadError, MeshConfigError)
+class SGTError(ValueError):
+    """A user-fixable problem. A ``ValueError`` too, so code that caught those before keeps working."""
+
+    def __init__(self, message: str = ""):
+        # One line, so it reads cleanly at the edge of a CLI.
+        super().__init__(" ".join(str(message).split()))
 
 
 def run_cli(body) -> int:
@@ -27,7 +29,7 @@ def run_cli(body) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         body()
-    except user_errors() as exc:
+    except SGTError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT_CODE
     return 0

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from sgt_jax.errors import SGTError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
 }
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(SGTError):
     """A mesh that cannot be built on these devices; the message names the mesh.* settings and the fix."""
 
 

@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from sgt_jax.models import CausalLM
-from sgt_jax.models.hf import CheckpointError, load_causal_lm, save_pretrained_safetensors
+from sgt_jax.models.hf import ModelLoadError, load_causal_lm, save_pretrained_safetensors
 from sgt_jax.testing import make_tiny_checkpoint
 
 TRUNCATE_AT = 1
@@ -41,7 +41,7 @@ def test_truncated_load_reads_nothing_above_k(llama_dir, batch, tmp_path):
                     or any(name.startswith(f"model.layers.{i}.") for i in range(TRUNCATE_AT + 1, 4)))}
     assert len(kept) < len(tensors)
     save_file(kept, str(stripped / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="is missing from the checkpoint"):
+    with pytest.raises(ModelLoadError, match="is missing from the checkpoint"):
         CausalLM.from_pretrained(stripped, dtype="float32")  # the full model does need them
 
     names_read = []
@@ -92,7 +92,7 @@ def test_round_trip_through_transformers(model_type, llama_dir, batch, tmp_path)
 
 
 def _one_line_error(path, match, **kwargs):
-    with pytest.raises(CheckpointError, match=match) as err:
+    with pytest.raises(ModelLoadError, match=match) as err:
         CausalLM.from_pretrained(path, dtype="float32", **kwargs)
     assert "\n" not in str(err.value)
     assert isinstance(err.value, ValueError)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+from sgt_jax.errors import SGTError
 
-class DataError(ValueError):
+
+class DataError(SGTError):
     """A user-fixable data problem; the message is one line naming the file/setting and the fix."""
-
-    def __init__(self, message: str):
-        # Keep every message on one line so it reads cleanly at the edge of a CLI.
-        super().__init__(" ".join(str(message).split()))

@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from sgt_jax.errors import SGTError
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 # A finite large negative logit: fully masked rows (left-pad queries) give a uniform, NaN-free softmax.
 _MASKED_LOGIT = -1e30
 
 
-class AttentionConfigError(ValueError):
+class AttentionConfigError(SGTError):
     """The requested attention kernel cannot run here; the message names model.attention_impl and the fix."""
 
 

@@ -19,12 +19,13 @@ import numpy as np
 from flax import nnx
 
 from sgt_jax.models.attention import cached_dot_product_attention, check_attention_impl, dot_product_attention
+from sgt_jax.errors import SGTError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SGTError):
     """A user-caused problem with a base model (path, family, checkpoint); one line naming the fix."""
 
 

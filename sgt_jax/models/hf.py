@@ -23,7 +23,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
-CheckpointError = ModelLoadError  # the one-line, user-facing loading error (a ValueError)
 
 # The one name map, shared by llama / mistral / qwen2: our parameter path -> HF tensor name ({i}: layer).
 # Kernels are stored (in, out) here and (out, in) in HF, hence the transpose flag.
@@ -54,18 +53,18 @@ def resolve_model_path(path) -> Path:
 
 def _check_model_dir(path, directory: Path) -> None:
     if not directory.is_dir():
-        raise CheckpointError(f"model.path={str(path)!r} is not a directory ({directory}); point model.path at a "
+        raise ModelLoadError(f"model.path={str(path)!r} is not a directory ({directory}); point model.path at a "
                               "Hugging Face model directory (config.json + *.safetensors).")
     if not (directory / "config.json").is_file():
-        raise CheckpointError(f"model.path={str(path)!r} has no config.json; point model.path at a Hugging Face "
+        raise ModelLoadError(f"model.path={str(path)!r} has no config.json; point model.path at a Hugging Face "
                               "model directory.")
     if not ((directory / SINGLE_FILE).is_file() or (directory / INDEX_FILE).is_file()):
         if any((directory / name).exists() for name in _PICKLE_FILES):
-            raise CheckpointError(
+            raise ModelLoadError(
                 f"model.path={str(path)!r} holds only pickle weights (pytorch_model.bin); safetensors only: "
                 "convert it with transformers save_pretrained(safe_serialization=True)."
             )
-        raise CheckpointError(f"model.path={str(path)!r} has no weights ({SINGLE_FILE} or {INDEX_FILE}); "
+        raise ModelLoadError(f"model.path={str(path)!r} has no weights ({SINGLE_FILE} or {INDEX_FILE}); "
                               "save the model with safetensors.")
 
 
@@ -95,7 +94,7 @@ class SafetensorsReader:
         from safetensors import safe_open
 
         if name not in self.weight_map:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
+            raise ModelLoadError(f"tensor {name!r} is missing from the checkpoint in {self.directory}; "
                                   "re-save the model with save_pretrained.")
         file_name = self.weight_map[name]
         if file_name not in self._handles:
@@ -120,10 +119,10 @@ def load_causal_lm(path, *, dtype="bfloat16", truncate_at_layer=None, mesh=None,
     _check_model_dir(path, directory)
     config = DecoderConfig.from_hf(directory / "config.json")
     if config.num_experts > 0:
-        raise CheckpointError(f"model.path={str(path)!r} is a mixture-of-experts checkpoint; base models must be "
+        raise ModelLoadError(f"model.path={str(path)!r} is a mixture-of-experts checkpoint; base models must be "
                               "dense llama / mistral / qwen2.")
     if truncate_at_layer is not None and not 0 <= truncate_at_layer < config.num_hidden_layers:
-        raise CheckpointError(
+        raise ModelLoadError(
             f"model.truncate_at_layer={truncate_at_layer} is out of range for the {config.num_hidden_layers}-layer "
             f"model at {str(path)!r}; use 0..{config.num_hidden_layers - 1} or null."
         )
@@ -154,7 +153,7 @@ def load_causal_lm(path, *, dtype="bfloat16", truncate_at_layer=None, mesh=None,
 
 def _read_param(reader: SafetensorsReader, key, variable, config, dtype) -> np.ndarray:
     if key not in PARAM_NAME_MAP:
-        raise CheckpointError(f"parameter {'.'.join(key)} has no Hugging Face name; this checkpoint layout is "
+        raise ModelLoadError(f"parameter {'.'.join(key)} has no Hugging Face name; this checkpoint layout is "
                               "not supported.")
     template, transpose = PARAM_NAME_MAP[key]
     layered = "{i}" in template
@@ -165,7 +164,7 @@ def _read_param(reader: SafetensorsReader, key, variable, config, dtype) -> np.n
         shape = reader.shape(name)
         hf_expected = tuple(reversed(expected)) if transpose else tuple(expected)
         if shape != hf_expected:
-            raise CheckpointError(f"tensor {name!r} has shape {shape} but config.json implies {hf_expected} in "
+            raise ModelLoadError(f"tensor {name!r} has shape {shape} but config.json implies {hf_expected} in "
                                   f"{reader.directory}; the weights and config.json do not match.")
         tensor = reader.read(name)
         tensors.append((tensor.T if transpose else tensor).astype(dtype))
@@ -238,5 +237,5 @@ def save_pretrained_safetensors(model_or_params, config: DecoderConfig, out_dir)
     return out_dir
 
 
-__all__ = ["CheckpointError", "PARAM_NAME_MAP", "SUPPORTED_MODEL_TYPES", "SafetensorsReader", "hf_config_dict",
+__all__ = ["ModelLoadError", "PARAM_NAME_MAP", "SUPPORTED_MODEL_TYPES", "SafetensorsReader", "hf_config_dict",
            "load_causal_lm", "resolve_model_path", "save_pretrained_safetensors"]
