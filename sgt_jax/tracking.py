@@ -265,17 +265,25 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def summary_table(rows: Mapping[str, Any], title: str = "Run summary") -> str:
-    """A one-screen, boxed ``name  value`` summary of the run, e.g. for the end of training."""
+def summary_table(rows: Mapping[str, Any], title: str = "Run summary", max_value_width: int = 60) -> str:
+    """A one-screen, boxed ``name  value`` summary of the run, e.g. for the end of training. Numbers are
+    right-aligned; a sentence longer than ``max_value_width`` wraps onto continuation lines."""
+    import textwrap
+
     items = [(str(k), _format_value(v)) for k, v in rows.items()]
     key_width = max([len(k) for k, _ in items] + [1])
-    value_width = max([len(v) for _, v in items] + [1])
+    unbreakable = max([len(v) for _, v in items if " " not in v] + [1])  # numbers, paths: never wrapped
+    value_width = max(min(max([len(v) for _, v in items] + [1]), max_value_width), unbreakable)
     inner = max(key_width + 3 + value_width, len(title))
     value_width = inner - key_width - 3
     rule = "+" + "-" * (inner + 2) + "+"
     lines = [rule, f"| {title.center(inner)} |", rule]
     for key, value in items:
-        lines.append(f"| {key.ljust(key_width)}   {value.rjust(value_width)} |")
+        if len(value) <= value_width:
+            lines.append(f"| {key.ljust(key_width)}   {value.rjust(value_width)} |")
+            continue
+        for i, part in enumerate(textwrap.wrap(value, value_width, break_long_words=False)):
+            lines.append(f"| {(key if i == 0 else '').ljust(key_width)}   {part.ljust(value_width)} |")
     lines.append(rule)
     return "\n".join(lines)
 

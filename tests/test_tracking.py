@@ -98,3 +98,16 @@ def test_summary_table_contains_values():
     assert "1,200" in text and "0.4322" in text and "15234.5000" in text and "runs/sgt/sgt" in text
     assert "3.0000e-05" in text
     assert len(lines) <= 30
+
+
+def test_summary_table_wraps_a_sentence_but_never_a_path():
+    sentence = "this SGT does not hide tokens from a learned attacker: it recovers 98.8% of transformed tokens"
+    lines = summary_table({"steps": 3, "privacy": sentence}).splitlines()
+    assert len({len(line) for line in lines}) == 1  # still a proper box
+    wrapped = [line.strip("|").strip() for line in lines[3:-1] if "steps" not in line]
+    assert len(wrapped) >= 2 and " ".join(wrapped).replace("privacy", "", 1).split() == sentence.split()
+
+    path = "/a/very/long/run/directory/" + "x" * 70 + "/sgt"
+    lines = summary_table({"artifact": path, "privacy": sentence}).splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert any(path in line for line in lines)  # whole on one line: copyable
