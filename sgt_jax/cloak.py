@@ -8,7 +8,7 @@ For input embeddings ``x`` (B, S, D)::
 
 Each estimator is a :class:`~sgt_jax.models.decoder.DecoderStack` of the base model's family and width
 (built from ``config_path``'s ``config.json``; one layer unless ``num_hidden_layers`` is passed), with the
-final norm like a Hugging Face ``*Model``. Everything is float32 and stays float32: the seed is explicit
+final norm like a Hugging Face ``*Model``. Everything is float32 and stays float32: the recommendations are explicit
 that the transform must run in single precision, and a downcast after the fact must fail loudly at call
 time rather than train or serve a silently degraded transform.
 """
@@ -63,12 +63,12 @@ def normalize_transformer_type(name: str) -> str:
 
 
 def scale_from_embeddings(embedding_table) -> Tuple[float, float]:
-    """The seed's rule of thumb for ``scale``, read off the base model's embedding table (V, D).
+    """The recommendations' rule of thumb for ``scale``, read off the base model's embedding table (V, D).
 
     min_scale = 0.1 × the smallest per-feature standard deviation over the vocabulary;
     max_scale = 10 × the largest absolute value of any feature of any token.
 
-    Why these statistics: the seed says min ≈ 10× below "the minimum value of all features" and max ≈ 10×
+    Why these statistics: the recommendations say min ≈ 10× below "the minimum value of all features" and max ≈ 10×
     above "the maximum". Read literally, the minimum *absolute* entry of a real table is ~0 (or exactly 0),
     which would give a useless or invalid min_scale; the quietest feature's spread is the smallest scale at
     which noise still moves a feature relative to how it varies between tokens. The largest absolute entry
@@ -168,7 +168,7 @@ def _read_model_type(config_path) -> str:
 class TransformerCloak(nnx.Module):
     """The SGT: two float32 decoder-stack estimators (mean, std) + their ``Dense(D, D)`` heads.
 
-    Arguments follow the seed (see SPEC §2); ``**kwargs`` override the estimators' decoder config
+    Arguments follow the recommendations; ``**kwargs`` override the estimators' decoder config
     (``num_hidden_layers`` defaults to 1). ``rngs`` only initialises parameters; noise and dropout come from
     the key passed to ``__call__``.
     """
@@ -256,7 +256,7 @@ class TransformerCloak(nnx.Module):
         if rngs is None:
             rngs = nnx.Rngs(0 if seed is None else int(seed))
         try:
-            # *_num_experts win over a num_experts in kwargs: they are the seed's named settings.
+            # *_num_experts win over a num_experts in kwargs: they are the recommendations' named settings.
             mean_config = DecoderConfig.from_hf(config_path, **{**self.estimator_kwargs,
                                                                 "num_experts": self.mean_num_experts})
             std_config = DecoderConfig.from_hf(config_path, **{**self.estimator_kwargs,

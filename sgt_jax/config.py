@@ -61,8 +61,8 @@ class ModelConfig:
     path: str = DEFAULT_MODEL
     # Compute/storage dtype of the frozen base model. The cloak is always float32.
     dtype: str = "bfloat16"
-    # Build and load only embeddings + layers 0..k (ssl mode). None: the whole model. The seed
-    # recommends 12 for 32-layer models (13 layers kept).
+    # Build and load only embeddings + layers 0..k (ssl mode). None: the whole model. The
+    # recommendations advise 12 for 32-layer models (13 layers kept).
     truncate_at_layer: Optional[int] = None
     # Attention kernel of the base model: xla (everywhere), cudnn (flash, GPU), splash (TPU).
     attention_impl: str = "xla"
@@ -86,13 +86,13 @@ class CloakConfig:
     seed: Optional[int] = None
     # Initial std head output; None: 0.0 when directly_learn_stds else -3.0.
     rho_init: Optional[float] = None
-    std_dropout: float = 0.1  # dropout on the std estimator's output, before its head; off in eval (seed: 0.1)
-    mean_dropout: float = 0.1  # dropout on the mean estimator's output, before its head; off in eval (seed: 0.1)
-    directly_learn_stds: bool = True  # true: sigma = clip(head, min, max) (seed's recommended start); false: the tanh(rho / shallow) form
+    std_dropout: float = 0.1  # dropout on the std estimator's output, before its head; off in eval (recommended: 0.1)
+    mean_dropout: float = 0.1  # dropout on the mean estimator's output, before its head; off in eval (recommended: 0.1)
+    directly_learn_stds: bool = True  # true: sigma = clip(head, min, max) (recommended start); false: the tanh(rho / shallow) form
     mean_num_experts: int = 0  # >0: the mean estimator's MLP is a top-2 mixture of that many experts
     std_num_experts: int = 0  # >0: the std estimator's MLP is a top-2 mixture of that many experts
     use_causal_mask: bool = True  # causal (true) or bidirectional attention inside the estimators
-    # Passed to the estimators' decoder config (the seed's **kwargs), e.g. num_hidden_layers.
+    # Passed to the estimators' decoder config (the recommendations' **kwargs), e.g. num_hidden_layers.
     estimator_kwargs: Dict[str, Any] = field(default_factory=lambda: {"num_hidden_layers": 1})
     # Rematerialisation of the estimators' layers in training (none | full | a jax.checkpoint_policies name):
     # trades recomputation for activation memory; the transform itself is unchanged.
@@ -128,7 +128,7 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimizerConfig:
-    learning_rate: float = 3e-5  # peak learning rate (seed: the base model's final lr, 3e-5 for Llama 2)
+    learning_rate: float = 3e-5  # peak learning rate (recommended: the base model's final lr, 3e-5 for Llama 2)
     b1: float = 0.9  # AdamW beta1
     b2: float = 0.95  # AdamW beta2
     eps: float = 1e-5  # AdamW epsilon
@@ -238,12 +238,12 @@ class ValidationConfig:
 
 @dataclass
 class GenerationConfig:
-    do_sample: bool = True  # sample (seed: true); false: greedy
-    temperature: float = 0.6  # softmax temperature (seed: 0.6)
-    top_k: int = 5000  # sample among the k most likely tokens (seed: 5000; 0: off)
-    top_p: float = 0.9  # nucleus sampling mass (seed: 0.9)
-    repetition_penalty: float = 1.0  # HF repetition penalty (seed: 1.0)
-    renormalize_logits: bool = True  # renormalise the processed logits (seed: always true)
+    do_sample: bool = True  # sample (recommended: true); false: greedy
+    temperature: float = 0.6  # softmax temperature (recommended: 0.6)
+    top_k: int = 5000  # sample among the k most likely tokens (recommended: 5000; 0: off)
+    top_p: float = 0.9  # nucleus sampling mass (recommended: 0.9)
+    repetition_penalty: float = 1.0  # HF repetition penalty (recommended: 1.0)
+    renormalize_logits: bool = True  # renormalise the processed logits (recommended: always true)
     max_new_tokens: int = 64  # tokens generated per prompt at most (stops earlier at eos)
 
 

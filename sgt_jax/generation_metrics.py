@@ -1,6 +1,6 @@
 """Generation metrics: ROUGE of SGT generations against base-model generations, and the cache of the latter.
 
-The seed recommends comparing generations made *with* the SGT to generations of the base model *without* it
+The recommendations advise comparing generations made *with* the SGT to generations of the base model *without* it
 for the same prompts (ideally better than dataset labels, which the base model may not reproduce). The base
 generations depend only on the base model, the prompts and the generation settings, so they are computed
 once and cached as JSON beside the run (:func:`cached_base_generations`).

@@ -1,4 +1,4 @@
-"""The SGT objective (SPEC §3, the seed's "SGT Loss Function")::
+"""The SGT objective (the recommendations' "SGT Loss Function")::
 
     L = (1 - alpha) * weight * L_M + alpha * (transform_variance_priority * L_N + transform_strength_priority * L_S)
         (+ moe_aux_loss_weight * aux when the estimators have experts)
@@ -101,7 +101,7 @@ def lm_target_mask(attention_mask, loss_mask):
 
 
 def lm_loss(logits, input_ids, attention_mask, loss_mask, *, denominator=None):
-    """Next-token cross-entropy: logits at n score token n+1 (the shift the seed warns about), counted where
+    """Next-token cross-entropy: logits at n score token n+1 (the shift the recommendations warn about), counted where
     the *target* token has loss_mask = 1 and is not padding."""
     logits = logits[:, :-1].astype(jnp.float32)
     targets = input_ids[:, 1:]

@@ -34,7 +34,7 @@ log = logging.getLogger("sgt_jax.train")
 
 
 def default_truncation_layer(num_layers: int) -> int:
-    """The seed's truncation layer index: 12 for a 32-layer model (13 layers kept), scaled for other depths."""
+    """The recommendations' truncation layer index: 12 for a 32-layer model (13 layers kept), scaled for other depths."""
     return int(min(num_layers - 1, max(0, round(num_layers * 12 / 32))))
 
 

@@ -97,7 +97,7 @@ def test_rho_init_sets_initial_sigma_and_defaults(model_dir):
     expected = 1e-3 + (1.0 - 1e-3) * (1 + np.tanh(-3.0)) / 2
     sigma = np.asarray(run(cloak, x, am, nm, key=jax.random.key(0), deterministic=True).sigma)
     np.testing.assert_allclose(sigma, expected, rtol=1e-2)
-    # the defaults of SPEC §2
+    # the documented defaults
     direct = _cloak(model_dir)
     assert (direct.min_scale, direct.max_scale, direct.rho_init) == (1e-8, 1.0, 0.0)
     rho = _cloak(model_dir, directly_learn_stds=False)

@@ -1,4 +1,4 @@
-"""The shipped configs/*.yaml: each parses, follows the seed's recipe, and builds its model family's base model
+"""The shipped configs/*.yaml: each parses, follows the recommendations' recipe, and builds its model family's base model
 and cloak from a tiny stand-in checkpoint of the same family (same model_type and RoPE settings; no hub)."""
 
 from pathlib import Path
@@ -100,7 +100,7 @@ def test_tiny_config_is_the_default_run():
     assert 0 <= cfg.model.truncate_at_layer < decoder_config.num_hidden_layers
     lo, hi = cfg.cloak.scale
     assert 0 < lo < hi
-    # The scale is the seed's rule of thumb read off the shipped model's embeddings (2 significant digits in the
+    # The scale is the recommendations' rule of thumb read off the shipped model's embeddings (2 significant digits in the
     # yaml): re-pretraining the model must come with a recomputed scale.
     from safetensors.numpy import load_file
 
@@ -109,7 +109,7 @@ def test_tiny_config_is_the_default_run():
     weights = load_file(Path(__file__).resolve().parent.parent / "sgt_jax/assets/tiny-llama/model.safetensors")
     expected = scale_from_embeddings(weights["model.embed_tokens.weight"])
     assert (lo, hi) == pytest.approx(expected, rel=0.05), expected
-    # The seed's loss weights stay; only lr/scale/steps are adapted to the tiny model.
+    # The recommendations' loss weights stay; only lr/scale/steps are adapted to the tiny model.
     o = cfg.objective
     assert (o.alpha, o.transform_variance_priority, o.transform_strength_priority, o.weight) == (0.54, 0.01, 0.75, 12.0)
     assert cfg.cloak.directly_learn_stds and cfg.cloak.rho_init in (None, 0.0)

@@ -184,7 +184,7 @@ def test_lm_mode_equals_transformers_causal_lm_loss(checkpoint, base_full):
     ours = base_full(batch["input_ids"], attention_mask=batch["attention_mask"])
     np.testing.assert_allclose(float(lm_loss(ours, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])),
                                hf_loss, rtol=1e-4)
-    # an unshifted loss (the seed's historical bug) is measurably different
+    # an unshifted loss (the recommendations' historical bug) is measurably different
     logp = jax.nn.log_softmax(ours, -1)
     unshifted_w = (batch["attention_mask"] * batch["loss_mask"]).astype(jnp.float32)
     own_token_logp = jnp.take_along_axis(logp, batch["input_ids"][..., None], -1)[..., 0]
@@ -265,7 +265,7 @@ def test_moe_aux_loss_enters_the_objective(checkpoint, base_full):
 
 
 def test_short_training_run_lowers_the_loss_and_raises_sigma(checkpoint):
-    """ssl on the base truncated at layer 1, the seed's priorities except weight=2: on this tiny random model
+    """ssl on the base truncated at layer 1, the recommendations' priorities except weight=2: on this tiny random model
     the hidden state is so noise-sensitive that with weight=12 "no transform" is already near-optimal."""
     base = CausalLM.from_pretrained(checkpoint, dtype="float32", truncate_at_layer=1)
     cloak = TransformerCloak(config_path=checkpoint, rngs=nnx.Rngs(0))

@@ -1,4 +1,4 @@
-"""Acceptance tests of the training run (SPEC §7): sharded = single device, one reduction per step, exact
+"""Acceptance tests of the training run : sharded = single device, one reduction per step, exact
 resume after SIGKILL, SIGTERM, time-based saving with an injected clock, two processes, TensorBoard content,
 the end-of-run summary and artifact.
 

@@ -1,12 +1,12 @@
 """Mixture-of-experts MLP for the cloak's estimators (``mean_num_experts`` / ``std_num_experts`` > 0).
 
-The seed's SGE needs DeepSpeed for this; here it is native JAX: ``num_experts`` SwiGLU experts shaped like
+The original PyTorch engine needs DeepSpeed for this; here it is native JAX: ``num_experts`` SwiGLU experts shaped like
 the decoder's dense MLP, a linear router, top-k routing (k = ``num_experts_per_tok``, 2 by default) with the
 top-k gate weights renormalised to sum to 1, and the Switch/GShard load-balancing loss.
 
 Dispatch is dense: every expert runs on every token and the combine weights are zero off the top-k. That
 costs ``num_experts``× the dense MLP's FLOPs but has static shapes, no token dropping and no capacity
-factor, which is the right trade for the small expert counts an SGT uses (the seed recommends 0).
+factor, which is the right trade for the small expert counts an SGT uses (the recommendations advise 0).
 """
 
 from __future__ import annotations
