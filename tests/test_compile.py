@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("libtpu", reason="the tpu/test extra installs libtpu")
+import libtpu  # noqa: E402,F401  (the test extra installs it: its absence must fail, not skip the TPU compiles)
 
 # A small Llama: hidden 256, 8 query / 4 kv heads of 32, MLP 512, vocab 1024; ssl truncation keeps layers 0..2.
 SMALL = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
