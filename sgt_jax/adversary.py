@@ -67,13 +67,19 @@ def true_token_logprob_penalty(logits: jax.Array, token_ids: jax.Array, weights:
     return jnp.sum(floored * weights.astype(jnp.float32)) / denominator
 
 
-def _transformed(cloak, base, batch, keys, deterministic):
-    """x_t of a micro-batch, the same draw as the objective's (same keys), plus its masks."""
+def _cloak_output(cloak, base, batch, keys, deterministic):
+    """The cloak's output on a micro-batch (the objective's draw: same keys) and its masks."""
     ids = batch["input_ids"]
     attention = batch["attention_mask"].astype(bool)
     selected = attention & batch["noise_mask"].astype(bool)
     x = jax.lax.stop_gradient(base.embed(ids)).astype(jnp.float32)
     out = cloak(x, attention, batch["noise_mask"], key=keys, deterministic=deterministic)
+    return out, ids, selected, attention
+
+
+def _transformed(cloak, base, batch, keys, deterministic):
+    """x_t of a micro-batch, the same draw as the objective's (same keys), plus its masks."""
+    out, ids, selected, attention = _cloak_output(cloak, base, batch, keys, deterministic)
     return out.x_t.astype(jnp.float32), ids, selected, attention
 
 
@@ -82,8 +88,10 @@ def adversarial_loss_fn(base_loss_fn: Callable[..., Any], objective_cfg) -> Call
     weight = float(objective_cfg.adversary_weight)
 
     def loss_fn(pair, base, micro, keys, denominators, deterministic):
-        loss, metrics = base_loss_fn(pair.cloak, base, micro, keys, denominators, deterministic)
-        x_t, ids, selected, attention = _transformed(pair.cloak, base, micro, keys, deterministic)
+        # One cloak forward (and backward) serves the objective and the inverter.
+        out, ids, selected, attention = _cloak_output(pair.cloak, base, micro, keys, deterministic)
+        loss, metrics = base_loss_fn(pair.cloak, base, micro, keys, denominators, deterministic, cloak_out=out)
+        x_t = out.x_t.astype(jnp.float32)
         den = denominators["transformed_tokens"]
         share = jnp.sum(selected).astype(jnp.float32) / den  # a micro-batch mean → a global partial sum
         inv_ce, inv_top1 = inverters.inverter_loss(pair.inverter, jax.lax.stop_gradient(x_t), ids, selected,

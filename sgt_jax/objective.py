@@ -270,8 +270,10 @@ def _frozen(module: nnx.Module) -> nnx.Module:
 
 def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, objective_cfg,
                     denominators: Optional[Mapping[str, jax.Array]] = None, deterministic: bool = False,
-                    ssl_layer: Optional[int] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """Loss and metrics of one (micro-)batch; with global ``denominators`` both are additive partial sums."""
+                    ssl_layer: Optional[int] = None, cloak_out=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Loss and metrics of one (micro-)batch; with global ``denominators`` both are additive partial sums.
+    ``cloak_out``: the cloak's output on this batch with these keys when the caller already computed it
+    (the adversarial objective shares it with its inverter), so the cloak runs once."""
     mode = objective_cfg.mode
     if mode not in ("ssl", "lm", "distill"):
         raise ValueError(f"objective.mode={mode!r} is not one of ssl, lm, distill.")
@@ -285,7 +287,8 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
 
     x_base = jax.lax.stop_gradient(base.embed(input_ids))
     x = x_base.astype(jnp.float32)  # the cloak is float32 whatever the base dtype
-    out = cloak(x, attention_mask, batch["noise_mask"], key=key, deterministic=deterministic)
+    out = cloak_out if cloak_out is not None else cloak(x, attention_mask, batch["noise_mask"], key=key,
+                                                       deterministic=deterministic)
     x_t_base = out.x_t.astype(base_dtype)  # the one cast at the boundary
     hidden_size = x.shape[-1]
     den = dict(local_denominators(batch, hidden_size) if denominators is None else denominators)
@@ -347,8 +350,9 @@ def sgt_objective(cloak, base_model, batch: Mapping[str, jax.Array], *, key, obj
 def make_loss_fn(objective_cfg, *, ssl_layer: Optional[int] = None) -> Callable[..., Any]:
     """The ``loss_fn(cloak, base, micro_batch, keys, denominators, deterministic)`` of ``sgt_jax.step``."""
 
-    def loss_fn(cloak, base_model, micro_batch, keys, denominators, deterministic):
+    def loss_fn(cloak, base_model, micro_batch, keys, denominators, deterministic, cloak_out=None):
         return objective_terms(cloak, base_model, micro_batch, key=keys, objective_cfg=objective_cfg,
-                               denominators=denominators, deterministic=deterministic, ssl_layer=ssl_layer)
+                               denominators=denominators, deterministic=deterministic, ssl_layer=ssl_layer,
+                               cloak_out=cloak_out)
 
     return loss_fn
