@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 # Heavy (jax-importing) names are resolved lazily so `import sgt_jax.config` stays cheap.
 _LAZY = {
     "CausalLM": "sgt_jax.models",
-    "TransformerCloak": "sgt_jax.cloak",
-    "StainedGlassTransform": "sgt_jax.artifact",
+    "TransformerCloak": "sgt_jax.transform.cloak",
+    "StainedGlassTransform": "sgt_jax.inference.artifact",
     "load_config": "sgt_jax.config",
     "SGTConfig": "sgt_jax.config",
 }

@@ -74,7 +74,7 @@ def mode_main(out, overrides):
 
 
 def mode_gloo(out, overrides):
-    # sgt_jax.parallel.maybe_initialize_distributed selects gloo CPU collectives itself (what this mode checks).
+    # sgt_jax.training.parallel.maybe_initialize_distributed selects gloo CPU collectives itself (what this mode checks).
     from sgt_jax.train import train
 
     summary = train(_load(overrides))
@@ -166,7 +166,7 @@ def mode_sharded(out, overrides):
 
     from sgt_jax.tracking import read_events
     from sgt_jax.train import train
-    from sgt_jax.trainer import Trainer
+    from sgt_jax.training.trainer import Trainer
 
     result = {"devices": jax.device_count()}
     # data.batch_size is the micro-batch: 8 rows, one per device, 4 of them per optimizer step.

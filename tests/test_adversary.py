@@ -31,7 +31,7 @@ def overrides(model_dir, run_dir, **extra):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from sgt_jax.testing import make_tiny_model_dir
+    from tiny_checkpoints import make_tiny_model_dir
 
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", num_hidden_layers=2))
 
@@ -44,8 +44,8 @@ def _train(cfg, **kw):
 
 
 def _final_state(run_dir, cfg):
-    from sgt_jax.checkpoint import Checkpointer
-    from sgt_jax.trainer import Trainer
+    from sgt_jax.training.checkpoint import Checkpointer
+    from sgt_jax.training.trainer import Trainer
 
     template = Trainer(cfg).init_state()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
@@ -56,14 +56,14 @@ def _final_state(run_dir, cfg):
 
 def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
     """Off: no adversary leaves in the state, and the step lowers to the same HLO as on a state class without
-    the field (today's) and as the step built directly from sgt_jax.step."""
+    the field (today's) and as the step built directly from sgt_jax.training.step."""
     import flax.struct
     from typing import Any
 
     from sgt_jax import config as config_lib
-    from sgt_jax import objective
-    from sgt_jax import step as step_lib
-    from sgt_jax.trainer import Trainer
+    from sgt_jax.transform import objective
+    from sgt_jax.training import step as step_lib
+    from sgt_jax.training.trainer import Trainer
 
     class OldTrainState(flax.struct.PyTreeNode):  # the train state before objective.adversary existed
         step: Any
@@ -120,7 +120,7 @@ def test_adversary_learns_in_the_step_and_resumes_bitwise(model_dir, tmp_path):
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The adversary really moved (the comparison is not between two untouched initial states).
-    from sgt_jax.trainer import Trainer
+    from sgt_jax.training.trainer import Trainer
 
     init = jax.device_get(Trainer(cut_cfg).init_state().adversary.params)
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
@@ -133,7 +133,7 @@ def test_sigma_over_spacing_by_hand():
     (the second is unselected) and it is >= 0.5? no."""
     import jax.numpy as jnp
 
-    from sgt_jax.noise_spacing import finalize_spacing, spacing_sums
+    from sgt_jax.transform.noise_spacing import finalize_spacing, spacing_sums
 
     table = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
     sigma = jnp.array([[[0.5, 0.1], [9.0, 9.0]]])
@@ -146,7 +146,7 @@ def test_sigma_over_spacing_by_hand():
 
 
 def test_privacy_verdict_flips_at_the_threshold():
-    from sgt_jax.privacy_sweep import NOT_HIDDEN, privacy_verdict, summary_verdict
+    from sgt_jax.evaluation.attack import NOT_HIDDEN, privacy_verdict, summary_verdict
 
     assert NOT_HIDDEN in privacy_verdict(98.5)  # the recommendations' default on the tiny run
     assert NOT_HIDDEN not in privacy_verdict(30.0)
@@ -163,7 +163,8 @@ def test_sweep_of_three_settings_plots_the_runs_attack_reports(model_dir, tmp_pa
     SGT is recovered by the learned attacker, so its verdict says it does not hide tokens."""
     import json
 
-    from sgt_jax.privacy_sweep import HIGH_RECOVERY, NOT_HIDDEN, privacy_verdict, sweep
+    from sgt_jax.evaluation.attack import HIGH_RECOVERY, NOT_HIDDEN, privacy_verdict
+    from sgt_jax.training.privacy_sweep import sweep
 
     common = overrides(model_dir, tmp_path / "unused", **{
         "train.max_steps": 1, "optimizer.learning_rate": 1e-6, "data.synthetic_num_examples": 32,
@@ -186,7 +187,7 @@ def test_sweep_of_three_settings_plots_the_runs_attack_reports(model_dir, tmp_pa
 
 def test_validation_mi_drops_unnoised_rows_and_spans_0_to_log2_v():
     """Rows of NaN (positions without noise) are ignored; tiny noise keeps all log2(V) bits, huge noise none."""
-    from sgt_jax.noise_spacing import mi_estimate
+    from sgt_jax.transform.noise_spacing import mi_estimate
 
     table = np.random.RandomState(0).randn(64, 8).astype(np.float32)
     rows = np.full((10, 8), np.nan, np.float32)

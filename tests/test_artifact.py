@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sgt_jax.artifact import ArtifactError, DebugSeedError, StainedGlassTransform, save_artifact
-from sgt_jax.cloak import TransformerCloak
+from sgt_jax.inference.artifact import ArtifactError, DebugSeedError, StainedGlassTransform, save_artifact
+from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import CloakConfig
 from sgt_jax.data import load_tokenizer
-from sgt_jax.testing import make_tiny_model_dir
+from tiny_checkpoints import make_tiny_model_dir
 
 TEXTS = ["What is the capital of France?", "Add 2 and 3."]
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sgt_jax.inversion import PromptSet, assert_disjoint, gaussian_transform, noised_batches, run_attacks
-from sgt_jax.privacy_mi import gaussian_mixture_mi
+from sgt_jax.evaluation.inversion import PromptSet, assert_disjoint, gaussian_transform, noised_batches, run_attacks
+from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
 
 V, D, L = 16, 16, 8
 
@@ -31,7 +31,7 @@ def _prompts(n, seed):
 
 
 def test_inverter_loss_matches_hand_computation_and_reaches_x_t():
-    from sgt_jax.inverters import make_inverter, inverter_loss
+    from sgt_jax.transform.inverters import make_inverter, inverter_loss
 
     model = make_inverter("mlp", D, V, nnx.Rngs(0), hidden=32)
     x = jax.random.normal(jax.random.key(1), (2, 5, D))
@@ -129,11 +129,11 @@ def test_mi_limits_monotone_and_two_point_reference():
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     from sgt_jax import config as config_lib
-    from sgt_jax.artifact import save_artifact
-    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.inference.artifact import save_artifact
+    from sgt_jax.transform.cloak import TransformerCloak
     from sgt_jax.data import load_tokenizer
-    from sgt_jax.testing import make_tiny_model_dir
-    from sgt_jax.trainer import model_fingerprint
+    from tiny_checkpoints import make_tiny_model_dir
+    from sgt_jax.training.trainer import model_fingerprint
 
     root = tmp_path_factory.mktemp("attack")
     model_dir = make_tiny_model_dir(root / "model", hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -161,7 +161,7 @@ def tiny_runs(tmp_path_factory):
 def test_attack_cli_then_frontier(tiny_runs, capsys):
     import matplotlib.image
 
-    from sgt_jax.attack import main
+    from sgt_jax.evaluation.attack import main
 
     root, runs = tiny_runs
     reports = []
@@ -197,7 +197,7 @@ def test_attack_cli_then_frontier(tiny_runs, capsys):
 
 
 def test_bad_paths_and_empty_data_are_one_line_errors(tiny_runs, tmp_path, capsys):
-    from sgt_jax.attack import main
+    from sgt_jax.evaluation.attack import main
 
     _, runs = tiny_runs
     empty = tmp_path / "empty.jsonl"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from sgt_jax import bench
-from sgt_jax.parallel import prefetch_to_device
+from sgt_jax.training import benchmark as bench
+from sgt_jax.training.parallel import prefetch_to_device
 
 EXPECTED_KEYS = {"args", "shape", "device_kind", "platform", "compile_s", "step_s_median", "step_s_all",
                  "tokens_per_s", "valid_tokens_per_s", "flops", "peak_flops", "mfu", "peak_memory_bytes",

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from sgt_jax.checkpoint import (
+from sgt_jax.training.checkpoint import (
     COMMIT_MARKER,
     CheckpointError,
     Checkpointer,
@@ -173,7 +173,7 @@ KILLED_MID_SAVE = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import jax, jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from sgt_jax.checkpoint import Checkpointer
+    from sgt_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer({directory!r}, every_minutes=30.0, async_save=True)
     ckpt.save(1, {{"w": jnp.zeros((256, 256))}}, data_state={{"s": 1}}, config={{}})
@@ -326,7 +326,7 @@ SHARDED_RESTORE = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from sgt_jax.checkpoint import Checkpointer
+    from sgt_jax.training.checkpoint import Checkpointer
 
     assert jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))

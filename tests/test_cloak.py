@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sgt_jax.cloak import (
+from sgt_jax.transform.cloak import (
     CloakConfigError,
     TransformerCloak,
     normalize_transformer_type,
@@ -110,7 +110,7 @@ def test_rho_init_sets_initial_sigma_and_defaults(model_dir):
 def test_sigma_gets_gradient_at_initialisation(model_dir, direct):
     """Even with the std head exactly at rho_init (kernel 0 → head = 0 < min_scale: a plain clip would be
     saturated with zero gradient) the stochasticity loss moves the std head."""
-    from sgt_jax.objective import stochasticity_loss
+    from sgt_jax.transform.objective import stochasticity_loss
 
     x, am, nm = _inputs()
     cloak = _cloak(model_dir, directly_learn_stds=direct)
@@ -138,7 +138,7 @@ def test_directly_learned_sigma_gradient_is_bounded_and_keeps_the_head_inside(mo
     """The 7B recipe's scale (1e-8, 1): with rho_init = 0 half the head starts just above the floor, where the
     exact dL_N/dhead = -1/sigma reaches -1e8. The rule (by hand, ref = 0.1 · max_scale = 0.1): inside the
     bounds dL/dhead = dL/dsigma · min(1, sigma / ref); outside, only a gradient that brings the head back."""
-    import sgt_jax.cloak as cloak_lib
+    import sgt_jax.transform.cloak as cloak_lib
 
     assert cloak_lib.LOG_SPACE_FRACTION == 0.1
     cloak = nnx.eval_shape(lambda: TransformerCloak(config_path=model_dir, scale=(1e-8, 1.0),

@@ -39,7 +39,7 @@ def _overrides(model_dir, *extra):
 @pytest.fixture(scope="module")
 def fsdp4(small_dir):
     """The train step compiled once for v5e:2x2 with data=1, fsdp=4."""
-    from sgt_jax import compile as compile_lib
+    from sgt_jax.training import compile as compile_lib
     from sgt_jax.config import load_config
     from sgt_jax.train import DEFAULT_CONFIG
 
@@ -65,7 +65,7 @@ def test_fsdp_collectives_per_layer_and_no_gradient_collective_in_loops(fsdp4):
     """In the optimized TPU HLO: the base's layers are all-gathered inside the layer scan, no all-gather returns
     more than one layer's parameters (no whole-model gather), and no all-reduce / reduce-scatter sits in a loop
     body (the gradient is reduced once per step, after the accumulation scan)."""
-    from sgt_jax import hlo
+    from sgt_jax.training import hlo
 
     comms = hlo.collectives(fsdp4["train"].as_text())
     gathers = [c for c in comms if c["op"] == "all-gather"]
@@ -78,7 +78,7 @@ def test_fsdp_collectives_per_layer_and_no_gradient_collective_in_loops(fsdp4):
 def test_cloak_dots_run_at_highest_precision_and_base_dots_do_not(fsdp4):
     """Every float32 dot (the cloak: estimators, heads, their backward) carries HIGHEST; every bfloat16 dot (the
     frozen base) keeps the default. Fails if cloak.matmul_precision stops reaching a dot, or leaks into the base."""
-    from sgt_jax import hlo
+    from sgt_jax.training import hlo
 
     dots = hlo.dot_precisions(fsdp4["train"].as_text())
     cloak = [d for d in dots if d["operand_dtypes"] and set(d["operand_dtypes"]) == {"f32"}]
@@ -117,7 +117,7 @@ def test_configuration_that_cannot_fit_exits_3_with_one_line(small_dir, capsys):
 def test_splash_attention_compiles_for_v5e_4x4_under_data_fsdp_tensor(small_dir):
     """model.attention_impl=splash with data=2, fsdp=2, tensor=4: both steps compile for the TPU and carry the
     Mosaic kernel (tpu_custom_call) — fails if the kernel is left to the automatic partitioner again."""
-    from sgt_jax import compile as compile_lib
+    from sgt_jax.training import compile as compile_lib
     from sgt_jax.config import load_config
     from sgt_jax.train import DEFAULT_CONFIG
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sgt_jax.cloak import TransformerCloak
+from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import load_config
 from sgt_jax.models import CausalLM, DecoderConfig
-from sgt_jax.testing import make_tiny_checkpoint
+from tiny_checkpoints import make_tiny_checkpoint
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -104,7 +104,7 @@ def test_tiny_config_is_the_default_run():
     # yaml): re-pretraining the model must come with a recomputed scale.
     from safetensors.numpy import load_file
 
-    from sgt_jax.cloak import scale_from_embeddings
+    from sgt_jax.transform.cloak import scale_from_embeddings
 
     weights = load_file(Path(__file__).resolve().parent.parent / "sgt_jax/assets/tiny-llama/model.safetensors")
     expected = scale_from_embeddings(weights["model.embed_tokens.weight"])

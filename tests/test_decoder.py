@@ -6,7 +6,7 @@ import pytest
 
 from sgt_jax.models import CausalLM, DecoderConfig, DecoderStack
 from sgt_jax.models.decoder import ModelLoadError
-from sgt_jax.testing import make_tiny_checkpoint
+from tiny_checkpoints import make_tiny_checkpoint
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}

@@ -47,7 +47,7 @@ def test_the_7b_recipes_cloak_settings_train_in_the_default_run(tmp_path, caplog
     obfuscation within the utility budget."""
     import logging
 
-    from sgt_jax.artifact import StainedGlassTransform
+    from sgt_jax.inference.artifact import StainedGlassTransform
 
     recipe = load_config(Path(__file__).parents[1] / "configs" / "llama2_7b.yaml").cloak
     assert (recipe.scale, recipe.directly_learn_stds, recipe.rho_init) == ([1e-8, 1.0], True, 0.0)

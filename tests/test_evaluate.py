@@ -5,7 +5,7 @@ import json
 import pytest
 from rouge_score import rouge_scorer
 
-from sgt_jax.generation_metrics import cached_base_generations, rouge_scores
+from sgt_jax.evaluation.rouge import cached_base_generations, rouge_scores
 
 PAIRS = [  # (reference = base generation, candidate = SGT generation)
     ("The capital of France is Paris.", "Paris is the capital of France."),
@@ -78,11 +78,11 @@ def tiny_run(tmp_path_factory):
     from flax import nnx
 
     from sgt_jax import config as config_lib
-    from sgt_jax.artifact import save_artifact
-    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.inference.artifact import save_artifact
+    from sgt_jax.transform.cloak import TransformerCloak
     from sgt_jax.data import load_tokenizer
-    from sgt_jax.testing import make_tiny_model_dir
-    from sgt_jax.trainer import model_fingerprint
+    from tiny_checkpoints import make_tiny_model_dir
+    from sgt_jax.training.trainer import model_fingerprint
 
     root = tmp_path_factory.mktemp("eval")
     model_dir = make_tiny_model_dir(root / "model", hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -111,7 +111,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
-    from sgt_jax.evaluate import main
+    from sgt_jax.evaluation.evaluate import main
 
     root, _ = tiny_run
     out = root / "report.json"
@@ -142,7 +142,7 @@ def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
 
 
 def test_evaluate_noisy_sgt_obfuscates(tiny_run):
-    from sgt_jax.evaluate import evaluate
+    from sgt_jax.evaluation.evaluate import evaluate
 
     root, noisy = tiny_run
     report = evaluate(noisy, max_batches=1, generation_examples=0, out=str(root / "noisy.json"), print_table=False,
@@ -153,7 +153,7 @@ def test_evaluate_noisy_sgt_obfuscates(tiny_run):
 
 
 def test_evaluate_bad_path_one_line(tmp_path, capsys):
-    from sgt_jax.evaluate import main
+    from sgt_jax.evaluation.evaluate import main
 
     assert main(["--sgt", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()

@@ -11,11 +11,11 @@ import pytest
 import torch
 from flax import nnx
 
-from sgt_jax.artifact import save_artifact
-from sgt_jax.cloak import TransformerCloak
+from sgt_jax.inference.artifact import save_artifact
+from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import CloakConfig
-from sgt_jax.export_torch import export_torch, load_torch_sgt
-from sgt_jax.testing import make_tiny_checkpoint
+from sgt_jax.export.torch_export import export_torch, load_torch_sgt
+from tiny_checkpoints import make_tiny_checkpoint
 
 TINY_CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
@@ -136,7 +136,7 @@ def test_pytorch_client_generates_what_the_jax_artifact_generates(tmp_path):
     JAX drew for the transform key) is handed to the torch module, so the tokens must be equal."""
     import transformers
 
-    from sgt_jax.artifact import StainedGlassTransform
+    from sgt_jax.inference.artifact import StainedGlassTransform
     from sgt_jax.config import load_config
     from sgt_jax.data import load_tokenizer
     from sgt_jax.models import CausalLM

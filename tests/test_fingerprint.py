@@ -8,12 +8,12 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from sgt_jax.artifact import ArtifactError, BaseModelMismatchError, StainedGlassTransform, save_artifact
-from sgt_jax.cloak import TransformerCloak
+from sgt_jax.inference.artifact import ArtifactError, BaseModelMismatchError, StainedGlassTransform, save_artifact
+from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import CloakConfig
 from sgt_jax.data import load_tokenizer
 from sgt_jax.models import fingerprint as fp
-from sgt_jax.testing import make_tiny_model_dir
+from tiny_checkpoints import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_digests_are_cached_by_size_and_mtime(models, tmp_path, monkeypatch):
 
 
 def test_an_artifact_refuses_another_base_in_one_line(models, tmp_path, capsys):
-    from sgt_jax.evaluate import main as evaluate_main
+    from sgt_jax.evaluation.evaluate import main as evaluate_main
 
     base, tuned = models
     cfg = CloakConfig(scale=[1e-3, 1.0])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sgt_jax.generate import (apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, generate,
+from sgt_jax.inference.generate import (apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, generate,
                               process_logits)
 from sgt_jax.models import CausalLM
-from sgt_jax.testing import make_tiny_checkpoint
+from tiny_checkpoints import make_tiny_checkpoint
 
 FAMILIES = {"llama": ("llama", {}), "mistral_window4": ("mistral", {"sliding_window": 4})}
 # Untied, large embeddings: greedy paths that vary token to token, with top-2 logit gaps >> fp32 noise
@@ -233,12 +233,12 @@ def test_logits_processors_match_numpy_and_transformers():
 
 
 def test_artifact_generate_uses_the_protected_prompt(tmp_path):
-    from sgt_jax.artifact import StainedGlassTransform, save_artifact
-    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.inference.artifact import StainedGlassTransform, save_artifact
+    from sgt_jax.transform.cloak import TransformerCloak
     from sgt_jax.config import CloakConfig
     from sgt_jax.data import load_tokenizer
-    from sgt_jax.generate import decode_texts
-    from sgt_jax.testing import make_tiny_model_dir
+    from sgt_jax.inference.generate import decode_texts
+    from tiny_checkpoints import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(tmp_path / "model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, corpus_examples=100)

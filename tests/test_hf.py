@@ -9,7 +9,7 @@ from safetensors.numpy import load_file, save_file
 
 from sgt_jax.models import CausalLM
 from sgt_jax.models.hf import ModelLoadError, load_causal_lm, save_pretrained_safetensors
-from sgt_jax.testing import make_tiny_checkpoint
+from tiny_checkpoints import make_tiny_checkpoint
 
 TRUNCATE_AT = 1
 
@@ -45,7 +45,7 @@ def test_truncated_load_reads_nothing_above_k(llama_dir, batch, tmp_path):
         CausalLM.from_pretrained(stripped, dtype="float32")  # the full model does need them
 
     names_read = []
-    model = load_causal_lm(stripped, dtype="float32", truncate_at_layer=TRUNCATE_AT,
+    model = load_causal_lm(CausalLM, stripped, dtype="float32", truncate_at_layer=TRUNCATE_AT,
                            reader_hook=lambda reader: setattr(reader, "names_read", names_read))
     assert not any(name.startswith(("lm_head", "model.norm", f"model.layers.{TRUNCATE_AT + 1}.")) for name in names_read)
     assert model.lm_head is None and model.decoder.final_norm is None

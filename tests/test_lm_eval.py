@@ -22,10 +22,10 @@ QUESTIONS = [
 def setup(tmp_path_factory):
     from flax import nnx
 
-    from sgt_jax.artifact import save_artifact
-    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.inference.artifact import save_artifact
+    from sgt_jax.transform.cloak import TransformerCloak
     from sgt_jax.config import CloakConfig
-    from sgt_jax.testing import make_tiny_checkpoint
+    from tiny_checkpoints import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("lm_eval")
     model_dir = make_tiny_checkpoint(root / "model", "llama", vocab_size=300, hidden_size=32, intermediate_size=48,
@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
 def test_multiple_choice_task_end_to_end(setup, with_sgt):
     from lm_eval.tasks import TaskManager
 
-    from sgt_jax.lm_eval_adapter import SGTLM
+    from sgt_jax.evaluation.lm_eval_adapter import SGTLM
 
     model_dir, sgt_dir, tasks = setup
     lm = SGTLM(str(model_dir), sgt=str(sgt_dir) if with_sgt else None, batch_size=8)
@@ -81,7 +81,7 @@ def test_scoring_and_generation_requests(setup):
     rolling sums windows, generate_until stops at a stop string."""
     from lm_eval.api.instance import Instance
 
-    from sgt_jax.lm_eval_adapter import SGTLM
+    from sgt_jax.evaluation.lm_eval_adapter import SGTLM
 
     model_dir, sgt_dir, _ = setup
     protected = SGTLM(str(model_dir), sgt=str(sgt_dir), batch_size=8)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgt_jax import metrics
+from sgt_jax.evaluation import metrics
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from sgt_jax.testing import make_tiny_model_dir
+    from tiny_checkpoints import make_tiny_model_dir
 
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", num_hidden_layers=2))
 
@@ -115,7 +115,7 @@ def launch(settings, log_dir, *, processes, devices, clocks=(), cache=None):
             env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         if i < len(clocks) and clocks[i]:
-            env["SGT_TEST_CLOCK"] = clocks[i]  # test-only skewed clock (sgt_jax.loop.TEST_CLOCK_ENV)
+            env["SGT_TEST_CLOCK"] = clocks[i]  # test-only skewed clock (sgt_jax.training.loop.TEST_CLOCK_ENV)
         cmd = ["nice", "-n", "5", sys.executable, "-m", "sgt_jax.train", "--config", str(empty), *settings, *cluster]
         err = open(log_dir / f"p{i}.log", "w")
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT))
@@ -168,7 +168,7 @@ def losses(run_dir):
 
 
 def complete_steps(run_dir):
-    from sgt_jax.checkpoint import Checkpointer
+    from sgt_jax.training.checkpoint import Checkpointer
 
     with Checkpointer(Path(run_dir) / "checkpoints", every_minutes=None) as ckpt:
         return ckpt.complete_steps()
@@ -283,7 +283,7 @@ def test_accumulation_consumes_every_example_once(model_dir, tmp_path, monkeypat
     from sgt_jax import config as config_lib
     from sgt_jax.tracking import read_events
     from sgt_jax.train import train
-    from sgt_jax.trainer import Trainer
+    from sgt_jax.training.trainer import Trainer
 
     corpus, texts = spread_corpus(tmp_path / "corpus.jsonl", model_dir, num_examples=32, seed=4)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -315,8 +315,8 @@ def test_agree_cadence_and_test_clock_on_one_process():
     """On one process agree() returns the flags unchanged (no collective); a Cadence fires on its step
     multiples and once its minutes passed on its clock, restarting at reset(); the test-only clock is
     OFFSET + SCALE * monotonic. Fails if a flag is dropped or inverted, or the cadence ignores time."""
-    from sgt_jax import loop
-    from sgt_jax.parallel import agree
+    from sgt_jax.training import loop
+    from sgt_jax.training.parallel import agree
 
     assert agree({"validate": True, "save": False, "exhausted": True}) == {
         "validate": True, "save": False, "exhausted": True}
@@ -343,7 +343,7 @@ def test_generation_prompts_are_the_same_on_every_host(model_dir, tmp_path):
     lengths, in one collective program)."""
     from sgt_jax.config import DataConfig
     from sgt_jax.data import build_datasets, load_tokenizer
-    from sgt_jax.generate import prompts_from_batch, prompts_from_source
+    from sgt_jax.inference.generate import prompts_from_batch, prompts_from_source
 
     cfg = DataConfig(source="synthetic", synthetic_num_examples=40, format="alpaca", validation_fraction=0.2,
                      batch_size=4, num_workers=0, max_length=256, buckets=[256], cache_dir=str(tmp_path / "cache"))

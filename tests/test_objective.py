@@ -8,10 +8,10 @@ import optax
 import pytest
 from flax import nnx
 
-from sgt_jax.cloak import TransformerCloak
+from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import ObjectiveConfig, OptimizerConfig
 from sgt_jax.models.decoder import CausalLM
-from sgt_jax.objective import (
+from sgt_jax.transform.objective import (
     composite,
     distill_loss,
     lm_loss,
@@ -22,7 +22,7 @@ from sgt_jax.objective import (
     ssl_loss,
     stochasticity_loss,
 )
-from sgt_jax.optim import make_optimizer
+from sgt_jax.training.optim import make_optimizer
 
 D = 32
 
@@ -116,7 +116,7 @@ def test_composite_weights_every_term():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from sgt_jax.testing import make_tiny_checkpoint
+    from tiny_checkpoints import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", vocab_size=64, hidden_size=D,
                                 intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -227,7 +227,7 @@ def test_gradient_reaches_only_the_cloak(checkpoint, base_full):
 
 
 def test_micro_batch_partial_sums_add_up_to_the_full_batch_loss(checkpoint, base_full):
-    """sgt_jax.step sums micro-batch results computed against global denominators: must equal one big batch."""
+    """sgt_jax.training.step sums micro-batch results computed against global denominators: must equal one big batch."""
     cloak = TransformerCloak(config_path=checkpoint, rngs=nnx.Rngs(0), mean_dropout=0.5, std_dropout=0.5)
     cfg = ObjectiveConfig(mode="ssl")
     batch = _batch()
@@ -332,8 +332,8 @@ def test_utility_is_averaged_over_the_positions_the_transform_can_change(checkpo
 
 
 def test_term_gradient_norms_are_each_terms_own_gradient_norm(checkpoint, base_full):
-    """sgt_jax.grad_balance (the step-0 log) against one jax.grad per weighted term."""
-    from sgt_jax.grad_balance import TERMS, term_gradient_norms
+    """sgt_jax.training.grad_balance (the step-0 log) against one jax.grad per weighted term."""
+    from sgt_jax.training.grad_balance import TERMS, term_gradient_norms
 
     cloak = TransformerCloak(config_path=checkpoint, scale=(1e-8, 1.0), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(cloak)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from sgt_jax.config import ObjectiveConfig
 from sgt_jax.models.decoder import CausalLM, DecoderConfig
-from sgt_jax.objective import (chunked_distill_loss, chunked_lm_loss, distill_loss, lm_loss, make_loss_fn,
+from sgt_jax.transform.objective import (chunked_distill_loss, chunked_lm_loss, distill_loss, lm_loss, make_loss_fn,
                                local_denominators)
 
 B, S, D, V = 2, 6, 16, 389  # V prime: the last chunk is padded
@@ -59,7 +59,7 @@ def test_chunked_distill_loss_matches_full_logits_with_gradients(chunk):
 
 
 def _setup(tied=False):
-    from sgt_jax.bench import build_cloak
+    from sgt_jax.training.benchmark import build_cloak
 
     config = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-6,

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from sgt_jax.config import OptimizerConfig
-from sgt_jax.optim import decay_mask, make_optimizer, make_schedule, path_names
+from sgt_jax.training.optim import decay_mask, make_optimizer, make_schedule, path_names
 
 
 class _FakeCloak(nnx.Module):
@@ -105,7 +105,7 @@ def test_real_cloak_heads_are_exempt_from_decay(tmp_path):
     step leaves them unchanged while every estimator parameter shrinks by lr * weight_decay."""
     import json
 
-    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.transform.cloak import TransformerCloak
 
     (tmp_path / "config.json").write_text(json.dumps(dict(
         model_type="llama", vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,

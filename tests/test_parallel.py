@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from sgt_jax.config import MeshConfig
-from sgt_jax.parallel import MeshConfigError, host_batch_to_global, logical_to_spec, make_mesh
+from sgt_jax.training.parallel import MeshConfigError, host_batch_to_global, logical_to_spec, make_mesh
 
 
 class FakeMesh:
@@ -50,7 +50,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     from flax import nnx
     from sgt_jax.config import MeshConfig
     from sgt_jax.models import CausalLM
-    from sgt_jax.parallel import make_mesh, host_batch_to_global
+    from sgt_jax.training.parallel import make_mesh, host_batch_to_global
 
     path = sys.argv[1]
     assert len(jax.devices()) == 8
@@ -75,7 +75,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_load_on_8_simulated_devices(tmp_path):
-    from sgt_jax.testing import make_tiny_checkpoint
+    from tiny_checkpoints import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(tmp_path / "llama", "llama")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
@@ -86,7 +86,7 @@ def test_sharded_load_on_8_simulated_devices(tmp_path):
 
 
 def test_distributed_start_up_only_when_asked():
-    from sgt_jax.parallel import maybe_initialize_distributed
+    from sgt_jax.training.parallel import maybe_initialize_distributed
 
     assert maybe_initialize_distributed(MeshConfig(distributed="false")) is False
     env_free = {k: v for k, v in os.environ.items() if "COORDINATOR" in k or k.startswith(("SLURM_", "OMPI_", "TPU_WORKER"))}

@@ -1,4 +1,4 @@
-"""The train step itself (sgt_jax.step): exact gradient accumulation and the non-finite guard, on one device
+"""The train step itself (sgt_jax.training.step): exact gradient accumulation and the non-finite guard, on one device
 with the tiny model. The sharded properties (one reduction, sharded = single device) are in test_train.py."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgt_jax import objective, step as step_lib
+from sgt_jax.transform import objective
+from sgt_jax.training import step as step_lib
 
 ROWS, SEQ = 8, 32
 
@@ -16,8 +17,8 @@ ROWS, SEQ = 8, 32
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     from sgt_jax import config as config_lib
-    from sgt_jax.testing import make_tiny_model_dir
-    from sgt_jax.trainer import Trainer
+    from tiny_checkpoints import make_tiny_model_dir
+    from sgt_jax.training.trainer import Trainer
 
     model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", num_hidden_layers=2)
     cfg = config_lib.load_config(None, [

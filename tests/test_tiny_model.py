@@ -1,4 +1,4 @@
-"""The shipped default base model (sgt_jax/assets/tiny-llama, built by ``python -m sgt_jax.tools.pretrain_tiny``):
+"""The shipped default base model (sgt_jax/assets/tiny-llama, built by ``python -m tools.pretrain_tiny``):
 small enough to ship, has learned the synthetic corpus (perplexity and held-out task accuracy), and loads
 identically in transformers and sgt_jax."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from sgt_jax.models import CausalLM, DecoderConfig
 from sgt_jax.models.hf import resolve_model_path
-from sgt_jax.tools import pretrain_tiny
+from tools import pretrain_tiny
 
 MODEL_DIR = resolve_model_path("embedded:tiny-llama")
 

@@ -94,8 +94,8 @@ def losses(run_dir, tag="train/loss"):
 def restore_final(run_dir, step, model_dir):
     """(cloak params, opt state, step, run key) of ``step`` in ``run_dir``, restored through the Checkpointer."""
     from sgt_jax import config as config_lib
-    from sgt_jax.checkpoint import Checkpointer
-    from sgt_jax.trainer import Trainer
+    from sgt_jax.training.checkpoint import Checkpointer
+    from sgt_jax.training.trainer import Trainer
 
     cfg = config_lib.load_config(None, common_overrides(model_dir, run_dir))
     trainer = Trainer(cfg)
@@ -108,7 +108,7 @@ def restore_final(run_dir, step, model_dir):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from sgt_jax.testing import make_tiny_model_dir
+    from tiny_checkpoints import make_tiny_model_dir
 
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", num_hidden_layers=2))
 
@@ -266,7 +266,7 @@ def test_sigterm_saves_and_exits_zero(model_dir, tmp_path):
     """SIGTERM arriving after step 2 (from on_step) stops the run at the next step boundary (3) with a
     forced checkpoint of that step and exit code 0, no artifact. Fails if SIGTERM kills the process
     (exit -15), no checkpoint is written, or the run goes on to max_steps."""
-    from sgt_jax.checkpoint import Checkpointer
+    from sgt_jax.training.checkpoint import Checkpointer
 
     run_dir = tmp_path / "run"
     out = tmp_path / "out.json"
@@ -291,7 +291,7 @@ def test_time_based_checkpoints_with_injected_clock(model_dir, tmp_path):
     and 7 (+ the final one at 8). No sleeping. Fails if the time policy is ignored, uses the real clock, or
     does not restart after a save."""
     from sgt_jax import config as config_lib
-    from sgt_jax.checkpoint import Checkpointer
+    from sgt_jax.training.checkpoint import Checkpointer
     from sgt_jax.train import train
 
     now = [0.0]

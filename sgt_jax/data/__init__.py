@@ -10,7 +10,7 @@ Public API:
     DataError
 
 Host batches are numpy int32 dicts (input_ids, attention_mask, noise_mask, loss_mask), shape (B, L);
-`sgt_jax.parallel.host_batch_to_global(batch, mesh)` makes global jax arrays of them.
+`sgt_jax.training.parallel.host_batch_to_global(batch, mesh)` makes global jax arrays of them.
 """
 
 from sgt_jax.data.errors import DataError

@@ -232,7 +232,7 @@ def render_prompt(prompt, fmt: str, tokenizer, text_column: str = "text", messag
 def encode_prompts(prompts: Sequence, tokenizer, fmt: str, *, transform_all_tokens: bool = False,
                    text_column: str = "text", messages_column: str = "messages") -> List[Dict[str, List[int]]]:
     """``[{"input_ids", "noise_mask"}]`` of inference prompts, with the noise mask training would give them
-    (:func:`render_prompt` + :func:`token_masks`); left-pad with :func:`sgt_jax.generate.left_pad`."""
+    (:func:`render_prompt` + :func:`token_masks`); left-pad with :func:`sgt_jax.inference.generate.left_pad`."""
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r} is not known; choose one of {', '.join(FORMATS)}")
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):

@@ -10,7 +10,7 @@ prefetch, and an exactly restorable iterator state.
 One training batch is what one optimizer step consumes: `data.batch_size × optimizer.grad_accum_steps`
 examples (`data.batch_size` is the global micro-batch, as in MaxText), of which each host holds
 `1 / process_count`; validation batches are one micro-batch. Turn host batches into global jax arrays with
-`sgt_jax.parallel.host_batch_to_global(batch, mesh)` (or the trainer's micro-batch split).
+`sgt_jax.training.parallel.host_batch_to_global(batch, mesh)` (or the trainer's micro-batch split).
 
 Order of operations (all index-based, so restoring is exact and independent of num_workers):
 example indices → shuffle(seed) → repeat(num_epochs) → cut to whole global batches → batch the global

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgt_jax.models.decoder import SUPPORTED_MODEL_TYPES, CausalLM, DecoderConfig, ModelLoadError
+from sgt_jax.models.config import SUPPORTED_MODEL_TYPES, DecoderConfig, ModelLoadError
+from sgt_jax.models.sharding import param_shardings
 
 EMBEDDED_PREFIX = "embedded:"
 SINGLE_FILE = "model.safetensors"
@@ -112,9 +113,11 @@ def _path_key(path) -> tuple[str, ...]:
     return tuple(str(getattr(p, "key", p)) for p in path)
 
 
-def load_causal_lm(path, *, dtype="bfloat16", truncate_at_layer=None, mesh=None, attention_impl="xla",
-                   remat_policy="none", reader_hook: Callable[[SafetensorsReader], None] | None = None) -> CausalLM:
-    """Build a CausalLM from a Hugging Face directory, reading only the tensors the model needs."""
+def load_causal_lm(model_cls, path, *, dtype="bfloat16", truncate_at_layer=None, mesh=None, attention_impl="xla",
+                   remat_policy="none", reader_hook: Callable[[SafetensorsReader], None] | None = None):
+    """Build ``model_cls`` (``CausalLM``, whose ``from_pretrained`` calls this) from a Hugging Face directory,
+    reading only the tensors the model needs. The class is passed in so that checkpoint I/O does not import the
+    model definition (which imports this module)."""
     directory = resolve_model_path(path)
     _check_model_dir(path, directory)
     config = DecoderConfig.from_hf(directory / "config.json")
@@ -127,14 +130,12 @@ def load_causal_lm(path, *, dtype="bfloat16", truncate_at_layer=None, mesh=None,
             f"model at {str(path)!r}; use 0..{config.num_hidden_layers - 1} or null."
         )
     target_dtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=target_dtype, truncate_at_layer=truncate_at_layer,
+    abstract = nnx.eval_shape(lambda: model_cls(config, dtype=target_dtype, truncate_at_layer=truncate_at_layer,
                                                attention_impl=attention_impl, remat_policy=remat_policy,
                                                rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None
     if mesh is not None:
-        from sgt_jax.parallel import param_shardings
-
         shardings = dict(nnx.to_flat_state(param_shardings(abstract_state, mesh)))
     reader = SafetensorsReader(directory)
     if reader_hook is not None:

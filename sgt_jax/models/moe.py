@@ -11,14 +11,13 @@ factor, which is the right trade for the small expert counts an SGT uses (the re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-if TYPE_CHECKING:  # the decoder imports this module; only the type is needed here
-    from sgt_jax.models.decoder import DecoderConfig
+from sgt_jax.models.config import DecoderConfig
 
 __all__ = ["MoeMLP", "route_top_k", "load_balancing_loss"]
 
@@ -66,7 +65,7 @@ class MoeMLP(nnx.Module):
         self.dtype = dtype
         hidden, inner = int(config.hidden_size), int(config.intermediate_size)
         init = nnx.initializers.normal(float(getattr(config, "initializer_range", 0.02) or 0.02))
-        # Logical axis names for sgt_jax.parallel's sharding rules (same convention as the dense MLP).
+        # Logical axis names for sgt_jax.training.parallel's sharding rules (same convention as the dense MLP).
         self.router = nnx.Param(init(rngs.params(), (hidden, num_experts), param_dtype),
                                 logical_axes=("embed", "experts"))
         self.gate_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inner), param_dtype),

@@ -15,7 +15,7 @@ dilute L_M by a factor that depends on the prompt format's length, and with it t
 ``objective.weight``. (``lm`` averages over its targets, the response tokens, which all come after the prompt.)
 
 Every mean is ``masked sum / denominator``. With ``denominator=None`` a function averages over its own
-mask; the train step (``sgt_jax.step``) passes the *global* counts instead, so that micro-batch partial
+mask; the train step (``sgt_jax.training.step``) passes the *global* counts instead, so that micro-batch partial
 results add up to the exact global mean (then every returned metric is such a partial sum too).
 """
 
@@ -248,7 +248,7 @@ def affected_mask(attention_mask, noise_mask) -> jax.Array:
 
 
 def local_denominators(batch: Mapping[str, jax.Array], hidden_size: int) -> Dict[str, jax.Array]:
-    """The counts each mean divides by, from this batch alone (same keys as ``sgt_jax.step``'s global ones)."""
+    """The counts each mean divides by, from this batch alone (same keys as ``sgt_jax.training.step``'s global ones)."""
     valid = batch["attention_mask"].astype(bool)
     transformed = valid & batch["noise_mask"].astype(bool)
     count = lambda m: jnp.maximum(m.sum(), 1).astype(jnp.float32)  # noqa: E731
@@ -348,7 +348,7 @@ def sgt_objective(cloak, base_model, batch: Mapping[str, jax.Array], *, key, obj
 
 
 def make_loss_fn(objective_cfg, *, ssl_layer: Optional[int] = None) -> Callable[..., Any]:
-    """The ``loss_fn(cloak, base, micro_batch, keys, denominators, deterministic)`` of ``sgt_jax.step``."""
+    """The ``loss_fn(cloak, base, micro_batch, keys, denominators, deterministic)`` of ``sgt_jax.training.step``."""
 
     def loss_fn(cloak, base_model, micro_batch, keys, denominators, deterministic, cloak_out=None):
         return objective_terms(cloak, base_model, micro_batch, key=keys, objective_cfg=objective_cfg,

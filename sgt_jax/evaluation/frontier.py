@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from sgt_jax.artifact import ArtifactError
+from sgt_jax.inference.artifact import ArtifactError
 
 __all__ = ["frontier_point", "frontier"]
 

@@ -12,7 +12,7 @@ devices and divided once at the end; host-side helpers turn per-sequence values 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -164,3 +164,41 @@ def finalize_forward_metrics(sums: Mapping[str, float]) -> dict[str, float]:
         if key in sums:
             out[key] = float(sums[key]) / max(float(sums["agreement_count"]), 1.0)
     return out
+
+
+def forward_eval(cloak, full_model, embedding_table, batch: Mapping[str, jax.Array], keys: jax.Array, *,
+                 obfuscation_metrics: tuple[str, ...] = ("cosine",)) -> dict[str, Any]:
+    """Forward validation of one (B, S) batch with dropout off, shared by training validation and evaluation.
+
+    ``sums``: next-token NLL of the whole base model on clean and on transformed input and top-1/5 agreement
+    (when ``full_model`` is given; padding ignored), and sigma/|mu| totals over transformed elements.
+    ``obfuscation[metric]``: per-sequence % of transformed tokens whose nearest vocabulary token is not the
+    true one, mean reconstruction rank, and the nearest tokens. ``sigma``/``mu``: NaN outside transformed
+    positions (for histograms).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
+    selected = mask & batch["noise_mask"].astype(bool)
+    x = jnp.take(embedding_table, ids, axis=0)
+    out = cloak(x.astype(jnp.float32), mask, batch["noise_mask"], key=keys, deterministic=True)
+    sel = selected[..., None]
+    sums = {
+        "sigma_sum": jnp.sum(jnp.where(sel, out.sigma, 0.0)),
+        "mu_abs_sum": jnp.sum(jnp.where(sel, jnp.abs(out.mu), 0.0)),
+        "feature_count": jnp.sum(sel) * out.sigma.shape[-1],
+    }
+    if full_model is not None:
+        x_base = x.astype(full_model.dtype)
+        clean_logits = full_model(inputs_embeds=x_base, attention_mask=mask)
+        t_logits = full_model(inputs_embeds=out.x_t.astype(x_base.dtype), attention_mask=mask)
+        sums["clean_nll"], sums["nll_count"] = next_token_nll_sums(clean_logits, ids, mask)
+        sums["transformed_nll"], _ = next_token_nll_sums(t_logits, ids, mask)
+        sums.update(topk_agreement_sums(clean_logits, t_logits, mask))
+    obfuscation = {m: obfuscation_per_sequence(out.x_t, ids, selected, embedding_table, metric=m)
+                   for m in obfuscation_metrics}
+    return {
+        "sums": sums,
+        "obfuscation": obfuscation,
+        "sigma": jnp.where(sel, out.sigma, jnp.nan),
+        "mu": jnp.where(sel, out.mu, jnp.nan),
+        "x_t": out.x_t,
+    }

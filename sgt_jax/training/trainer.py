@@ -19,12 +19,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sgt_jax import adversary as adversary_lib
+from sgt_jax.training import adversary as adversary_lib
 from sgt_jax import config as config_lib
-from sgt_jax import metrics as metrics_lib
-from sgt_jax import noise_spacing
-from sgt_jax import objective, optim, parallel, step as step_lib
-from sgt_jax.cloak import TransformerCloak
+from sgt_jax.evaluation import metrics as metrics_lib
+from sgt_jax.transform import noise_spacing
+from sgt_jax.transform import objective
+from sgt_jax.training import optim
+from sgt_jax.training import parallel
+from sgt_jax.training import step as step_lib
+from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import SGTConfig
 from sgt_jax.models import CausalLM, DecoderConfig
 from sgt_jax.models.fingerprint import model_fingerprint
@@ -123,7 +126,7 @@ class Trainer:
         return jax.device_put(self._fresh_state(), self.state_sharding, may_alias=False)
 
     def restore(self, checkpointer, state: step_lib.TrainState):
-        from sgt_jax.checkpoint import check_compatible
+        from sgt_jax.training.checkpoint import check_compatible
 
         step = checkpointer.latest_step()
         abstract = jax.tree.map(
@@ -177,7 +180,7 @@ class Trainer:
         denominators = objective.local_denominators(batch, self.hidden_size)
         _, losses = objective.make_loss_fn(self.cfg.objective)(cloak, base, batch, keys, denominators, True)
         full = None if full_state is None else nnx.merge(self._full_graphdef, full_state)
-        out = step_lib.forward_eval(cloak, full, base.embedding_table, batch, keys)
+        out = metrics_lib.forward_eval(cloak, full, base.embedding_table, batch, keys)
         obf = out["obfuscation"]["cosine"]
         selected = batch["attention_mask"].astype(bool) & batch["noise_mask"].astype(bool)
         spacing = noise_spacing.spacing_sums(out["sigma"], batch["input_ids"], selected, base.embedding_table)
@@ -243,7 +246,7 @@ class Trainer:
         rank = metrics_lib.summarize(np.concatenate(ranks))
         if rank:
             result["reconstruction_rank_mean"] = rank["mean"]
-        from sgt_jax.generate import prompts_from_source
+        from sgt_jax.inference.generate import prompts_from_source
 
         # From the validation set itself, not this host's batches: every host generates the same prompts.
         prompts = prompts_from_source(self.val_data.source, self.cfg.validation.generation_examples)
@@ -266,8 +269,8 @@ class Trainer:
     def generation_metrics(self, state, prompts: list[dict[str, list[int]]], key) -> tuple[dict[str, float], list[dict[str, str]]]:
         """ROUGE of generations from SGT-protected prompts against the base model's generations of the same
         prompts (computed once per run and cached in <run_dir>/base_generations.json)."""
-        from sgt_jax.generate import decode_texts, generate_from_config, left_pad
-        from sgt_jax.generation_metrics import cached_base_generations, rouge_scores
+        from sgt_jax.inference.generate import decode_texts, generate_from_config, left_pad
+        from sgt_jax.evaluation.rouge import cached_base_generations, rouge_scores
 
         full = self.full_model
         tok = self.tokenizer
@@ -325,7 +328,7 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- ending
 
     def save_artifact(self, state) -> Path:
-        from sgt_jax import artifact
+        from sgt_jax.inference import artifact
 
         out = Path(self.cfg.train.artifact_dir or Path(self.cfg.tracking.run_dir) / "sgt")
         params = self._replicated(state.params)

@@ -118,7 +118,7 @@ def save_artifact(
 
     ``data_config`` (or else ``training_config["data"]``) gives the noise rule inference reproduces. A
     ``cloak.seed`` is a debug setting: it is dropped with a warning, never saved."""
-    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.transform.cloak import TransformerCloak
     from sgt_jax.models.hf import SafetensorsReader
 
     out = Path(out_dir)
@@ -180,7 +180,7 @@ def _read_meta(directory: Path, seed: Optional[int], allow_debug_seed: bool) -> 
 
 
 def _load_cloak(directory: Path, hp: dict[str, Any]):
-    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.transform.cloak import TransformerCloak
 
     kwargs = hp.pop("estimator_kwargs")
     cloak = nnx.eval_shape(lambda: TransformerCloak(config_path=str(directory / "base_config"), **hp, **kwargs))
@@ -245,7 +245,7 @@ class StainedGlassTransform:
         chat messages of the training format), rendered and masked by the code path training data goes through
         (:func:`sgt_jax.data.formats.encode_prompts` with the artifact's ``noise_rule``)."""
         from sgt_jax.data.formats import encode_prompts
-        from sgt_jax.generate import left_pad
+        from sgt_jax.inference.generate import left_pad
 
         if self.tokenizer is None:
             raise ArtifactError(f"{self.directory} has no tokenizer/; pass token ids to transform().")
@@ -292,7 +292,7 @@ class StainedGlassTransform:
         noise_mask = default_noise if noise_mask is None else np.asarray(noise_mask, dtype=np.int32)
         if key is None:
             # Resolved here, outside jit: fresh entropy drawn while tracing would be baked into the program.
-            from sgt_jax.cloak import _fresh_key
+            from sgt_jax.transform.cloak import _fresh_key
 
             key = jax.random.key(self.cloak.seed) if self.cloak.seed is not None else _fresh_key()
         x_t = _transform_jit(self.cloak, self.embedding_table, jnp.asarray(ids), jnp.asarray(attention_mask),
@@ -318,11 +318,11 @@ class StainedGlassTransform:
 
         ``base_model``: a :class:`~sgt_jax.models.CausalLM`; when None the artifact's base model (see
         :meth:`base_model`). ``key`` seeds both the transform noise and the sampling (fresh entropy when None).
-        ``gen_kwargs`` go to :func:`sgt_jax.generate.generate` (defaults: the recommended
+        ``gen_kwargs`` go to :func:`sgt_jax.inference.generate.generate` (defaults: the recommended
         :class:`~sgt_jax.config.GenerationConfig`; eos/pad/bos ids from the artifact's tokenizer).
         """
         from sgt_jax.config import GenerationConfig
-        from sgt_jax.generate import decode_texts, generate
+        from sgt_jax.inference.generate import decode_texts, generate
 
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]

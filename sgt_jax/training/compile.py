@@ -27,10 +27,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sgt_jax import hlo as hlo_lib
+from sgt_jax.training import hlo as hlo_lib
 from sgt_jax.config import ConfigError, SGTConfig
 
-log = logging.getLogger("sgt_jax.compile")
+log = logging.getLogger("sgt_jax.training.compile")
 
 GiB = 1 << 30
 # Per-chip HBM and peak dense bf16 FLOP/s (public TPU specifications), by the device_kind JAX reports.
@@ -72,7 +72,7 @@ def chip_spec(device) -> tuple[int, Optional[float]]:
     if device.platform == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
     if device.device_kind not in CHIPS:
-        raise ConfigError(f"unknown chip {device.device_kind!r}: its HBM is not in sgt_jax.compile.CHIPS; "
+        raise ConfigError(f"unknown chip {device.device_kind!r}: its HBM is not in sgt_jax.training.compile.CHIPS; "
                           "compile for v4, v5e, v5p or v6e.")
     return CHIPS[device.device_kind]
 
@@ -84,11 +84,11 @@ def _with_sharding(tree, shardings):
 def abstract_models(cfg: SGTConfig, mesh):
     """Abstract base (truncated as in training), full model for validation (or None) and cloak, from
     ``config.json`` alone: (base graphdef, base state, full graphdef, full state, cloak graphdef, cloak params)."""
-    from sgt_jax import parallel
-    from sgt_jax.cloak import TransformerCloak
+    from sgt_jax.training import parallel
+    from sgt_jax.transform.cloak import TransformerCloak
     from sgt_jax.models import CausalLM, DecoderConfig
     from sgt_jax.models.hf import resolve_model_path
-    from sgt_jax.trainer import default_truncation_layer
+    from sgt_jax.training.trainer import default_truncation_layer
 
     model_dir = resolve_model_path(cfg.model.path)
     config = DecoderConfig.from_hf(model_dir)
@@ -113,7 +113,7 @@ def abstract_models(cfg: SGTConfig, mesh):
 
 
 def abstract_batch(cfg: SGTConfig, mesh, accum_steps: int, seq_len: int):
-    from sgt_jax import step as step_lib
+    from sgt_jax.training import step as step_lib
     from sgt_jax.data.batching import BATCH_KEYS
 
     rows = cfg.data.batch_size
@@ -145,9 +145,12 @@ def _compile(jitted, *args):
 
 
 def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[str, Any]:
-    """Lower and compile the train step and the eval step exactly as :class:`sgt_jax.trainer.Trainer` builds
+    """Lower and compile the train step and the eval step exactly as :class:`sgt_jax.training.trainer.Trainer` builds
     them, over abstract inputs; returns the executables and the pieces the report needs."""
-    from sgt_jax import objective, optim, parallel, step as step_lib
+    from sgt_jax.transform import objective
+    from sgt_jax.training import optim
+    from sgt_jax.training import parallel
+    from sgt_jax.training import step as step_lib
     from sgt_jax.models.attention import target_backend
 
     mesh = parallel.make_mesh(cfg.mesh, devices=devices)
@@ -179,7 +182,7 @@ def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[st
 
 
 def _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def):
-    from sgt_jax.trainer import Trainer
+    from sgt_jax.training.trainer import Trainer
 
 
     # The Trainer's own eval function, bound to the abstract pieces it reads.

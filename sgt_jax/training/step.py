@@ -44,7 +44,7 @@ class TrainState(flax.struct.PyTreeNode):
     run_key: jax.Array  # uint32 key data of the run key (plain array: checkpointable)
     nonfinite_streak: jax.Array  # consecutive skipped steps
     nonfinite_total: jax.Array
-    # objective.adversary's inverter (sgt_jax.adversary.AdversaryState); None (no leaves) when it is off.
+    # objective.adversary's inverter (sgt_jax.training.adversary.AdversaryState); None (no leaves) when it is off.
     adversary: Any = None
 
 
@@ -104,7 +104,7 @@ def _base_layout(base_state, mesh, axes):
     time inside the layer scan, the embedding table of a truncated model (no LM head reads it) is never
     gathered (see :func:`parallel.sharded_embedding_lookup`), and the small rest (norms, an LM head) is
     gathered once."""
-    from sgt_jax import parallel
+    from sgt_jax.training import parallel
 
     is_spec = lambda s: isinstance(s, P)  # noqa: E731
     shardings = parallel.param_shardings(base_state, mesh)
@@ -124,7 +124,7 @@ def _base_layout(base_state, mesh, axes):
 
 
 def _gather_leaves(tree, specs, axes):
-    from sgt_jax import parallel
+    from sgt_jax.training import parallel
 
     leaves, treedef = jax.tree.flatten(tree)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
@@ -141,7 +141,7 @@ def _metric_zeros(grad_fn, params, base_state, batch, key, varying_axes):
 
 def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators, deterministic, mesh):
     """Sum of micro-batch gradients and metrics, reduced across devices once."""
-    from sgt_jax import parallel
+    from sgt_jax.training import parallel
 
     cloak_def, base_def = graphdefs
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
@@ -205,7 +205,7 @@ def loss_denominators(batch: Mapping[str, jax.Array], hidden_size: int, batch_sh
     """Global counts every loss is averaged over (computed before the scan; see the module docstring): the
     objective's own counts over the whole (accum, micro, S) batch, with ``micro_batches`` = the (micro-batch,
     device) pieces a per-piece statistic (the MoE balance loss) is averaged over."""
-    from sgt_jax.objective import local_denominators
+    from sgt_jax.transform.objective import local_denominators
 
     denominators = local_denominators(batch, hidden_size)
     denominators["micro_batches"] = jnp.asarray(batch["input_ids"].shape[0] * batch_shards, jnp.float32)
@@ -254,46 +254,6 @@ def make_train_step(
         return new_state, out
 
     return train_step
-
-
-def forward_eval(cloak, full_model, embedding_table, batch: Mapping[str, jax.Array], keys: jax.Array, *,
-                 obfuscation_metrics: tuple[str, ...] = ("cosine",)) -> dict[str, Any]:
-    """Forward validation of one (B, S) batch with dropout off, shared by training validation and evaluation.
-
-    ``sums``: next-token NLL of the whole base model on clean and on transformed input and top-1/5 agreement
-    (when ``full_model`` is given; padding ignored), and sigma/|mu| totals over transformed elements.
-    ``obfuscation[metric]``: per-sequence % of transformed tokens whose nearest vocabulary token is not the
-    true one, mean reconstruction rank, and the nearest tokens. ``sigma``/``mu``: NaN outside transformed
-    positions (for histograms).
-    """
-    from sgt_jax import metrics as metrics_lib
-
-    ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
-    selected = mask & batch["noise_mask"].astype(bool)
-    x = jnp.take(embedding_table, ids, axis=0)
-    out = cloak(x.astype(jnp.float32), mask, batch["noise_mask"], key=keys, deterministic=True)
-    sel = selected[..., None]
-    sums = {
-        "sigma_sum": jnp.sum(jnp.where(sel, out.sigma, 0.0)),
-        "mu_abs_sum": jnp.sum(jnp.where(sel, jnp.abs(out.mu), 0.0)),
-        "feature_count": jnp.sum(sel) * out.sigma.shape[-1],
-    }
-    if full_model is not None:
-        x_base = x.astype(full_model.dtype)
-        clean_logits = full_model(inputs_embeds=x_base, attention_mask=mask)
-        t_logits = full_model(inputs_embeds=out.x_t.astype(x_base.dtype), attention_mask=mask)
-        sums["clean_nll"], sums["nll_count"] = metrics_lib.next_token_nll_sums(clean_logits, ids, mask)
-        sums["transformed_nll"], _ = metrics_lib.next_token_nll_sums(t_logits, ids, mask)
-        sums.update(metrics_lib.topk_agreement_sums(clean_logits, t_logits, mask))
-    obfuscation = {m: metrics_lib.obfuscation_per_sequence(out.x_t, ids, selected, embedding_table, metric=m)
-                   for m in obfuscation_metrics}
-    return {
-        "sums": sums,
-        "obfuscation": obfuscation,
-        "sigma": jnp.where(sel, out.sigma, jnp.nan),
-        "mu": jnp.where(sel, out.mu, jnp.nan),
-        "x_t": out.x_t,
-    }
 
 
 def jit_train_step(train_step, *, mesh, state_sharding, base_sharding):

@@ -1,42 +1,22 @@
-"""Device mesh, the logical-axis sharding rules, multi-host start-up and agreement, and host batches -> global
-arrays.
-
-Parameters carry *logical* axis names (``embed``, ``mlp``, ``heads``, ...) as ``logical_axes`` metadata on
-their ``nnx.Param``; the one rule table below maps them to mesh axes (MaxText style). A mesh axis whose size
-does not divide a dimension is dropped for that dimension (replicated) rather than crashing.
-"""
+"""Device mesh, multi-host start-up and agreement, manual-axis helpers of the train step, and host batches ->
+global arrays. The logical-axis rule table lives in ``sgt_jax.models.sharding`` (re-exported here)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sgt_jax.errors import SGTError
+from sgt_jax.models.sharding import (MESH_AXES, logical_to_sharding, logical_to_spec, param_shardings,
+                                     train_state_shardings)
 
 logger = logging.getLogger(__name__)
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# The one logical -> mesh axis rule table. None: replicated along that dimension.
-LOGICAL_AXIS_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
-    "sequence": None,
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "vocab": "tensor",
-    "experts": None,
-    "layers": None,
-    "norm": None,
-}
-
 
 class MeshConfigError(SGTError):
     """A mesh that cannot be built on these devices; the message names the mesh.* settings and the fix."""
@@ -62,70 +42,6 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
             "make the product equal the device count or set one axis to -1."
         )
     return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
-
-
-def logical_to_spec(logical_axes: Sequence[str | None] | None, mesh: Mesh,
-                    shape: Sequence[int] | None = None) -> PartitionSpec:
-    """PartitionSpec for logical axis names; with ``shape``, mesh axes that don't divide a dim are dropped."""
-    if not logical_axes:
-        return PartitionSpec()
-    used: set[str] = set()
-    spec = []
-    for dim, name in enumerate(logical_axes):
-        rule = LOGICAL_AXIS_RULES.get(name) if name is not None else None
-        mesh_axes = [rule] if isinstance(rule, str) else list(rule or ())
-        # A mesh axis shards at most one dimension, and only where it is larger than 1.
-        mesh_axes = [axis for axis in mesh_axes if axis not in used and mesh.shape[axis] > 1]
-        if shape is not None and mesh_axes:
-            while mesh_axes and shape[dim] % math.prod(mesh.shape[a] for a in mesh_axes):
-                dropped = mesh_axes.pop()
-                logger.debug("dim %d (%s) of size %d not divisible along mesh axis %r: replicated there",
-                             dim, name, shape[dim], dropped)
-        used.update(mesh_axes)
-        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
-    return PartitionSpec(*spec)
-
-
-def logical_to_sharding(logical_axes, mesh: Mesh, shape=None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, shape))
-
-
-def _is_variable(x) -> bool:
-    from flax import nnx
-
-    return isinstance(x, nnx.Variable)
-
-
-def param_shardings(abstract_state, mesh: Mesh):
-    """NamedSharding per leaf of an nnx State (abstract or concrete), from each Param's ``logical_axes``."""
-
-    def sharding_of(variable):
-        if not _is_variable(variable):
-            return NamedSharding(mesh, PartitionSpec())
-        axes = variable.get_metadata().get("logical_axes")
-        return variable.replace(logical_to_sharding(axes, mesh, variable.shape))
-
-    return jax.tree.map(sharding_of, abstract_state, is_leaf=_is_variable)
-
-
-def shard_params(state_or_model, mesh: Mesh):
-    """Place a model (in place, returned) or an nnx State (a new one) on the mesh by its logical axes."""
-    from flax import nnx
-
-    if isinstance(state_or_model, nnx.Module):
-        graphdef, state = nnx.split(state_or_model)
-        nnx.update(state_or_model, shard_params(state, mesh))
-        return state_or_model
-    shardings = param_shardings(state_or_model, mesh)
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), state_or_model, shardings)
-
-
-def train_state_shardings(abstract_state, mesh: Mesh):
-    """Shardings of a train state: the cloak's parameters and every optimizer moment by their logical axes (the
-    moments are nnx Variables that keep the parameter's metadata), counters and keys replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    by_rule = param_shardings(abstract_state, mesh)
-    return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, by_rule)
 
 
 def _manual_names(entry, manual_axes) -> tuple[str, ...]:

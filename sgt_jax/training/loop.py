@@ -1,7 +1,7 @@
 """The training loop: one step after another, with its periodic work (logging, histograms, validation,
 checkpoints) and its stops (preemption, non-finite losses, end of the data) decided once for all hosts.
 
-Every control decision that could differ between hosts goes into one :func:`sgt_jax.parallel.agree` call
+Every control decision that could differ between hosts goes into one :func:`sgt_jax.training.parallel.agree` call
 per step (a collective OR), so N hosts take the same branch at the same step: none enters a validation or
 an Orbax save the others skip, and none stops while the others wait in the next step's collectives.
 """
@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from sgt_jax import parallel
-from sgt_jax.grad_balance import log_first_gradient_norms
+from sgt_jax.training import parallel
+from sgt_jax.training.grad_balance import log_first_gradient_norms
 
 log = logging.getLogger("sgt_jax.train")
 

@@ -17,7 +17,7 @@ Noise: a fixed ``seed`` (default 0), advanced per batch, so runs are reproducibl
 draws fresh entropy; for benchmarks reproducibility is what matters). Usage::
 
     import lm_eval
-    from sgt_jax.lm_eval_adapter import SGTLM
+    from sgt_jax.evaluation.lm_eval_adapter import SGTLM
     lm_eval.simple_evaluate(model=SGTLM("path/to/base_model", sgt="runs/x/sgt"), tasks=["arc_easy"])
     # or: lm_eval --model sgt_jax --model_args pretrained=path/to/base_model,sgt=runs/x/sgt --tasks arc_easy
 """
@@ -36,7 +36,7 @@ try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 except ImportError as exc:  # pragma: no cover - optional dependency
-    raise ImportError("sgt_jax.lm_eval_adapter needs lm-eval: pip install lm-eval (or sgt_jax[lm_eval]).") from exc
+    raise ImportError("sgt_jax.evaluation.lm_eval_adapter needs lm-eval: pip install lm-eval (or sgt_jax[lm_eval]).") from exc
 
 __all__ = ["SGTLM"]
 
@@ -76,7 +76,7 @@ class SGTLM(TemplateLM):
         self.sgt = None
         self.cloak = None
         if sgt not in (None, "", "None", "none"):
-            from sgt_jax.artifact import StainedGlassTransform
+            from sgt_jax.inference.artifact import StainedGlassTransform
 
             self.sgt = StainedGlassTransform.load(sgt)
             self.sgt.check_base(model_dir)  # an SGT protects prompts only for the base it was trained on
@@ -157,7 +157,7 @@ class SGTLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from sgt_jax.generate import decode_texts, generate
+        from sgt_jax.inference.generate import decode_texts, generate
 
         out = []
         for request in requests:

@@ -53,11 +53,11 @@ def finalize_spacing(sums) -> dict[str, float]:
 
 def mi_estimate(embedding_table, sigma_rows, *, samples: int = 256, max_positions: int = 512,
                 seed: int = 0) -> dict[str, float]:
-    """The Gaussian-mixture mutual information I(T; x_t) (``sgt_jax.privacy_mi``) at the validation's noise
+    """The Gaussian-mixture mutual information I(T; x_t) (``sgt_jax.transform.privacy_mi``) at the validation's noise
     scales: ``sigma_rows`` (N, D), NaN rows (positions without noise) dropped; bits and the share of log2 V."""
     import numpy as np
 
-    from sgt_jax.privacy_mi import gaussian_mixture_mi
+    from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
 
     rows = np.asarray(sigma_rows)
     rows = rows[~np.isnan(rows).any(axis=-1)][:max_positions]

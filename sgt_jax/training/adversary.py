@@ -8,11 +8,11 @@ where ``P = mean over transformed tokens of max(log p_inv(true token | x_t), -lo
 inverter's parameters frozen (so only the cloak descends it: it lowers the inverter's confidence in the
 true token, bounded below by the uniform guess so it cannot push forever), and the inverter's own
 cross-entropy is computed on stop-gradient x_t (so only the inverter descends it). The inverter is the
-attack module's (:mod:`sgt_jax.inverters`). Its parameters and Adam state live in ``TrainState.adversary``
+attack module's (:mod:`sgt_jax.transform.inverters`). Its parameters and Adam state live in ``TrainState.adversary``
 (None with the adversary off, which leaves the state and the train step exactly as without this module);
 they are replicated like the cloak's, checkpointed with the state and resumed exactly.
 
-The train step is :func:`sgt_jax.step.make_train_step` itself, run on the pair (cloak, inverter) with an
+The train step is :func:`sgt_jax.training.step.make_train_step` itself, run on the pair (cloak, inverter) with an
 optimizer that updates each with its own rule; ``adversary_steps > 1`` adds inverter-only steps on fresh
 noise after it. The logged ``loss`` is the cloak's (L_cloak + adversary term); ``grad_norm`` covers both.
 """
@@ -20,7 +20,7 @@ noise after it. The logged ``loss`` is the cloak's (L_cloak + adversary term); `
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sgt_jax import inverters
-from sgt_jax import step as step_lib
+from sgt_jax.transform import inverters
+from sgt_jax.training import step as step_lib
 
 __all__ = ["AdversaryState", "Adversary", "enabled", "true_token_logprob_penalty", "adversarial_loss_fn"]
 

@@ -17,7 +17,7 @@ carrying the marker count as complete for :meth:`Checkpointer.latest_step` and :
 
 Multi-host. Every process calls :meth:`Checkpointer.should_save`, :meth:`~Checkpointer.save` and
 :meth:`~Checkpointer.restore` (Orbax saves are collective). Clocks differ between hosts, so the decision is
-agreed through :func:`sgt_jax.parallel.agree` (the training loop agrees :meth:`~Checkpointer.save_due`
+agreed through :func:`sgt_jax.training.parallel.agree` (the training loop agrees :meth:`~Checkpointer.save_due`
 together with its other decisions). Paths must be on a file system all hosts share (e.g. GCS).
 """
 
@@ -257,7 +257,7 @@ class Checkpointer:
 
     def save_due(self, step: int) -> bool:
         """This process's view of whether to save at ``step`` (the step count *after* the update); clocks
-        differ between hosts, so agree it (:meth:`should_save`, or :func:`sgt_jax.parallel.agree`)."""
+        differ between hosts, so agree it (:meth:`should_save`, or :func:`sgt_jax.training.parallel.agree`)."""
         if step == self._last_saved_step:
             return False
         if self.every_steps and step > 0 and step % self.every_steps == 0:
@@ -266,7 +266,7 @@ class Checkpointer:
 
     def should_save(self, step: int) -> bool:
         """Whether to save at ``step``: :meth:`save_due` agreed over all processes (same answer everywhere)."""
-        from sgt_jax.parallel import agree
+        from sgt_jax.training.parallel import agree
 
         return agree({"save": self.save_due(step)})["save"]
 
@@ -412,7 +412,7 @@ class PreemptionGuard:
     collective). :meth:`stop_requested` therefore also consults JAX's preemption sync service
     (``multihost_utils.reached_preemption_sync_point``, available once ``jax.distributed`` is initialised;
     on Cloud TPU it is notified of maintenance events), and :meth:`should_stop` agrees the local answers of
-    all hosts (:func:`sgt_jax.parallel.agree`), so every host returns the same answer at the same step. On
+    all hosts (:func:`sgt_jax.training.parallel.agree`), so every host returns the same answer at the same step. On
     one host it is a plain flag read.
     """
 
@@ -464,7 +464,7 @@ class PreemptionGuard:
     def should_stop(self, step: int) -> bool:
         """Whether the loop should save and stop after ``step``: :meth:`stop_requested` agreed over all
         processes (identical on every process)."""
-        from sgt_jax.parallel import agree
+        from sgt_jax.training.parallel import agree
 
         stop = agree({"preempted": self.stop_requested(step)})["preempted"]
         if stop:

@@ -20,7 +20,7 @@ from sgt_jax.config import OptimizerConfig
 
 __all__ = ["HEAD_NAMES", "decay_mask", "make_schedule", "make_optimizer", "path_names"]
 
-# Module attribute names of the estimator heads (see sgt_jax.cloak.TransformerCloak).
+# Module attribute names of the estimator heads (see sgt_jax.transform.cloak.TransformerCloak).
 HEAD_NAMES = ("mean_head", "std_head")
 
 

@@ -1,4 +1,4 @@
-"""Build the embedded default base model: ``python -m sgt_jax.tools.pretrain_tiny --out sgt_jax/assets/tiny-llama``.
+"""Build the embedded default base model: ``python -m tools.pretrain_tiny --out sgt_jax/assets/tiny-llama``.
 
 Deterministically (fixed seeds) trains a byte-level BPE tokenizer on the synthetic Alpaca corpus, pretrains a
 tiny Llama-architecture :class:`~sgt_jax.models.CausalLM` (float32, GQA, tied embeddings) from scratch on
@@ -170,8 +170,8 @@ def evaluate_perplexity(model, heldout_tokens, pad_id: int, batch_size: int = 64
     import jax.numpy as jnp
     from flax import nnx
 
-    from sgt_jax import metrics as metrics_lib
-    from sgt_jax.objective import lm_target_mask
+    from sgt_jax.evaluation import metrics as metrics_lib
+    from sgt_jax.transform.objective import lm_target_mask
 
     graphdef, state = nnx.split(model)
 
@@ -459,7 +459,7 @@ def pretrain(args) -> Dict[str, Any]:
     eval_s = time.perf_counter() - t_eval
 
     card = {
-        "command": "python -m sgt_jax.tools.pretrain_tiny " + " ".join(shlex.quote(a) for a in args.argv),
+        "command": "python -m tools.pretrain_tiny " + " ".join(shlex.quote(a) for a in args.argv),
         "seeds": {"corpus_seed": args.corpus_seed, "split_seed": SPLIT_SEED, "init_seed": args.init_seed,
                   "data_seed": args.data_seed},
         "corpus": {"generator": "sgt_jax.data.generate_corpus", "num_examples": args.corpus_size,
@@ -581,7 +581,7 @@ def training_card_markdown(card: Dict[str, Any]) -> str:
     run = card.get("default_sgt_run")
     if run:
         lines += ["", "## Default SGT run on this model", "",
-                  f"`{run['command']}` with `cloak.scale` {run['scale']} (`sgt_jax.cloak.scale_from_embeddings` on "
+                  f"`{run['command']}` with `cloak.scale` {run['scale']} (`sgt_jax.transform.cloak.scale_from_embeddings` on "
                   f"this model's embedding table): {run['wall_s']:.0f} s wall on {run['machine']}. Validation "
                   "before -> after training:", "", "| metric | before | after |", "|---|---|---|"]
         for key, (before, after) in run["validation"].items():
@@ -602,7 +602,7 @@ def training_card_markdown(card: Dict[str, Any]) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sgt_jax.tools.pretrain_tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.pretrain_tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="sgt_jax/assets/tiny-llama")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -1,0 +1,1 @@
+"""Evaluation: utility and obfuscation metrics, ROUGE, learned inversion attacks, the frontier, lm-eval adapter."""

@@ -1,0 +1,1 @@
+"""Export: an SGT artifact as a self-contained PyTorch module."""

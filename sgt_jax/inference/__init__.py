@@ -1,0 +1,1 @@
+"""Inference: the SGT artifact (load, transform, generate) and sampling."""

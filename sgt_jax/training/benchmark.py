@@ -1,0 +1,414 @@
+"""``python -m sgt_jax.bench``: compile time, step time, tokens/s, peak memory and MFU of the SGT train step.
+
+Random weights, no checkpoint: the base is a ``CausalLM`` of the requested shape with ``--base-layers K``
+layers kept (ssl: truncated at layer K-1, as a loaded ``truncate_at_layer=K-1`` model; lm/distill: a K-layer
+model with its LM head), the cloak a ``TransformerCloak`` with ``--estimator-layers E`` per estimator, the
+step exactly :func:`sgt_jax.training.step.make_train_step` (scan over ``--accum`` micro-batches, AdamW).
+
+The FLOP model (see benchmarks/README.md) counts *model* FLOPs — what the maths needs, not what remat
+recomputes — split into the frozen bf16 base (forward passes + backward to the inputs only) and the fp32
+cloak (forward + backward with weight gradients), each measured against its own dtype's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sgt_jax.training import step as step_lib
+from sgt_jax.config import MeshConfig, ObjectiveConfig, OptimizerConfig
+from sgt_jax.models.decoder import REMAT_POLICIES, CausalLM, DecoderConfig
+
+SHAPES = {
+    "tiny": dict(hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=384),
+    # Llama-2-7B's proportions at 1/16 of the width (vocab/hidden kept ~8): fits a CPU.
+    "small": dict(hidden=256, heads=8, kv_heads=8, intermediate=688, vocab=2048),
+    "llama2-7b": dict(hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
+}
+
+# Dense peak FLOP/s per device kind: (bf16, fp32). H100/H200 SXM: 989 TFLOP/s bf16 tensor-core dense, 67 TFLOP/s
+# fp32 (non-tensor-core; the cloak must run in single precision, so TF32's 494 is not used). TPU: the f32 entry
+# is the bf16 peak because XLA's default matmul precision runs f32 dots as one bf16 pass on the MXU.
+PEAK_FLOPS = {
+    "H100": (989e12, 67e12),
+    "H200": (989e12, 67e12),
+    "TPU v4": (275e12, 275e12),
+    "TPU v5 lite": (197e12, 197e12),
+    "TPU v5e": (197e12, 197e12),
+    "TPU v5p": (459e12, 459e12),
+    "TPU v5": (459e12, 459e12),
+}
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def decoder_config(*, hidden, heads, kv_heads, intermediate, vocab, layers, head_dim=None, max_positions=4096,
+                   model_type="llama") -> DecoderConfig:
+    return DecoderConfig(model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim or hidden // heads, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         rope_scaling=None, max_position_embeddings=max_positions, sliding_window=None,
+                         attention_bias=False, tie_word_embeddings=False)
+
+
+def hf_config_dict(config: DecoderConfig) -> dict[str, Any]:
+    """The Hugging Face config.json of a DecoderConfig (what TransformerCloak reads its estimators from)."""
+    return dict(model_type=config.model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+                max_position_embeddings=config.max_position_embeddings,
+                tie_word_embeddings=config.tie_word_embeddings, attention_bias=config.attention_bias)
+
+
+def build_cloak(config: DecoderConfig, *, estimator_layers: int = 1, seed: int = 0, **cloak_kwargs):
+    """A TransformerCloak for a base of shape ``config`` without a model directory (a temporary config.json)."""
+    from sgt_jax.transform.cloak import TransformerCloak
+
+    with tempfile.TemporaryDirectory(prefix="sgt_bench_") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_config_dict(config)))
+        return TransformerCloak(config_path=tmp, num_hidden_layers=estimator_layers, seed=seed,
+                                rngs=nnx.Rngs(seed), **cloak_kwargs)
+
+
+# ------------------------------------------------------------------------------------------- FLOP model
+
+
+def layer_flops_per_token(config: DecoderConfig, seq: int) -> tuple[int, int]:
+    """Forward FLOPs of one decoder layer per token: (dense matmuls, attention scores + values).
+
+    dense = 2·(D·H·hd + 2·D·K·hd + H·hd·D + 3·D·F)  (q, k, v, o projections, SwiGLU gate/up/down)
+    attention = 4·S·H·hd  (Q·Kᵀ and P·V over the full S×S square: the XLA kernel skips no causal blocks)."""
+    d, h, kv, hd, f = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                       config.intermediate_size)
+    dense = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
+    return dense, 4 * seq * h * hd
+
+
+def flop_model(config: DecoderConfig, *, batch: int, seq: int, base_layers: int, estimator_layers: int,
+               objective: str = "ssl") -> dict[str, int]:
+    """Model FLOPs of one optimizer step (all micro-batches), split base / cloak.
+
+    Base (frozen): one forward per pass it runs — ssl and distill run a clean and a transformed pass, lm only
+    the transformed one — plus the backward *to the inputs only*: dense layers need dX = dY·Wᵀ only (1× their
+    forward, no dW), attention needs dQ, dK, dV (2× its forward); lm/distill add the LM head (2·D·V per token
+    forward, 1× backward). Cloak (fp32, trained): two estimators of E layers + a D×D head each, forward +
+    backward with weight gradients = 3× forward. Norms, softmax, RoPE and the optimizer are not counted."""
+    tokens = batch * seq
+    dense, attention = layer_flops_per_token(config, seq)
+    head = 2 * config.hidden_size * config.vocab_size if objective in ("lm", "distill") else 0
+    forward = base_layers * (dense + attention) + head
+    backward = base_layers * (dense + 2 * attention) + head
+    passes = 1 if objective == "lm" else 2
+    base = tokens * (passes * forward + backward)
+    estimator = estimator_layers * (dense + attention) + 2 * config.hidden_size * config.hidden_size
+    cloak = tokens * 3 * 2 * estimator
+    return {"base": int(base), "cloak": int(cloak), "total": int(base + cloak)}
+
+
+_CPU_PEAK: dict[str, float] = {}
+
+
+def measured_matmul_flops(dtype: str, n: int = 1024, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of an n×n×n matmul on the default device (the CPU's stand-in for a peak)."""
+    if dtype not in _CPU_PEAK:
+        a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, a).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, a).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        _CPU_PEAK[dtype] = 2 * n**3 / best
+    return _CPU_PEAK[dtype]
+
+
+def peak_flops(device: jax.Device, base_dtype: str) -> dict[str, Any]:
+    kind = device.device_kind
+    for name, (bf16, fp32) in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            base = bf16 if base_dtype == "bfloat16" else fp32
+            return {"base": base, "cloak": fp32, "source": f"table: {name} (bf16 {bf16:.3g}, fp32 {fp32:.3g})"}
+    base = measured_matmul_flops(base_dtype)
+    fp32 = measured_matmul_flops("float32")
+    return {"base": base, "cloak": fp32,
+            "source": f"measured 1024^3 matmul on {device.platform} ({base_dtype} {base:.3g}, float32 {fp32:.3g})"}
+
+
+# ------------------------------------------------------------------------------------------------ batch
+
+
+def host_batch(batch: int, seq: int, vocab: int, *, valid: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random ids, left-padded to ``seq`` with ``valid`` real tokens per row (default: no padding)."""
+    rng = np.random.default_rng(seed)
+    valid = seq if valid is None else min(valid, seq)
+    attention = np.zeros((batch, seq), np.int32)
+    attention[:, seq - valid:] = 1
+    return {
+        "input_ids": (rng.integers(3, vocab, size=(batch, seq)) * attention).astype(np.int32),
+        "attention_mask": attention,
+        "noise_mask": attention.copy(),
+        "loss_mask": attention.copy(),
+    }
+
+
+# -------------------------------------------------------------------------------------------- the bench
+
+
+@dataclasses.dataclass
+class BenchArgs:
+    batch: int = 2
+    seq: int = 64
+    base_layers: int = 2
+    estimator_layers: int = 1
+    shape: str | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    vocab: int | None = None
+    dtype: str = "bfloat16"
+    remat: str = "none"
+    cloak_remat: str = "none"
+    attention: str = "xla"
+    objective: str = "ssl"
+    vocab_chunk: int = 0
+    accum: int = 1
+    steps: int = 5
+    warmup: int = 2
+    donate: bool = True
+    valid_tokens: int | None = None
+    model_layers: int | None = None
+    no_truncate: bool = False
+    memory_only: bool = False
+    prefetch: int = -1
+    host_delay_ms: float = 0.0
+    sync_every_step: bool = False
+    out: str | None = None
+
+    def shape_dict(self) -> dict[str, int]:
+        shape = dict(SHAPES[self.shape or "tiny"])
+        for key in ("hidden", "heads", "kv_heads", "intermediate", "vocab"):
+            if getattr(self, key) is not None:
+                shape[key] = getattr(self, key)
+        if self.shape is None and self.hidden is not None and self.heads is None:
+            shape["heads"] = max(1, self.hidden // 64)
+            shape["kv_heads"] = shape["heads"]
+        if self.kv_heads is None and self.heads is not None:
+            shape["kv_heads"] = self.heads
+        return shape
+
+
+def _memory(compiled, device) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                  "generated_code_size_in_bytes")
+        out["memory_analysis"] = {f: int(getattr(analysis, f, 0) or 0) for f in fields}
+        m = out["memory_analysis"]
+        out["compiled_peak_bytes"] = (m["argument_size_in_bytes"] + m["output_size_in_bytes"]
+                                      - m["alias_size_in_bytes"] + m["temp_size_in_bytes"])
+        out["compiled_temp_plus_argument_bytes"] = m["argument_size_in_bytes"] + m["temp_size_in_bytes"]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without allocator stats
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        out["peak_memory_bytes"] = int(stats["peak_bytes_in_use"])
+        out["peak_memory_source"] = "device.memory_stats()['peak_bytes_in_use'] (whole process)"
+    elif "compiled_peak_bytes" in out:
+        out["peak_memory_bytes"] = out["compiled_peak_bytes"]
+        out["peak_memory_source"] = ("compiled.memory_analysis(): argument + output - alias + temp "
+                                     "(no allocator stats on this backend)")
+    return out
+
+
+def _prefetch_iterator(args: BenchArgs, shape, sharding, steps: int) -> Iterator[Mapping[str, jax.Array]]:
+    from sgt_jax.training.parallel import prefetch_to_device
+
+    def host_batches():
+        for i in range(steps):
+            if args.host_delay_ms:
+                time.sleep(args.host_delay_ms / 1000.0)  # stands in for the data loader's per-batch work
+            raw = host_batch(args.batch, args.seq, shape["vocab"], valid=args.valid_tokens, seed=i)
+            yield step_lib.split_micro_batches(raw, args.accum)
+
+    to_device = lambda b: jax.device_put(b, sharding)  # noqa: E731
+    if args.prefetch > 0:
+        return prefetch_to_device(host_batches(), args.prefetch, to_device)
+    return (to_device(b) for b in host_batches())
+
+
+def run_bench(args: BenchArgs) -> dict[str, Any]:
+    from sgt_jax.transform import objective as objective_lib
+    from sgt_jax.training import optim
+    from sgt_jax.training.parallel import make_mesh
+
+    shape = args.shape_dict()
+    device = jax.devices()[0]
+    truncated = args.objective == "ssl" and not args.no_truncate
+    model_layers = args.model_layers or args.base_layers
+    config = decoder_config(hidden=shape["hidden"], heads=shape["heads"], kv_heads=shape["kv_heads"],
+                            intermediate=shape["intermediate"], vocab=shape["vocab"], layers=model_layers,
+                            max_positions=max(4096, args.seq))
+    base = CausalLM(config, dtype=args.dtype, truncate_at_layer=args.base_layers - 1 if truncated else None,
+                    attention_impl=args.attention, remat_policy=args.remat, rngs=nnx.Rngs(0))
+    cloak = build_cloak(config, estimator_layers=args.estimator_layers, seed=0, remat_policy=args.cloak_remat)
+    ssl_layer = args.base_layers - 1 if (args.objective == "ssl" and not truncated) else None
+
+    mesh = make_mesh(MeshConfig(data=1), devices=[device])
+    optimizer = optim.make_optimizer(OptimizerConfig(), total_steps=1000)
+    cloak_graphdef, params = nnx.split(cloak)
+    base_graphdef, base_state = nnx.split(base)
+    loss_fn = objective_lib.make_loss_fn(ObjectiveConfig(mode=args.objective, vocab_chunk_size=args.vocab_chunk),
+                                         ssl_layer=ssl_layer)
+    train_step = step_lib.make_train_step(loss_fn=loss_fn, cloak_graphdef=cloak_graphdef, base_graphdef=base_graphdef,
+                                          optimizer=optimizer, mesh=mesh, hidden_size=config.hidden_size)
+    replicated = NamedSharding(mesh, P())
+    batch_in = step_lib.batch_sharding(mesh, accumulated=True)
+    state = jax.device_put(step_lib.init_train_state(params, optimizer, jax.random.key(0)), replicated)
+    base_state = jax.device_put(base_state, replicated)
+    jitted = jax.jit(train_step, in_shardings=(replicated, replicated, batch_in), out_shardings=(replicated, replicated),
+                     donate_argnums=(0,) if args.donate else ())
+    raw = host_batch(args.batch, args.seq, shape["vocab"], valid=args.valid_tokens)
+    batch = jax.device_put(step_lib.split_micro_batches(raw, args.accum), batch_in)
+
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, base_state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+
+    flops = flop_model(config, batch=args.batch, seq=args.seq, base_layers=args.base_layers,
+                       estimator_layers=args.estimator_layers, objective=args.objective)
+    result: dict[str, Any] = {
+        "bench": "sgt_train_step",
+        "date": datetime.date.today().isoformat(),
+        "args": dataclasses.asdict(args),
+        "shape": shape,
+        "base_param_count": int(sum(x.size for x in jax.tree.leaves(base_state))),
+        "cloak_param_count": int(sum(x.size for x in jax.tree.leaves(params))),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "jax_version": jax.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "flops": flops,
+    }
+    result.update(_memory(compiled, device))
+    if args.memory_only:
+        return result
+
+    times, cpu_times = [], []
+    for i in range(args.warmup + args.steps):
+        t, c = time.perf_counter(), time.process_time()
+        state, metrics = compiled(state, base_state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+    step_s = statistics.median(times)
+    tokens = args.batch * args.seq
+    valid = args.batch * min(args.valid_tokens or args.seq, args.seq)
+    peaks = peak_flops(device, args.dtype)
+    ideal_s = flops["base"] / peaks["base"] + flops["cloak"] / peaks["cloak"]
+    result.update({
+        "step_s_median": step_s,
+        "step_s_all": times,
+        # CPU seconds this process used per step (all threads): on a shared machine, less sensitive than wall
+        # time to other tenants; wall ≈ cpu / cores when the process has the machine to itself.
+        "step_cpu_s_median": statistics.median(cpu_times),
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / step_s,
+        "valid_tokens_per_s": valid / step_s,
+        "achieved_flops_per_s": flops["total"] / step_s,
+        "peak_flops": peaks,
+        "mfu": ideal_s / step_s,
+        "final_loss": float(metrics["loss"]),
+    })
+    result.update(_memory(compiled, device))  # allocator peak now includes the run
+
+    if args.prefetch >= 0:
+        loop_steps = max(args.steps, 4)
+        it = _prefetch_iterator(args, shape, batch_in, loop_steps + 1)
+        state, metrics = compiled(state, base_state, next(it))  # first batch: pipeline fill, not timed
+        jax.block_until_ready(state)
+        t = time.perf_counter()
+        for micro in it:
+            state, metrics = compiled(state, base_state, micro)
+            if args.sync_every_step:
+                float(metrics["loss"])  # a loop that logs every step waits for it: no async-dispatch overlap
+        jax.block_until_ready((state, metrics))
+        loop_s = (time.perf_counter() - t) / loop_steps
+        result["loop"] = {"prefetch": args.prefetch, "host_delay_ms": args.host_delay_ms, "steps": loop_steps,
+                          "sync_every_step": args.sync_every_step,
+                          "step_s": loop_s, "tokens_per_s": tokens / loop_s}
+    return result
+
+
+def parse_args(argv=None) -> BenchArgs:
+    p = argparse.ArgumentParser(prog="python -m sgt_jax.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--base-layers", type=int, default=2, help="base layers kept (ssl: truncate_at_layer = K-1)")
+    p.add_argument("--estimator-layers", type=int, default=1)
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="preset width (default tiny)")
+    for name in ("hidden", "heads", "kv-heads", "intermediate", "vocab"):
+        p.add_argument(f"--{name}", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="base model dtype")
+    p.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="remat policy of the base's scanned layers")
+    p.add_argument("--cloak-remat", default="none", choices=REMAT_POLICIES,
+                   help="remat policy of the cloak's estimator layers")
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
+    p.add_argument("--objective", default="ssl", choices=["ssl", "lm", "distill"])
+    p.add_argument("--vocab-chunk", type=int, default=0, help="vocabulary chunk of the lm/distill CE (0: off)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (batch must divide)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-donate", dest="donate", action="store_false", help="do not donate the train state")
+    p.add_argument("--valid-tokens", type=int, default=None, help="real tokens per row (left padding to --seq)")
+    p.add_argument("--model-layers", type=int, default=None, help="layers of the full model (default K)")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="ssl on the untruncated --model-layers model (hidden state at layer K-1)")
+    p.add_argument("--memory-only", action="store_true", help="compile and report memory, do not run")
+    p.add_argument("--prefetch", type=int, default=-1,
+                   help="also time a step loop fed from a host iterator; N>0 prefetches N batches, 0 does not")
+    p.add_argument("--host-delay-ms", type=float, default=0.0, help="simulated host data work per batch in the loop")
+    p.add_argument("--sync-every-step", action="store_true",
+                   help="in the loop, read the loss after every step (as a loop that logs each step does)")
+    p.add_argument("--out", default=None, help="write the JSON here")
+    ns = p.parse_args(argv)
+    return BenchArgs(**vars(ns))
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = run_bench(args)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    summary = {k: result.get(k) for k in ("compile_s", "step_s_median", "tokens_per_s", "mfu", "peak_memory_bytes",
+                                          "peak_memory_source", "loop")}
+    print(json.dumps(summary, indent=1), file=sys.stdout)
+    return result

@@ -1,0 +1,145 @@
+"""The package's shape: imports point one way (down the layer order below), no import cycle, no module over
+400 lines and no function over 60 (docstrings aside). Parsed from the source, function-local imports included,
+so a dependency cannot hide inside a function."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sgt_jax"
+
+# Lower numbers sit lower: a module may import its own layer (other packages of it too, as long as no cycle
+# forms) and the layers below, never one above. Entry points (python -m sgt_jax.X) sit on top.
+LAYERS = {
+    "sgt_jax.errors": 0, "sgt_jax.config": 0, "sgt_jax.tracking": 0, "sgt_jax.assets": 0,
+    "sgt_jax.models": 1,
+    "sgt_jax.transform": 2, "sgt_jax.data": 2,
+    "sgt_jax.inference": 3,
+    "sgt_jax.evaluation": 4,
+    "sgt_jax.training": 5, "sgt_jax.export": 5,
+    "sgt_jax": 6,  # the package root's __init__ and the entry modules: train, evaluate, attack, bench, ...
+}
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    return next(LAYERS[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in LAYERS)
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """Every sgt_jax module the file imports, anywhere in it (``from pkg import mod`` resolved to the module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("sgt_jax"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sgt_jax"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in known else node.module)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {name: {m for m in imported_modules(path, known) if m in known and m != name}
+            for name, path in mods.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    # A package's __init__ re-exports its own modules; that is not an upward arrow.
+    return sorted(f"{src} (layer {layer(src)}) imports {dst} (layer {layer(dst)})"
+                  for src, dsts in graph.items() for dst in dsts
+                  if layer(dst) > layer(src) and not dst.startswith(src + "."))
+
+
+def test_layers_cover_every_subpackage():
+    packages = {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
+    assert packages <= set(LAYERS), f"give these packages a layer: {sorted(packages - set(LAYERS))}"
+
+
+def test_no_import_points_up_the_layer_order():
+    assert upward_imports(import_graph()) == []
+
+
+def test_no_import_cycle():
+    assert find_cycle(import_graph()) is None
+
+
+def test_the_checks_fire(tmp_path):
+    graph = {"sgt_jax.models.a": {"sgt_jax.training.b"}, "sgt_jax.training.b": {"sgt_jax.models.a"}}
+    assert find_cycle(graph) == ["sgt_jax.models.a", "sgt_jax.training.b", "sgt_jax.models.a"]
+    assert upward_imports(graph) == ["sgt_jax.models.a (layer 1) imports sgt_jax.training.b (layer 5)"]
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from sgt_jax.training import step\n    import sgt_jax.models.decoder\n")
+    assert imported_modules(source, {"sgt_jax.training.step"}) == {"sgt_jax.training.step", "sgt_jax.models.decoder"}
+    long_fn = tmp_path / "long.py"
+    long_fn.write_text('def f():\n    """doc\n\n    more doc\n    """\n' + "    x = 1\n" * 61)
+    assert long_functions(long_fn) == [("f", 61)]
+
+
+def _docstring_lines(node) -> int:
+    body = getattr(node, "body", None)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        return body[0].end_lineno - body[0].lineno + 1
+    return 0
+
+
+def long_functions(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.body[0].lineno + 1 - _docstring_lines(node)
+            if length > MAX_FUNCTION_LINES:
+                out.append((node.name, length))
+    return out
+
+
+def module_lines(path: Path) -> int:
+    tree = ast.parse(path.read_text())
+    docstrings = sum(_docstring_lines(node) for node in ast.walk(tree)
+                     if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))
+    return len(path.read_text().splitlines()) - docstrings
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_module_and_function_sizes(name):
+    path = modules()[name]
+    assert module_lines(path) <= MAX_MODULE_LINES, f"{path.name}: {module_lines(path)} lines; split it by concern"
+    assert long_functions(path) == [], f"{path.name}: functions over {MAX_FUNCTION_LINES} lines"
