@@ -1,6 +1,6 @@
 """AdamW for the cloak: masked weight decay, warm-up + decay schedules, global-norm clipping.
 
-The recommendations' one critical exception to "use the base model's pre-training optimizer settings": the final
+The recommendations' (docs/recipe.md) one critical exception to "use the base model's pre-training optimizer settings": the final
 linear layers of the mean and std estimators (our ``mean_head`` / ``std_head``, weights *and* biases) must
 get zero weight decay. Decay there pulls mu back to 0 and sigma back to the clip floor every step, which
 "significantly hampers the ability of the model to learn meaningful transformations".

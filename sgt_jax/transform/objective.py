@@ -1,4 +1,4 @@
-"""The SGT objective (the recommendations' "SGT Loss Function")::
+"""The SGT objective (docs/recipe.md, "The objective")::
 
     L = (1 - alpha) * weight * L_M + alpha * (transform_variance_priority * L_N + transform_strength_priority * L_S)
         (+ moe_aux_loss_weight * aux when the estimators have experts)
