@@ -1,11 +1,9 @@
-"""The benchmark CLI (python -m sgt_jax.bench) and its FLOP model; no timing assertions."""
+"""The benchmark CLI (python -m sgt_jax.bench) and its FLOP model (sgt_jax.training.flops); no timing assertions."""
 
 import json
 
-import pytest
-
 from sgt_jax.training import benchmark as bench
-from sgt_jax.training.parallel import prefetch_to_device
+from sgt_jax.training import flops
 
 EXPECTED_KEYS = {"args", "shape", "device_kind", "platform", "compile_s", "step_s_median", "step_s_all",
                  "tokens_per_s", "valid_tokens_per_s", "flops", "peak_flops", "mfu", "peak_memory_bytes",
@@ -39,17 +37,17 @@ def test_flop_model_matches_hand_count_for_tiny_config():
     config = bench.decoder_config(hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=384, layers=2)
     dense = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)  # q, k+v, o, gate+up+down = 73,728
     attention = 4 * 8 * 4 * 16  # Q·K^T and P·V over S x S: 2,048
-    assert bench.layer_flops_per_token(config, 8) == (73_728, 2_048) == (dense, attention)
+    assert flops.layer_flops_per_token(config, 8) == (73_728, 2_048) == (dense, attention)
     # ssl: clean + transformed forward (2 x 2 layers x 75,776) + backward to inputs (dense 1x, attention 2x).
     base = 16 * (2 * 2 * (73_728 + 2_048) + 2 * (73_728 + 2 * 2_048))  # 7,340,032
     # cloak: 2 estimators x (1 layer + D x D head) x 3 (forward + backward with weight gradients).
     cloak = 16 * 3 * 2 * (73_728 + 2_048 + 2 * 64 * 64)  # 8,060,928
-    got = bench.flop_model(config, batch=2, seq=8, base_layers=2, estimator_layers=1, objective="ssl")
+    got = flops.flop_model(config, batch=2, seq=8, base_layers=2, estimator_layers=1, objective="ssl")
     assert got == {"base": 7_340_032, "cloak": 8_060_928, "total": 15_400_960} == {
         "base": base, "cloak": cloak, "total": base + cloak}
     # lm: one transformed forward + the LM head (2·D·V per token), backward to the hidden state (1x head).
     head = 2 * 64 * 384
-    lm = bench.flop_model(config, batch=2, seq=8, base_layers=2, estimator_layers=1, objective="lm")
+    lm = flops.flop_model(config, batch=2, seq=8, base_layers=2, estimator_layers=1, objective="lm")
     assert lm["base"] == 16 * ((2 * 75_776 + head) + (2 * (73_728 + 4_096) + head)) == 6_488_064
 
 
@@ -57,26 +55,9 @@ def test_peak_flops_table_and_cpu_measurement():
     class Fake:
         device_kind, platform = "NVIDIA H100 80GB HBM3", "gpu"
 
-    peaks = bench.peak_flops(Fake(), "bfloat16")
+    peaks = flops.peak_flops(Fake(), "bfloat16")
     assert peaks["base"] == 989e12 and peaks["cloak"] == 67e12
     import jax
 
-    cpu = bench.peak_flops(jax.devices()[0], "float32")
+    cpu = flops.peak_flops(jax.devices()[0], "float32")
     assert cpu["base"] > 0 and "measured" in cpu["source"]
-
-
-def test_prefetch_to_device_keeps_order_and_reraises():
-    import numpy as np
-
-    got = [int(x) for x in prefetch_to_device(iter(np.arange(7)), 2)]
-    assert got == list(range(7))
-    assert [int(x) for x in prefetch_to_device(iter(np.arange(3)), 0)] == [0, 1, 2]
-
-    def broken():
-        yield np.zeros(2)
-        raise RuntimeError("loader failed")
-
-    it = prefetch_to_device(broken(), 2)
-    next(it)
-    with pytest.raises(RuntimeError, match="loader failed"):
-        next(it)

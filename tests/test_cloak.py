@@ -296,6 +296,23 @@ def test_one_line_errors(model_dir):
     assert normalize_transformer_type("Qwen2Model") == "qwen2"
 
 
+@pytest.mark.parametrize("override", ["scale=[2.0,1.0]", "rho_init=-3.0", "percent_to_mask=1.5", "shallow=0.0",
+                                      "std_dropout=1.0", "mean_num_experts=-1", "remat_policy=sometimes",
+                                      "matmul_precision=fp8"])
+def test_the_cloak_and_the_config_refuse_a_setting_with_the_same_rule(model_dir, override):
+    """One rule, two doors: a run's config and code that builds the cloak directly give the same one line."""
+    from sgt_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as from_config:
+        load_config(overrides=[f"cloak.{override}"])
+    name, value = override.split("=")
+    value = json.loads(value) if value[0] in "[-0123456789" else value
+    with pytest.raises(CloakConfigError) as from_cloak:
+        _cloak(model_dir, **{name: value})
+    assert str(from_cloak.value) == str(from_config.value)
+    assert f"cloak.{name}=" in str(from_cloak.value) and "\n" not in str(from_cloak.value)
+
+
 def test_float32_is_enforced_at_call_time(model_dir):
     cloak = _cloak(model_dir)
     x, am, nm = _inputs()

@@ -156,3 +156,13 @@ def test_missing_attention_kernel_is_a_one_line_error(impl):
     with pytest.raises(AttentionConfigError, match=f"model.attention_impl='{impl}'") as err:
         DecoderStack(tiny_config(), attention_impl=impl, rngs=nnx.Rngs(0))
     assert "\n" not in str(err.value) and "xla" in str(err.value)
+
+
+def test_unknown_remat_policy_is_a_one_line_error():
+    from flax import nnx
+
+    from sgt_jax.errors import SGTError
+
+    with pytest.raises(SGTError, match="model.remat_policy='sometimes' is not one of none, full") as err:
+        DecoderStack(tiny_config(), remat_policy="sometimes", rngs=nnx.Rngs(0))
+    assert "\n" not in str(err.value)

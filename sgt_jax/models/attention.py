@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from sgt_jax.config import ATTENTION_IMPLS, check_choice
 from sgt_jax.errors import SGTError
 
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 # A finite large negative logit: fully masked rows (left-pad queries) give a uniform, NaN-free softmax.
 _MASKED_LOGIT = -1e30
 
@@ -40,10 +40,7 @@ def target_backend(platform: str):
 
 def check_attention_impl(attention_impl: str) -> None:
     """Refuse, in one line, a kernel the current backend lacks (called at construction, outside jit)."""
-    if attention_impl not in ATTENTION_IMPLS:
-        raise AttentionConfigError(
-            f"model.attention_impl={attention_impl!r} is unknown; use one of {', '.join(ATTENTION_IMPLS)}."
-        )
+    check_choice(attention_impl, ATTENTION_IMPLS, "model.attention_impl", AttentionConfigError)
     backend = _TARGET_BACKEND[-1] if _TARGET_BACKEND else jax.default_backend()
     needed = {"cudnn": "gpu", "splash": "tpu"}.get(attention_impl)
     if needed is not None and backend != needed:
@@ -194,5 +191,5 @@ def dot_product_attention(query, key, value, padding_mask, *, attention_impl="xl
     return _xla_attention(query, key, value, mask, scale)
 
 
-__all__ = ["ATTENTION_IMPLS", "AttentionConfigError", "attention_mask_4d", "cached_attention_mask",
+__all__ = ["AttentionConfigError", "attention_mask_4d", "cached_attention_mask",
            "cached_dot_product_attention", "check_attention_impl", "dot_product_attention"]

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from sgt_jax.errors import SGTError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 class ModelLoadError(SGTError):

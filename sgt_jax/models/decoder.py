@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgt_jax.config import REMAT_POLICIES, check_choice
 from sgt_jax.models.attention import cached_dot_product_attention, check_attention_impl, dot_product_attention
-
-from sgt_jax.models.config import (REMAT_POLICIES, DecoderConfig, ModelLoadError,
-                                     _as_dtype)
+from sgt_jax.models.config import DecoderConfig, ModelLoadError, _as_dtype
 from sgt_jax.models.hf import load_causal_lm
 from sgt_jax.models.moe import MoeMLP
 
@@ -209,8 +208,7 @@ class DecoderStack(nnx.Module):
     def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla",
                  remat_policy="none", final_norm=True, matmul_precision: str | None = None, rngs: nnx.Rngs):
         check_attention_impl(attention_impl)
-        if remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"model.remat_policy={remat_policy!r} is unknown; use one of {', '.join(REMAT_POLICIES)}.")
+        check_choice(remat_policy, REMAT_POLICIES, "model.remat_policy")
         self.config, self.remat_policy = config, remat_policy
         # None: the backend's default. Set for the float32 cloak: every dot of the stack, and (the precision is
         # fixed on each dot when traced) every dot of its backward, runs at this precision.

@@ -5,9 +5,8 @@ layers kept (ssl: truncated at layer K-1, as a loaded ``truncate_at_layer=K-1`` 
 model with its LM head), the cloak a ``TransformerCloak`` with ``--estimator-layers E`` per estimator, the
 step exactly :func:`sgt_jax.training.step.make_train_step` (scan over ``--accum`` micro-batches, AdamW).
 
-The FLOP model (see benchmarks/README.md) counts *model* FLOPs — what the maths needs, not what remat
-recomputes — split into the frozen bf16 base (forward passes + backward to the inputs only) and the fp32
-cloak (forward + backward with weight gradients), each measured against its own dtype's peak.
+MFU is the model FLOPs of :mod:`sgt_jax.training.flops` over the step time, each part against its own dtype's
+peak.
 """
 
 from __future__ import annotations
@@ -22,17 +21,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
+import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sgt_jax.config import (ATTENTION_IMPLS, OBJECTIVE_MODES, REMAT_POLICIES, MeshConfig, ObjectiveConfig,
+                            OptimizerConfig)
+from sgt_jax.models.decoder import CausalLM, DecoderConfig
+from sgt_jax.training import optim
 from sgt_jax.training import step as step_lib
-from sgt_jax.config import MeshConfig, ObjectiveConfig, OptimizerConfig
-from sgt_jax.models.decoder import REMAT_POLICIES, CausalLM, DecoderConfig
+from sgt_jax.training.flops import flop_model, peak_flops
+from sgt_jax.training.parallel import make_mesh
+from sgt_jax.transform import objective as objective_lib
+from sgt_jax.transform.cloak import TransformerCloak
 
 SHAPES = {
     "tiny": dict(hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=384),
@@ -40,20 +45,6 @@ SHAPES = {
     "small": dict(hidden=256, heads=8, kv_heads=8, intermediate=688, vocab=2048),
     "llama2-7b": dict(hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
 }
-
-# Dense peak FLOP/s per device kind: (bf16, fp32). H100/H200 SXM: 989 TFLOP/s bf16 tensor-core dense, 67 TFLOP/s
-# fp32 (non-tensor-core; the cloak must run in single precision, so TF32's 494 is not used). TPU: the f32 entry
-# is the bf16 peak because XLA's default matmul precision runs f32 dots as one bf16 pass on the MXU.
-PEAK_FLOPS = {
-    "H100": (989e12, 67e12),
-    "H200": (989e12, 67e12),
-    "TPU v4": (275e12, 275e12),
-    "TPU v5 lite": (197e12, 197e12),
-    "TPU v5e": (197e12, 197e12),
-    "TPU v5p": (459e12, 459e12),
-    "TPU v5": (459e12, 459e12),
-}
-
 
 # ------------------------------------------------------------------------------------------------ model
 
@@ -79,77 +70,10 @@ def hf_config_dict(config: DecoderConfig) -> dict[str, Any]:
 
 def build_cloak(config: DecoderConfig, *, estimator_layers: int = 1, seed: int = 0, **cloak_kwargs):
     """A TransformerCloak for a base of shape ``config`` without a model directory (a temporary config.json)."""
-    from sgt_jax.transform.cloak import TransformerCloak
-
     with tempfile.TemporaryDirectory(prefix="sgt_bench_") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(hf_config_dict(config)))
         return TransformerCloak(config_path=tmp, num_hidden_layers=estimator_layers, seed=seed,
                                 rngs=nnx.Rngs(seed), **cloak_kwargs)
-
-
-# ------------------------------------------------------------------------------------------- FLOP model
-
-
-def layer_flops_per_token(config: DecoderConfig, seq: int) -> tuple[int, int]:
-    """Forward FLOPs of one decoder layer per token: (dense matmuls, attention scores + values).
-
-    dense = 2·(D·H·hd + 2·D·K·hd + H·hd·D + 3·D·F)  (q, k, v, o projections, SwiGLU gate/up/down)
-    attention = 4·S·H·hd  (Q·Kᵀ and P·V over the full S×S square: the XLA kernel skips no causal blocks)."""
-    d, h, kv, hd, f = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                       config.intermediate_size)
-    dense = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
-    return dense, 4 * seq * h * hd
-
-
-def flop_model(config: DecoderConfig, *, batch: int, seq: int, base_layers: int, estimator_layers: int,
-               objective: str = "ssl") -> dict[str, int]:
-    """Model FLOPs of one optimizer step (all micro-batches), split base / cloak.
-
-    Base (frozen): one forward per pass it runs — ssl and distill run a clean and a transformed pass, lm only
-    the transformed one — plus the backward *to the inputs only*: dense layers need dX = dY·Wᵀ only (1× their
-    forward, no dW), attention needs dQ, dK, dV (2× its forward); lm/distill add the LM head (2·D·V per token
-    forward, 1× backward). Cloak (fp32, trained): two estimators of E layers + a D×D head each, forward +
-    backward with weight gradients = 3× forward. Norms, softmax, RoPE and the optimizer are not counted."""
-    tokens = batch * seq
-    dense, attention = layer_flops_per_token(config, seq)
-    head = 2 * config.hidden_size * config.vocab_size if objective in ("lm", "distill") else 0
-    forward = base_layers * (dense + attention) + head
-    backward = base_layers * (dense + 2 * attention) + head
-    passes = 1 if objective == "lm" else 2
-    base = tokens * (passes * forward + backward)
-    estimator = estimator_layers * (dense + attention) + 2 * config.hidden_size * config.hidden_size
-    cloak = tokens * 3 * 2 * estimator
-    return {"base": int(base), "cloak": int(cloak), "total": int(base + cloak)}
-
-
-_CPU_PEAK: dict[str, float] = {}
-
-
-def measured_matmul_flops(dtype: str, n: int = 1024, repeats: int = 5) -> float:
-    """Best achieved FLOP/s of an n×n×n matmul on the default device (the CPU's stand-in for a peak)."""
-    if dtype not in _CPU_PEAK:
-        a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
-        f = jax.jit(lambda x, y: x @ y)
-        f(a, a).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f(a, a).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
-        _CPU_PEAK[dtype] = 2 * n**3 / best
-    return _CPU_PEAK[dtype]
-
-
-def peak_flops(device: jax.Device, base_dtype: str) -> dict[str, Any]:
-    kind = device.device_kind
-    for name, (bf16, fp32) in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            base = bf16 if base_dtype == "bfloat16" else fp32
-            return {"base": base, "cloak": fp32, "source": f"table: {name} (bf16 {bf16:.3g}, fp32 {fp32:.3g})"}
-    base = measured_matmul_flops(base_dtype)
-    fp32 = measured_matmul_flops("float32")
-    return {"base": base, "cloak": fp32,
-            "source": f"measured 1024^3 matmul on {device.platform} ({base_dtype} {base:.3g}, float32 {fp32:.3g})"}
 
 
 # ------------------------------------------------------------------------------------------------ batch
@@ -242,34 +166,41 @@ def _memory(compiled, device) -> dict[str, Any]:
     return out
 
 
-def _prefetch_iterator(args: BenchArgs, shape, sharding, steps: int) -> Iterator[Mapping[str, jax.Array]]:
-    from sgt_jax.training.parallel import prefetch_to_device
+def _loop_batches(args: BenchArgs, shape, sharding, steps: int) -> Iterator[Mapping[str, jax.Array]]:
+    """The step loop's batches, made on the host (with ``--host-delay-ms`` of simulated loader work each) and
+    put on the device: ``--prefetch N > 0`` by Grain's ``device_put`` in background threads, N batches ahead
+    on the host and N on the device; ``--prefetch 0`` inside the loop, between steps."""
 
-    def host_batches():
-        for i in range(steps):
-            if args.host_delay_ms:
-                time.sleep(args.host_delay_ms / 1000.0)  # stands in for the data loader's per-batch work
-            raw = host_batch(args.batch, args.seq, shape["vocab"], valid=args.valid_tokens, seed=i)
-            yield step_lib.split_micro_batches(raw, args.accum)
+    def host_batch_at(i: int):
+        if args.host_delay_ms:
+            time.sleep(args.host_delay_ms / 1000.0)  # stands in for the data loader's per-batch work
+        raw = host_batch(args.batch, args.seq, shape["vocab"], valid=args.valid_tokens, seed=i)
+        return step_lib.split_micro_batches(raw, args.accum)
 
-    to_device = lambda b: jax.device_put(b, sharding)  # noqa: E731
     if args.prefetch > 0:
-        return prefetch_to_device(host_batches(), args.prefetch, to_device)
-    return (to_device(b) for b in host_batches())
+        batches = grain.MapDataset.range(steps).map(host_batch_at).to_iter_dataset()
+        return iter(grain.experimental.device_put(batches, sharding, cpu_buffer_size=args.prefetch,
+                                                  device_buffer_size=args.prefetch))
+    return (jax.device_put(host_batch_at(i), sharding) for i in range(steps))
 
 
-def run_bench(args: BenchArgs) -> dict[str, Any]:
-    from sgt_jax.transform import objective as objective_lib
-    from sgt_jax.training import optim
-    from sgt_jax.training.parallel import make_mesh
+class _Step(NamedTuple):
+    """The benchmarked train step, jitted, and what it runs on."""
+    config: DecoderConfig
+    jitted: Any
+    state: Any
+    base_state: Any
+    cloak_params: Any
+    batch_sharding: NamedSharding
+    batch: Mapping[str, jax.Array]
 
-    shape = args.shape_dict()
-    device = jax.devices()[0]
+
+def _build_step(args: BenchArgs, shape: dict[str, int], device: jax.Device) -> _Step:
+    """Random-weight base and cloak of the requested shape, and the production train step over them."""
     truncated = args.objective == "ssl" and not args.no_truncate
-    model_layers = args.model_layers or args.base_layers
     config = decoder_config(hidden=shape["hidden"], heads=shape["heads"], kv_heads=shape["kv_heads"],
-                            intermediate=shape["intermediate"], vocab=shape["vocab"], layers=model_layers,
-                            max_positions=max(4096, args.seq))
+                            intermediate=shape["intermediate"], vocab=shape["vocab"],
+                            layers=args.model_layers or args.base_layers, max_positions=max(4096, args.seq))
     base = CausalLM(config, dtype=args.dtype, truncate_at_layer=args.base_layers - 1 if truncated else None,
                     attention_impl=args.attention, remat_policy=args.remat, rngs=nnx.Rngs(0))
     cloak = build_cloak(config, estimator_layers=args.estimator_layers, seed=0, remat_policy=args.cloak_remat)
@@ -286,27 +217,63 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
     replicated = NamedSharding(mesh, P())
     batch_in = step_lib.batch_sharding(mesh, accumulated=True)
     state = jax.device_put(step_lib.init_train_state(params, optimizer, jax.random.key(0)), replicated)
-    base_state = jax.device_put(base_state, replicated)
     jitted = jax.jit(train_step, in_shardings=(replicated, replicated, batch_in), out_shardings=(replicated, replicated),
                      donate_argnums=(0,) if args.donate else ())
     raw = host_batch(args.batch, args.seq, shape["vocab"], valid=args.valid_tokens)
     batch = jax.device_put(step_lib.split_micro_batches(raw, args.accum), batch_in)
+    return _Step(config, jitted, state, jax.device_put(base_state, replicated), params, batch_in, batch)
 
+
+def _time_steps(args: BenchArgs, compiled, state, base_state, batch):
+    """Wall and process-CPU seconds of each timed step (after ``args.warmup`` untimed ones)."""
+    times, cpu_times = [], []
+    for i in range(args.warmup + args.steps):
+        t, c = time.perf_counter(), time.process_time()
+        state, metrics = compiled(state, base_state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+    return state, metrics, times, cpu_times
+
+
+def _time_loop(args: BenchArgs, shape, compiled, state, base_state, batch_sharding) -> dict[str, Any]:
+    """Seconds per step of a loop fed from a host iterator, as the training loop is."""
+    loop_steps = max(args.steps, 4)
+    it = _loop_batches(args, shape, batch_sharding, loop_steps + 1)
+    state, metrics = compiled(state, base_state, next(it))  # first batch: pipeline fill, not timed
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for micro in it:
+        state, metrics = compiled(state, base_state, micro)
+        if args.sync_every_step:
+            float(metrics["loss"])  # a loop that logs every step waits for it: no async-dispatch overlap
+    jax.block_until_ready((state, metrics))
+    loop_s = (time.perf_counter() - t) / loop_steps
+    return {"prefetch": args.prefetch, "host_delay_ms": args.host_delay_ms, "steps": loop_steps,
+            "sync_every_step": args.sync_every_step, "step_s": loop_s,
+            "tokens_per_s": args.batch * args.seq / loop_s}
+
+
+def run_bench(args: BenchArgs) -> dict[str, Any]:
+    shape = args.shape_dict()
+    device = jax.devices()[0]
+    step = _build_step(args, shape, device)
     t0 = time.perf_counter()
-    lowered = jitted.lower(state, base_state, batch)
+    lowered = step.jitted.lower(step.state, step.base_state, step.batch)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
 
-    flops = flop_model(config, batch=args.batch, seq=args.seq, base_layers=args.base_layers,
+    flops = flop_model(step.config, batch=args.batch, seq=args.seq, base_layers=args.base_layers,
                        estimator_layers=args.estimator_layers, objective=args.objective)
     result: dict[str, Any] = {
         "bench": "sgt_train_step",
         "date": datetime.date.today().isoformat(),
         "args": dataclasses.asdict(args),
         "shape": shape,
-        "base_param_count": int(sum(x.size for x in jax.tree.leaves(base_state))),
-        "cloak_param_count": int(sum(x.size for x in jax.tree.leaves(params))),
+        "base_param_count": int(sum(x.size for x in jax.tree.leaves(step.base_state))),
+        "cloak_param_count": int(sum(x.size for x in jax.tree.leaves(step.cloak_params))),
         "device_kind": device.device_kind,
         "platform": device.platform,
         "jax_version": jax.__version__,
@@ -319,14 +286,7 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
     if args.memory_only:
         return result
 
-    times, cpu_times = [], []
-    for i in range(args.warmup + args.steps):
-        t, c = time.perf_counter(), time.process_time()
-        state, metrics = compiled(state, base_state, batch)
-        jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-            cpu_times.append(time.process_time() - c)
+    state, metrics, times, cpu_times = _time_steps(args, compiled, step.state, step.base_state, step.batch)
     step_s = statistics.median(times)
     tokens = args.batch * args.seq
     valid = args.batch * min(args.valid_tokens or args.seq, args.seq)
@@ -347,22 +307,8 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
         "final_loss": float(metrics["loss"]),
     })
     result.update(_memory(compiled, device))  # allocator peak now includes the run
-
     if args.prefetch >= 0:
-        loop_steps = max(args.steps, 4)
-        it = _prefetch_iterator(args, shape, batch_in, loop_steps + 1)
-        state, metrics = compiled(state, base_state, next(it))  # first batch: pipeline fill, not timed
-        jax.block_until_ready(state)
-        t = time.perf_counter()
-        for micro in it:
-            state, metrics = compiled(state, base_state, micro)
-            if args.sync_every_step:
-                float(metrics["loss"])  # a loop that logs every step waits for it: no async-dispatch overlap
-        jax.block_until_ready((state, metrics))
-        loop_s = (time.perf_counter() - t) / loop_steps
-        result["loop"] = {"prefetch": args.prefetch, "host_delay_ms": args.host_delay_ms, "steps": loop_steps,
-                          "sync_every_step": args.sync_every_step,
-                          "step_s": loop_s, "tokens_per_s": tokens / loop_s}
+        result["loop"] = _time_loop(args, shape, compiled, state, step.base_state, step.batch_sharding)
     return result
 
 
@@ -379,8 +325,8 @@ def parse_args(argv=None) -> BenchArgs:
     p.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="remat policy of the base's scanned layers")
     p.add_argument("--cloak-remat", default="none", choices=REMAT_POLICIES,
                    help="remat policy of the cloak's estimator layers")
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
-    p.add_argument("--objective", default="ssl", choices=["ssl", "lm", "distill"])
+    p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS)
+    p.add_argument("--objective", default="ssl", choices=OBJECTIVE_MODES)
     p.add_argument("--vocab-chunk", type=int, default=0, help="vocabulary chunk of the lm/distill CE (0: off)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (batch must divide)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -392,7 +338,8 @@ def parse_args(argv=None) -> BenchArgs:
                    help="ssl on the untruncated --model-layers model (hidden state at layer K-1)")
     p.add_argument("--memory-only", action="store_true", help="compile and report memory, do not run")
     p.add_argument("--prefetch", type=int, default=-1,
-                   help="also time a step loop fed from a host iterator; N>0 prefetches N batches, 0 does not")
+                   help="also time a step loop fed from a host iterator; N>0 prefetches N batches (Grain's "
+                   "device_put: N on the host, N on the device), 0 does not")
     p.add_argument("--host-delay-ms", type=float, default=0.0, help="simulated host data work per batch in the loop")
     p.add_argument("--sync-every-step", action="store_true",
                    help="in the loop, read the loss after every step (as a loop that logs each step does)")

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgt_jax.models.decoder import REMAT_POLICIES, DecoderConfig, DecoderStack
+from sgt_jax.config import CloakConfig, check_cloak
 from sgt_jax.errors import SGTError
+from sgt_jax.models.decoder import DecoderConfig, DecoderStack
+from sgt_jax.models.hf import resolve_model_path
 
 __all__ = [
     "CloakConfigError",
@@ -155,14 +157,21 @@ def _dropout(key, h, rate):
     return jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h))
 
 
-def _read_model_type(config_path) -> str:
+def _checked_model_type(config_path, transformer_type: Optional[str]) -> str:
+    """The model_type of config_path's config.json, which a given transformer_type must name."""
     path = Path(config_path)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise CloakConfigError(
             f"cloak.config_path={str(config_path)!r} has no config.json; point it at the base model's directory."
         )
-    return str(json.loads(path.read_text()).get("model_type"))
+    model_type = str(json.loads(path.read_text()).get("model_type"))
+    if transformer_type is not None and normalize_transformer_type(transformer_type) != model_type:
+        raise CloakConfigError(
+            f"cloak.transformer_type={transformer_type!r} does not match the {model_type!r} model at "
+            f"config_path={str(config_path)!r}; set transformer_type={model_type!r} (or leave it unset)."
+        )
+    return model_type
 
 
 class TransformerCloak(nnx.Module):
@@ -194,54 +203,22 @@ class TransformerCloak(nnx.Module):
         rngs: Optional[nnx.Rngs] = None,
         **kwargs: Any,
     ):
-        if scale is None:
-            scale = (1e-8, 1.0) if directly_learn_stds else (1e-3, 1.0)
-        if len(tuple(scale)) != 2:
-            raise CloakConfigError(f"cloak.scale={list(scale)} must be (min_scale, max_scale).")
-        min_scale, max_scale = (float(s) for s in scale)
-        if not 0.0 < min_scale < max_scale:
-            raise CloakConfigError(
-                f"cloak.scale=({min_scale}, {max_scale}) needs 0 < min_scale < max_scale; "
-                "try (1e-8, 1.0) with directly_learn_stds=True or (1e-3, 1.0) without."
-            )
-        if rho_init is None:
-            rho_init = 0.0 if directly_learn_stds else -3.0
-        if directly_learn_stds and float(rho_init) != 0.0:
-            raise CloakConfigError(
-                f"cloak.rho_init={rho_init} must be 0.0 when directly_learn_stds=True (other values diverge); "
-                "set rho_init=0.0 or directly_learn_stds=False."
-            )
-        if not 0.0 <= float(percent_to_mask) <= 1.0:
-            raise CloakConfigError(f"cloak.percent_to_mask={percent_to_mask} must be in [0, 1] (keep 0.0).")
-        if not float(shallow) > 0.0:
-            raise CloakConfigError(f"cloak.shallow={shallow} must be > 0 (keep 1.0).")
-        for name, rate in (("std_dropout", std_dropout), ("mean_dropout", mean_dropout)):
-            if not 0.0 <= float(rate) < 1.0:
-                raise CloakConfigError(f"cloak.{name}={rate} must be in [0, 1) (recommended 0.1).")
-        for name, n in (("mean_num_experts", mean_num_experts), ("std_num_experts", std_num_experts)):
-            if int(n) < 0:
-                raise CloakConfigError(f"cloak.{name}={n} must be >= 0 (0: a dense MLP).")
-        if seed is not None and not isinstance(seed, (int, np.integer)):
-            raise CloakConfigError(f"cloak.seed={seed!r} must be an int (debug only) or None (secure).")
-        if remat_policy not in REMAT_POLICIES:
-            raise CloakConfigError(f"cloak.remat_policy={remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}.")
-        if matmul_precision not in ("default", "high", "highest"):
-            raise CloakConfigError(f"cloak.matmul_precision={matmul_precision!r} is not one of default, high, highest.")
         if config_path is None:
             raise CloakConfigError("cloak.config_path is required: the base model's directory with config.json.")
-
-        from sgt_jax.models.hf import resolve_model_path  # `embedded:<name>` → the packaged directory
-
+        check_cloak(CloakConfig(
+            scale=None if scale is None else list(scale), transformer_type=transformer_type,
+            config_path=str(config_path), percent_to_mask=percent_to_mask, shallow=shallow, seed=seed,
+            rho_init=rho_init, std_dropout=std_dropout, mean_dropout=mean_dropout,
+            directly_learn_stds=directly_learn_stds, mean_num_experts=mean_num_experts, std_num_experts=std_num_experts,
+            use_causal_mask=use_causal_mask, estimator_kwargs=kwargs, remat_policy=remat_policy,
+            matmul_precision=matmul_precision), CloakConfigError)
+        if scale is None:
+            scale = (1e-8, 1.0) if directly_learn_stds else (1e-3, 1.0)
+        if rho_init is None:
+            rho_init = 0.0 if directly_learn_stds else -3.0
         config_path = resolve_model_path(config_path)
-        model_type = _read_model_type(config_path)
-        if transformer_type is not None and normalize_transformer_type(transformer_type) != model_type:
-            raise CloakConfigError(
-                f"cloak.transformer_type={transformer_type!r} does not match the {model_type!r} model at "
-                f"config_path={str(config_path)!r}; set transformer_type={model_type!r} (or leave it unset)."
-            )
-
-        self.min_scale, self.max_scale = min_scale, max_scale
-        self.transformer_type = model_type
+        self.transformer_type = _checked_model_type(config_path, transformer_type)
+        self.min_scale, self.max_scale = (float(s) for s in scale)
         self.config_path = str(config_path)
         self.percent_to_mask = float(percent_to_mask)
         self.shallow = float(shallow)
@@ -252,15 +229,20 @@ class TransformerCloak(nnx.Module):
         self.mean_num_experts, self.std_num_experts = int(mean_num_experts), int(std_num_experts)
         self.use_causal_mask = bool(use_causal_mask)
         self.estimator_kwargs = {"num_hidden_layers": 1, **kwargs}
+        # remat_policy: a training-memory setting only (recompute the estimators' layer activations in the
+        # backward instead of keeping them); the transform's values are the same under every policy.
+        # matmul_precision: on a TPU a float32 dot runs by default as one bfloat16 pass (TF32 on recent GPUs);
+        # "highest" makes every matmul of the transform, forward and backward, single precision.
+        self.matmul_precision = matmul_precision
+        self._build_layers(remat_policy, nnx.Rngs(0 if seed is None else int(seed)) if rngs is None else rngs)
 
-        if rngs is None:
-            rngs = nnx.Rngs(0 if seed is None else int(seed))
+    def _build_layers(self, remat_policy: str, rngs: nnx.Rngs) -> None:
+        """The two float32 estimators (of the base's family, from config_path) and their heads."""
         try:
             # *_num_experts win over a num_experts in kwargs: they are the recommendations' named settings.
-            mean_config = DecoderConfig.from_hf(config_path, **{**self.estimator_kwargs,
-                                                                "num_experts": self.mean_num_experts})
-            std_config = DecoderConfig.from_hf(config_path, **{**self.estimator_kwargs,
-                                                               "num_experts": self.std_num_experts})
+            mean_config, std_config = [
+                DecoderConfig.from_hf(self.config_path, **{**self.estimator_kwargs, "num_experts": experts})
+                for experts in (self.mean_num_experts, self.std_num_experts)]
         except ValueError as exc:
             raise CloakConfigError(f"cloak estimator config: {str(exc).splitlines()[0]}") from None
         hidden = mean_config.hidden_size
@@ -268,20 +250,17 @@ class TransformerCloak(nnx.Module):
         self.num_masked_features = num_masked_features(self.percent_to_mask, hidden)
 
         f32 = jnp.float32
-        # remat_policy: a training-memory setting only (recompute the estimators' layer activations in the
-        # backward instead of keeping them); the transform's values are the same under every policy.
-        # matmul_precision: on a TPU a float32 dot runs by default as one bfloat16 pass (TF32 on recent GPUs);
-        # "highest" makes every matmul of the transform, forward and backward, single precision.
-        self.matmul_precision = matmul_precision
         self.mean_estimator = DecoderStack(mean_config, dtype=f32, param_dtype=f32, final_norm=True,
-                                           remat_policy=remat_policy, matmul_precision=matmul_precision, rngs=rngs)
+                                           remat_policy=remat_policy, matmul_precision=self.matmul_precision,
+                                           rngs=rngs)
         self.std_estimator = DecoderStack(std_config, dtype=f32, param_dtype=f32, final_norm=True,
-                                          remat_policy=remat_policy, matmul_precision=matmul_precision, rngs=rngs)
-        precision = jax.lax.Precision(matmul_precision)
+                                          remat_policy=remat_policy, matmul_precision=self.matmul_precision,
+                                          rngs=rngs)
+        precision = jax.lax.Precision(self.matmul_precision)
         # mu = 0 at the start: the transform begins as "x plus small noise", never as a random remapping.
         self.mean_head = nnx.Linear(hidden, hidden, kernel_init=nnx.initializers.zeros_init(),
-                                    bias_init=nnx.initializers.zeros_init(), dtype=f32, param_dtype=f32, precision=precision,
-                                    rngs=rngs)
+                                    bias_init=nnx.initializers.zeros_init(), dtype=f32, param_dtype=f32,
+                                    precision=precision, rngs=rngs)
         # Near-zero weights so the head starts at rho_init for every token; scaled by 1/sqrt(D) because the
         # estimator output is RMS-normalised (norm ~ sqrt(D)), keeping the head's spread ~1e-3 at any width.
         # Not exactly zero, so tokens differ from the start; gradient reaches sigma either way (see
@@ -309,7 +288,7 @@ class TransformerCloak(nnx.Module):
             std_num_experts=cloak_cfg.std_num_experts,
             use_causal_mask=cloak_cfg.use_causal_mask,
             remat_policy=cloak_cfg.remat_policy,
-            matmul_precision=getattr(cloak_cfg, "matmul_precision", "highest"),
+            matmul_precision=cloak_cfg.matmul_precision,
             rngs=rngs,
             **dict(cloak_cfg.estimator_kwargs or {}),
         )

@@ -3,7 +3,9 @@
 The dataclasses below *are* the documentation of the configuration: each field's comment says what it
 means. A run's configuration is the schema's defaults, overlaid by a YAML file from ``configs/`` and then
 by dotted ``key=value`` command-line overrides, merged and type-checked by OmegaConf structured configs.
-Unknown keys and wrong types are refused with a one-line :class:`ConfigError` naming the key.
+Unknown keys and wrong types are refused with a one-line :class:`ConfigError` naming the key; the value
+rules (choices, ranges, cross-field checks) live in :mod:`sgt_jax.config.checks`. ``python -m sgt_jax.config``
+prints the reference generated from this schema (README's "Configuration reference").
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from sgt_jax.errors import SGTError
+from sgt_jax.config.checks import (ADVERSARY_KINDS, ATTENTION_IMPLS, DATA_FORMATS, DTYPES, MATMUL_PRECISIONS,
+                                   OBJECTIVE_MODES, REMAT_POLICIES, SCHEDULES, ConfigError, check_choice,
+                                   check_cloak, validate)
 
 __all__ = [
     "ConfigError",
@@ -33,25 +37,25 @@ __all__ = [
     "TrainConfig",
     "SGTConfig",
     "load_config",
-    "to_yaml",
+    "validate",
+    "check_choice",
+    "check_cloak",
+    "to_dict",
+    "from_dict",
+    "reference_markdown",
     "DEFAULT_MODEL",
+    "ADVERSARY_KINDS",
+    "ATTENTION_IMPLS",
+    "DATA_FORMATS",
+    "DTYPES",
+    "MATMUL_PRECISIONS",
+    "OBJECTIVE_MODES",
+    "REMAT_POLICIES",
+    "SCHEDULES",
 ]
 
-# The embedded default base model (shipped inside the package, see the user's-path issue).
+# The embedded default base model: shipped inside the package, so a fresh install runs without a download.
 DEFAULT_MODEL = "embedded:tiny-llama"
-
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-OBJECTIVE_MODES = ("ssl", "lm", "distill")
-ADVERSARY_KINDS = ("off", "mlp", "transformer")
-SCHEDULES = ("cosine", "linear", "constant")
-DATA_FORMATS = ("alpaca", "openorca", "chat", "text")
-DTYPES = ("bfloat16", "float32", "float16")
-MATMUL_PRECISIONS = ("default", "high", "highest")
-
-
-class ConfigError(SGTError):
-    """A user-caused configuration problem, reported in one sentence naming the setting and the fix."""
 
 
 @dataclass
@@ -321,87 +325,6 @@ def load_config(
     return cfg
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-def _choice(value: str, choices: Sequence[str], key: str) -> None:
-    _check(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}.")
-
-
-def validate(cfg: SGTConfig) -> None:
-    """Cross-field checks a type system cannot express; each error names the setting and the fix."""
-    _choice(cfg.model.dtype, DTYPES, "model.dtype")
-    _choice(cfg.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
-    _choice(cfg.model.remat_policy, REMAT_POLICIES, "model.remat_policy")
-    if cfg.model.truncate_at_layer is not None:
-        _check(cfg.model.truncate_at_layer >= 0, "model.truncate_at_layer must be >= 0 (or null for the whole model).")
-    c = cfg.cloak
-    _choice(c.remat_policy, REMAT_POLICIES, "cloak.remat_policy")
-    _choice(c.matmul_precision, MATMUL_PRECISIONS, "cloak.matmul_precision")
-    if c.scale is not None:
-        _check(len(c.scale) == 2, f"cloak.scale must be [min_scale, max_scale], got {list(c.scale)}.")
-        lo, hi = c.scale
-        _check(lo > 0, f"cloak.scale min_scale={lo} must be > 0.")
-        _check(lo < hi, f"cloak.scale min_scale={lo} must be smaller than max_scale={hi}.")
-    _check(0.0 <= c.percent_to_mask <= 1.0, f"cloak.percent_to_mask={c.percent_to_mask} must be in [0, 1].")
-    _check(c.shallow > 0, f"cloak.shallow={c.shallow} must be > 0 (keep 1.0).")
-    if c.directly_learn_stds and c.rho_init not in (None, 0.0):
-        raise ConfigError(
-            f"cloak.rho_init={c.rho_init} must be 0.0 when cloak.directly_learn_stds=true (other values diverge); "
-            "set rho_init=0.0 or directly_learn_stds=false."
-        )
-    _check(0.0 <= c.std_dropout < 1.0 and 0.0 <= c.mean_dropout < 1.0, "cloak.std_dropout and cloak.mean_dropout must be in [0, 1).")
-    _check(c.mean_num_experts >= 0 and c.std_num_experts >= 0, "cloak.mean_num_experts and cloak.std_num_experts must be >= 0.")
-    o = cfg.objective
-    _choice(o.mode, OBJECTIVE_MODES, "objective.mode")
-    _check(0.0 <= o.alpha <= 1.0, f"objective.alpha={o.alpha} must be in [0, 1].")
-    for name in ("transform_variance_priority", "transform_strength_priority", "weight"):
-        _check(getattr(o, name) >= 0, f"objective.{name} must be >= 0.")
-    # A YAML `off` arrives as the boolean False.
-    o.adversary = {"false": "off", "none": "off"}.get(str(o.adversary).lower(), str(o.adversary).lower())
-    _choice(o.adversary, ADVERSARY_KINDS, "objective.adversary")
-    _check(o.adversary_weight >= 0, "objective.adversary_weight must be >= 0.")
-    _check(o.adversary_learning_rate > 0, "objective.adversary_learning_rate must be > 0.")
-    _check(o.adversary_steps >= 1, "objective.adversary_steps must be >= 1.")
-    if o.mode != "ssl" and cfg.model.truncate_at_layer is not None:
-        raise ConfigError(
-            f"model.truncate_at_layer={cfg.model.truncate_at_layer} only applies to objective.mode=ssl; "
-            f"mode {o.mode!r} needs the whole model (set model.truncate_at_layer=null)."
-        )
-    opt = cfg.optimizer
-    _choice(opt.schedule, SCHEDULES, "optimizer.schedule")
-    _check(opt.learning_rate > 0, "optimizer.learning_rate must be > 0.")
-    _check(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps must be >= 1.")
-    _check(opt.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0.")
-    d = cfg.data
-    _choice(d.format, DATA_FORMATS, "data.format")
-    _check(d.batch_size >= 1, "data.batch_size must be >= 1.")
-    _check(d.max_length >= 2, "data.max_length must be >= 2.")
-    _check(len(d.buckets) > 0 and all(b > 0 for b in d.buckets), "data.buckets must be a non-empty list of positive lengths.")
-    _check(max(d.buckets) >= d.max_length, f"data.buckets' largest ({max(d.buckets)}) must be >= data.max_length ({d.max_length}).")
-    _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction must be in [0, 1).")
-    _check(cfg.validation.attack_steps >= 0, "validation.attack_steps must be >= 0 (0 turns the learned attack off).")
-    m = cfg.mesh
-    sizes = [m.data, m.fsdp, m.tensor]
-    _check(sum(1 for s in sizes if s == -1) <= 1, "mesh: at most one of data, fsdp, tensor may be -1.")
-    _check(all(s == -1 or s >= 1 for s in sizes), "mesh.data, mesh.fsdp and mesh.tensor must be >= 1 or -1.")
-    m.distributed = str(m.distributed).lower()  # a YAML/CLI boolean arrives as "True"/"False"
-    _choice(m.distributed, ("auto", "true", "false"), "mesh.distributed")
-    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1.")
-    ck = cfg.checkpoint
-    _check(ck.every_minutes is None or ck.every_minutes > 0, "checkpoint.every_minutes must be > 0 (or null: no time-based saves).")
-    g = cfg.generation
-    _check(g.temperature > 0, "generation.temperature must be > 0 (use do_sample=false for greedy).")
-    _check(0.0 < g.top_p <= 1.0, "generation.top_p must be in (0, 1].")
-    _check(g.top_k >= 0, "generation.top_k must be >= 0 (0 disables it).")
-
-
-def to_yaml(cfg: SGTConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 def to_dict(cfg: SGTConfig) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -451,6 +374,3 @@ def reference_markdown() -> str:
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
-
-if __name__ == "__main__":  # python -m sgt_jax.config: print the reference (paste into README)
-    print(reference_markdown(), end="")

@@ -1,0 +1,116 @@
+"""The value rules of the settings: the choices each setting allows and the checks a type system cannot express.
+
+They live here once. :func:`sgt_jax.config.load_config` applies them to a whole run's configuration; the
+models and the cloak apply the same functions to their constructor arguments, so code that builds them
+directly meets the same rules (raising their own error types, all one-line :class:`SGTError` s).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+from sgt_jax.errors import SGTError
+
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+OBJECTIVE_MODES = ("ssl", "lm", "distill")
+ADVERSARY_KINDS = ("off", "mlp", "transformer")
+SCHEDULES = ("cosine", "linear", "constant")
+DATA_FORMATS = ("alpaca", "openorca", "chat", "text")
+DTYPES = ("bfloat16", "float32", "float16")
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+class ConfigError(SGTError):
+    """A user-caused configuration problem, reported in one sentence naming the setting and the fix."""
+
+
+def check(cond: bool, message: str, error: type[SGTError] = ConfigError) -> None:
+    if not cond:
+        raise error(message)
+
+
+def check_choice(value: str, choices: Sequence[str], key: str, error: type[SGTError] = ConfigError) -> None:
+    check(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}.", error)
+
+
+def check_cloak(c, error: type[SGTError] = ConfigError) -> None:
+    """The cloak's own settings (a :class:`~sgt_jax.config.CloakConfig`); what needs the base model's
+    config.json (transformer_type) is checked where the cloak reads it."""
+    check_choice(c.remat_policy, REMAT_POLICIES, "cloak.remat_policy", error)
+    check_choice(c.matmul_precision, MATMUL_PRECISIONS, "cloak.matmul_precision", error)
+    if c.scale is not None:
+        check(len(c.scale) == 2, f"cloak.scale={list(c.scale)} must be [min_scale, max_scale].", error)
+        lo, hi = (float(s) for s in c.scale)
+        check(0.0 < lo < hi, f"cloak.scale=[{lo}, {hi}] needs 0 < min_scale < max_scale; try [1e-8, 1.0] with "
+              "directly_learn_stds=true or [1e-3, 1.0] without.", error)
+    check(not (c.directly_learn_stds and c.rho_init not in (None, 0.0)),
+          f"cloak.rho_init={c.rho_init} must be 0.0 when cloak.directly_learn_stds=true (other values diverge); "
+          "set rho_init=0.0 or directly_learn_stds=false.", error)
+    check(0.0 <= c.percent_to_mask <= 1.0, f"cloak.percent_to_mask={c.percent_to_mask} must be in [0, 1] (keep 0.0).",
+          error)
+    check(c.shallow > 0, f"cloak.shallow={c.shallow} must be > 0 (keep 1.0).", error)
+    for name in ("std_dropout", "mean_dropout"):
+        rate = getattr(c, name)
+        check(0.0 <= rate < 1.0, f"cloak.{name}={rate} must be in [0, 1) (recommended 0.1).", error)
+    for name in ("mean_num_experts", "std_num_experts"):
+        n = getattr(c, name)
+        check(n >= 0, f"cloak.{name}={n} must be >= 0 (0: a dense MLP).", error)
+    check(c.seed is None or isinstance(c.seed, numbers.Integral),
+          f"cloak.seed={c.seed!r} must be an int (debug only) or null (secure).", error)
+
+
+def validate(cfg) -> None:
+    """Cross-field checks of a whole :class:`~sgt_jax.config.SGTConfig`; each error names the setting and the fix.
+
+    Normalises in place the two settings YAML may spell as booleans (objective.adversary, mesh.distributed)."""
+    check_choice(cfg.model.dtype, DTYPES, "model.dtype")
+    check_choice(cfg.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
+    check_choice(cfg.model.remat_policy, REMAT_POLICIES, "model.remat_policy")
+    if cfg.model.truncate_at_layer is not None:
+        check(cfg.model.truncate_at_layer >= 0, "model.truncate_at_layer must be >= 0 (or null for the whole model).")
+    check_cloak(cfg.cloak)
+    _check_objective(cfg.objective, cfg.model)
+    opt = cfg.optimizer
+    check_choice(opt.schedule, SCHEDULES, "optimizer.schedule")
+    check(opt.learning_rate > 0, "optimizer.learning_rate must be > 0.")
+    check(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps must be >= 1.")
+    check(opt.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0.")
+    d = cfg.data
+    check_choice(d.format, DATA_FORMATS, "data.format")
+    check(d.batch_size >= 1, "data.batch_size must be >= 1.")
+    check(d.max_length >= 2, "data.max_length must be >= 2.")
+    check(len(d.buckets) > 0 and all(b > 0 for b in d.buckets), "data.buckets must be a non-empty list of positive lengths.")
+    check(max(d.buckets) >= d.max_length, f"data.buckets' largest ({max(d.buckets)}) must be >= data.max_length ({d.max_length}).")
+    check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction must be in [0, 1).")
+    check(cfg.validation.attack_steps >= 0, "validation.attack_steps must be >= 0 (0 turns the learned attack off).")
+    m = cfg.mesh
+    sizes = [m.data, m.fsdp, m.tensor]
+    check(sum(1 for s in sizes if s == -1) <= 1, "mesh: at most one of data, fsdp, tensor may be -1.")
+    check(all(s == -1 or s >= 1 for s in sizes), "mesh.data, mesh.fsdp and mesh.tensor must be >= 1 or -1.")
+    m.distributed = str(m.distributed).lower()  # a YAML/CLI boolean arrives as "True"/"False"
+    check_choice(m.distributed, ("auto", "true", "false"), "mesh.distributed")
+    ck = cfg.checkpoint
+    check(ck.keep >= 1, "checkpoint.keep must be >= 1.")
+    check(ck.every_minutes is None or ck.every_minutes > 0, "checkpoint.every_minutes must be > 0 (or null: no time-based saves).")
+    g = cfg.generation
+    check(g.temperature > 0, "generation.temperature must be > 0 (use do_sample=false for greedy).")
+    check(0.0 < g.top_p <= 1.0, "generation.top_p must be in (0, 1].")
+    check(g.top_k >= 0, "generation.top_k must be >= 0 (0 disables it).")
+
+
+def _check_objective(o, model) -> None:
+    check_choice(o.mode, OBJECTIVE_MODES, "objective.mode")
+    check(0.0 <= o.alpha <= 1.0, f"objective.alpha={o.alpha} must be in [0, 1].")
+    for name in ("transform_variance_priority", "transform_strength_priority", "weight"):
+        check(getattr(o, name) >= 0, f"objective.{name} must be >= 0.")
+    # A YAML `off` arrives as the boolean False.
+    o.adversary = {"false": "off", "none": "off"}.get(str(o.adversary).lower(), str(o.adversary).lower())
+    check_choice(o.adversary, ADVERSARY_KINDS, "objective.adversary")
+    check(o.adversary_weight >= 0, "objective.adversary_weight must be >= 0.")
+    check(o.adversary_learning_rate > 0, "objective.adversary_learning_rate must be > 0.")
+    check(o.adversary_steps >= 1, "objective.adversary_steps must be >= 1.")
+    check(o.mode == "ssl" or model.truncate_at_layer is None,
+          f"model.truncate_at_layer={model.truncate_at_layer} only applies to objective.mode=ssl; "
+          f"mode {o.mode!r} needs the whole model (set model.truncate_at_layer=null).")
