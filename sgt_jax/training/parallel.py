@@ -140,7 +140,6 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
     return True
 
 
-__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "gather_manual",
+__all__ = ["MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "gather_manual",
            "host_batch_to_global", "logical_to_sharding", "logical_to_spec", "make_mesh", "manual_spec",
-           "maybe_initialize_distributed", "param_shardings", "shard_params",
-           "sharded_embedding_lookup", "train_state_shardings"]
+           "maybe_initialize_distributed", "param_shardings", "sharded_embedding_lookup", "train_state_shardings"]
