@@ -33,7 +33,6 @@ __all__ = [
     "TrainConfig",
     "SGTConfig",
     "load_config",
-    "to_yaml",
     "DEFAULT_MODEL",
 ]
 
@@ -396,10 +395,6 @@ def validate(cfg: SGTConfig) -> None:
     _check(g.temperature > 0, "generation.temperature must be > 0 (use do_sample=false for greedy).")
     _check(0.0 < g.top_p <= 1.0, "generation.top_p must be in (0, 1].")
     _check(g.top_k >= 0, "generation.top_k must be >= 0 (0 disables it).")
-
-
-def to_yaml(cfg: SGTConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: SGTConfig) -> Dict[str, Any]:
