@@ -87,10 +87,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Per-host numpy batch -> global arrays sharded over ("data", "fsdp") on the batch dimension."""
+def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                         sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
+    """Per-host numpy batch -> global arrays, each host's rows its share: sharded over ("data", "fsdp") on the
+    batch dimension, or as ``sharding`` says (e.g. micro-batches stacked on a leading axis)."""
     return {
-        name: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+        name: jax.make_array_from_process_local_data(sharding or batch_sharding(mesh, np.ndim(value)),
+                                                     np.asarray(value))
         for name, value in batch.items()
     }
 
@@ -138,12 +141,6 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     return True
-
-
-__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "gather_manual",
-           "host_batch_to_global", "logical_to_sharding", "logical_to_spec", "make_mesh", "manual_spec",
-           "maybe_initialize_distributed", "param_shardings", "prefetch_to_device", "shard_params",
-           "sharded_embedding_lookup", "train_state_shardings"]
 
 
 def prefetch_to_device(iterator, size: int = 2, sharding_fn=None):
@@ -200,3 +197,8 @@ def prefetch_to_device(iterator, size: int = 2, sharding_fn=None):
 class _ProducerError:
     def __init__(self, exc: BaseException):
         self.exc = exc
+
+
+__all__ = ["MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "gather_manual", "host_batch_to_global",
+           "logical_to_sharding", "logical_to_spec", "make_mesh", "manual_spec", "maybe_initialize_distributed",
+           "param_shardings", "prefetch_to_device", "sharded_embedding_lookup", "train_state_shardings"]
