@@ -367,6 +367,21 @@ def test_host_shares_in_different_buckets_get_the_global_batch_shape():
         assert (share["attention_mask"][:, -1] == 1).all()  # padding on the left
 
 
+def test_collate_left_padded_rows_fields_and_empty_examples():
+    """The one left-padding rule, written out by hand: pad ids and zero masks on the left, the named fields
+    copied to the right end, empty examples and the extra ``rows`` all padding."""
+    from sgt_jax.data.batching import collate_left_padded
+
+    examples = [{"input_ids": [5, 6, 7], "context_mask": [1, 1, 0]}, {"input_ids": [], "context_mask": []},
+                {"input_ids": [9], "context_mask": [1]}]
+    got = collate_left_padded(examples, 4, 2, rows=4, fields=("context_mask",))
+    assert sorted(got) == ["attention_mask", "context_mask", "input_ids"]
+    assert got["input_ids"].tolist() == [[2, 5, 6, 7], [2, 2, 2, 2], [2, 2, 2, 9], [2, 2, 2, 2]]
+    assert got["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert got["context_mask"].tolist() == [[0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert all(a.dtype == np.int32 for a in got.values())
+
+
 def test_two_process_batches_have_the_same_shapes(tmp_path, cfg, tok):
     """Through the pipeline, on a corpus whose lengths spread over the buckets: at every batch index the two
     processes' batches have the same shape, that of the longest example of their union rounded up to a

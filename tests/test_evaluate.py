@@ -1,7 +1,9 @@
 """Generation metrics (ROUGE, cached base generations) and the ``python -m sgt_jax.evaluate`` report."""
 
 import json
+import statistics
 
+import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
@@ -23,6 +25,9 @@ def test_rouge_equals_library_mean():
         for part in ("precision", "recall", "fmeasure"):
             want = sum(getattr(scorer.score(r, c)[t], part) for r, c in PAIRS) / len(PAIRS)
             assert got[f"{t}_{part}"] == pytest.approx(want, abs=1e-12)
+        f = np.array([scorer.score(r, c)[t].fmeasure for r, c in PAIRS])
+        assert got[f"{t}_fmeasure_stderr"] == pytest.approx(statistics.stdev(f) / len(f) ** 0.5, abs=1e-12)
+    assert np.isnan(rouge_scores(refs[:1], cands[:1])["rougeL_fmeasure_stderr"])  # undefined for one pair
 
 
 def test_rouge_hand_computed():
@@ -115,7 +120,8 @@ def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
 
     root, _ = tiny_run
     out = root / "report.json"
-    assert main(["--sgt", str(root / "run"), "--max-batches", "2", "--generation-examples", "2",
+    # 8 prompts from batches of 4: prompts come from past --max-batches, in two generation batches.
+    assert main(["--sgt", str(root / "run"), "--max-batches", "1", "--generation-examples", "8",
                  "--attack-steps", "20", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report) >= {"forward", "obfuscation", "generation", "data", "sgt", "base_model_fingerprint"}
@@ -132,9 +138,12 @@ def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
     assert 0.0 <= learned["attack_mlp_top1_recovery"] <= learned["attack_mlp_top5_recovery"] <= 100.0
     assert learned["attack_nn_cosine_top1_recovery"] == pytest.approx(100.0)  # identity-like SGT
     gen = report["generation"]
-    assert gen["num_examples"] == 2
+    assert gen["num_examples"] == 8 and report["data"]["batches"] == 1
+    # The SGT generations draw the base generations' sampling keys: an identity-like SGT reproduces them.
+    assert all(row["sgt"] == row["base"] for row in gen["examples"])
     for key in ("rouge1_precision", "rouge2_recall", "rougeL_fmeasure"):
         assert 0.0 <= gen[key] <= 1.0
+    assert gen["rougeL_fmeasure_stderr"] >= 0.0
     assert report["data"]["sequences"] > 0
     assert (root / "run" / "base_generations.json").is_file()  # cached beside the run
     assert list((root / "run" / "tensorboard").glob("events*"))

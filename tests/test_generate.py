@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from sgt_jax.inference.generate import (apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p, generate,
-                              process_logits)
+                                       left_pad, process_logits)
+from sgt_jax.transform.entropy import fresh_key
 from sgt_jax.models import CausalLM
 from tiny_checkpoints import make_tiny_checkpoint
 
@@ -261,3 +262,20 @@ def test_artifact_generate_uses_the_protected_prompt(tmp_path):
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     assert texts_out == decode_texts(tok, manual.sequences, manual.lengths)
     assert np.asarray(manual.lengths).min() >= 1
+
+
+def test_left_pad_prompts_and_plain_id_lists():
+    """Prompts with a noise mask keep it; plain id lists are noised whole; padding on the left."""
+    ids, mask, noise = left_pad([{"input_ids": [4, 5], "noise_mask": [0, 1]}, [7, 8, 9]], 0)
+    assert ids.tolist() == [[0, 4, 5], [7, 8, 9]]
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert noise.tolist() == [[0, 0, 1], [1, 1, 1]]
+
+
+def test_fresh_keys_fill_the_whole_key_and_a_seed_reproduces():
+    """Every word of an unseeded key comes from OS entropy (a key from a 32-bit int leaves the first word 0),
+    no two draws repeat, and a debug seed gives ``jax.random.key(seed)``."""
+    words = np.stack([np.asarray(jax.random.key_data(fresh_key())) for _ in range(16)])
+    assert len({tuple(w) for w in words}) == 16
+    assert all(len(set(words[:, i])) > 1 for i in range(words.shape[1]))
+    assert np.array_equal(jax.random.key_data(fresh_key(3)), jax.random.key_data(jax.random.key(3)))

@@ -45,6 +45,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from sgt_jax.data.batching import collate_left_padded
+
 # Defaults of the shipped model. Changing any of them changes the asset: re-run the tool and the tests.
 CORPUS_SEED = 1234  # the synthetic corpus (the same generator and seed as the default SGT run's data)
 CORPUS_SIZE = 24000  # unique examples generated; the SGT run's 4000 are a prefix of these
@@ -143,14 +145,10 @@ def heldout_batches(heldout_tokens, batch_size: int, pad_id: int, bucket: int = 
         rows = range(start, min(n, start + batch_size))
         spans = [(int(heldout_tokens.offsets[i]), int(heldout_tokens.offsets[i + 1])) for i in rows]
         width = -(-max(e - s for s, e in spans) // bucket) * bucket
-        ids = np.full((len(spans), width), pad_id, np.int32)
-        mask = np.zeros((len(spans), width), np.int32)
-        loss = np.zeros((len(spans), width), np.int32)
-        for r, (s, e) in enumerate(spans):
-            ids[r, width - (e - s):] = heldout_tokens.input_ids[s:e]
-            mask[r, width - (e - s):] = 1
-            loss[r, width - (e - s):] = heldout_tokens.loss_mask[s:e]
-        yield ids, mask, loss
+        examples = [{"input_ids": heldout_tokens.input_ids[s:e], "loss_mask": heldout_tokens.loss_mask[s:e]}
+                    for s, e in spans]
+        batch = collate_left_padded(examples, width, pad_id, fields=("loss_mask",))
+        yield batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -230,12 +228,10 @@ def greedy_decode(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         prompt_width = -(-max(len(e) for e in chunk) // 16) * 16
-        width = prompt_width + max_new_tokens
-        ids = np.full((len(chunk), width), pad, np.int32)
-        mask = np.zeros((len(chunk), width), np.int32)
-        for r, e in enumerate(chunk):
-            ids[r, prompt_width - len(e):prompt_width] = e
-            mask[r, prompt_width - len(e):] = 1  # generated positions are real tokens once written
+        prompt = collate_left_padded([{"input_ids": e} for e in chunk], prompt_width, pad, fields=())
+        ids = np.pad(prompt["input_ids"], ((0, 0), (0, max_new_tokens)), constant_values=pad)
+        # Generated positions are real tokens once written.
+        mask = np.pad(prompt["attention_mask"], ((0, 0), (0, max_new_tokens)), constant_values=1)
         done = np.zeros(len(chunk), bool)
         for t in range(max_new_tokens):
             position = prompt_width + t

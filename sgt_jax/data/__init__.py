@@ -16,10 +16,10 @@ Host batches are numpy int32 dicts (input_ids, attention_mask, noise_mask, loss_
 from sgt_jax.data.errors import DataError
 from sgt_jax.data.formats import FORMATS, tokenize_examples
 from sgt_jax.data.pipeline import DataIterator, DataPipeline, build_datasets
-from sgt_jax.data.synthetic import generate_corpus, generate_splits
+from sgt_jax.data.synthetic import generate_corpus
 from sgt_jax.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 __all__ = [
     "DataError", "DataIterator", "DataPipeline", "FORMATS", "build_datasets", "build_tokenizer",
-    "generate_corpus", "generate_splits", "load_tokenizer", "tokenize_examples", "tokenizer_fingerprint",
+    "generate_corpus", "load_tokenizer", "tokenize_examples", "tokenizer_fingerprint",
 ]

@@ -10,7 +10,7 @@ own share to the bucket of the longest, and all hosts agree without communicatin
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -80,24 +80,24 @@ class TokenizedSource:
         return f"TokenizedSource(len={len(self)}, directory={self._directory!r})"
 
 
-def collate_left_padded(examples: Sequence[Dict[str, np.ndarray]], length: int, pad_id: int) -> Dict[str, np.ndarray]:
-    """int32 (len(examples), length) arrays: input_ids (pad id on the left), attention_mask, noise_mask,
-    loss_mask."""
-    n = len(examples)
-    out = {
-        "input_ids": np.full((n, length), int(pad_id), np.int32),
-        "attention_mask": np.zeros((n, length), np.int32),
-        "noise_mask": np.zeros((n, length), np.int32),
-        "loss_mask": np.zeros((n, length), np.int32),
-    }
+def collate_left_padded(examples: Sequence[Mapping[str, Sequence[int]]], length: int, pad_id: int, *,
+                        rows: Optional[int] = None,
+                        fields: Sequence[str] = ("noise_mask", "loss_mask")) -> Dict[str, np.ndarray]:
+    """int32 (rows, length) arrays (``rows`` defaults to len(examples); rows past the examples are all padding):
+    ``input_ids`` with the pad id on the left, ``attention_mask`` 1 on the real tokens, and each of the
+    examples' ``fields`` (0 on the padding). The package's one left-padding rule: training batches, prompts for
+    generation, harness requests."""
+    n = len(examples) if rows is None else rows
+    out = {"input_ids": np.full((n, length), int(pad_id), np.int32),
+           **{name: np.zeros((n, length), np.int32) for name in ("attention_mask", *fields)}}
     for row, e in enumerate(examples):
         k = len(e["input_ids"])
         if k == 0:
             continue
         out["input_ids"][row, length - k:] = e["input_ids"]
         out["attention_mask"][row, length - k:] = 1
-        out["noise_mask"][row, length - k:] = e["noise_mask"]
-        out["loss_mask"][row, length - k:] = e["loss_mask"]
+        for name in fields:
+            out[name][row, length - k:] = e[name]
     return out
 
 

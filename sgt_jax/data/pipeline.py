@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import sys
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -246,6 +246,110 @@ def _warn_truncation(data: TokenizedExamples, what: str, max_length: int) -> Non
                     max_length)
 
 
+class _Split(NamedTuple):
+    """One split's tokenized examples, their cache directory and key, and the indices it uses (None: all)."""
+
+    data: TokenizedExamples
+    directory: Any
+    key: str
+    indices: Optional[np.ndarray] = None
+
+
+def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} is outside [0, {process_count})")
+    return process_index, process_count
+
+
+def _check_inputs(data_cfg, tokenizer, process_count: int) -> None:
+    if data_cfg.format not in FORMATS:
+        raise DataError(f"data.format={data_cfg.format!r} is not known; choose one of {', '.join(FORMATS)}")
+    if tokenizer.pad_token_id is None:
+        raise DataError("the tokenizer has no pad token; load it with sgt_jax.data.load_tokenizer (pad = eos)")
+    if int(data_cfg.batch_size) % process_count:
+        raise DataError(
+            f"data.batch_size={data_cfg.batch_size} is not divisible by the {process_count} processes; "
+            "set it to a multiple of the process count"
+        )
+
+
+def _splits(data_cfg, tokenizer, seed: int) -> Tuple[_Split, Optional[_Split]]:
+    """(training split, validation split or None): data.validation_source, else the source's
+    data.validation_split, else a hold-out of data.validation_fraction of the training examples (by ``seed``)."""
+    fmt = data_cfg.format
+    data, directory, key = _tokenized(data_cfg, tokenizer, data_cfg.source, data_cfg.split, fmt,
+                                      data_cfg.synthetic_seed)
+    train = _Split(data, directory, key, np.arange(len(data)))
+    if data_cfg.validation_source:
+        return train, _Split(*_tokenized(data_cfg, tokenizer, data_cfg.validation_source, "train", fmt,
+                                         data_cfg.synthetic_seed + 1))
+    if data_cfg.validation_split:
+        return train, _Split(*_tokenized(data_cfg, tokenizer, data_cfg.source, data_cfg.validation_split, fmt,
+                                         data_cfg.synthetic_seed))
+    fraction = data_cfg.validation_fraction
+    if not fraction or fraction <= 0:
+        return train, None
+    if not 0 < fraction < 1:
+        raise DataError(f"data.validation_fraction={fraction} must be in [0, 1)")
+    order = np.random.default_rng(seed).permutation(len(data))
+    num_val = max(1, int(round(fraction * len(data))))
+    if num_val >= len(data):
+        raise DataError(
+            f"data.source={data_cfg.source!r} has {len(data)} examples, too few to hold out "
+            f"data.validation_fraction={fraction}; add data or set validation_source"
+        )
+    return train._replace(indices=np.sort(order[num_val:])), train._replace(indices=np.sort(order[:num_val]))
+
+
+def _pipeline(data_cfg, tokenizer, split: _Split, name: str, *, seed: int, workers: int, buckets: list,
+              grad_accum_steps: int, process_index: int, process_count: int) -> DataPipeline:
+    """The pipeline of one split: training shuffles and repeats data.num_epochs over whole optimizer-step
+    batches; validation runs one epoch in order, its last batch padded."""
+    max_length = int(data_cfg.max_length)
+    indices = split.indices
+    if data_cfg.packing:
+        all_indices = np.arange(len(split.data)) if indices is None else indices
+        source = TokenizedSource(pack_examples(split.data, all_indices, max_length, tokenizer.eos_token_id))
+    else:
+        source = TokenizedSource(split.data, indices, directory=split.directory)
+    is_train = name == "train"
+    epochs = int(data_cfg.num_epochs) if is_train else 1
+    global_batch = int(data_cfg.batch_size) * (int(grad_accum_steps) if is_train else 1)
+    fingerprint = hashlib.sha256(json.dumps(
+        [split.key, None if indices is None else hashlib.sha256(np.asarray(indices).tobytes()).hexdigest(),
+         name, seed, epochs, global_batch, buckets, bool(data_cfg.packing), max_length]
+    ).encode()).hexdigest()[:16]
+    pipeline = DataPipeline(
+        source, global_batch_size=global_batch, pad_id=tokenizer.pad_token_id, buckets=buckets,
+        process_index=process_index, process_count=process_count, shuffle=is_train, seed=seed,
+        num_epochs=epochs, num_workers=workers, prefetch_buffer_size=int(data_cfg.prefetch_buffer_size),
+        pad_final_batch=not is_train, fingerprint=fingerprint, name=name,
+    )
+    if is_train:
+        _check_training_batches(pipeline, data_cfg, len(source), epochs, grad_accum_steps)
+    return pipeline
+
+
+def _check_training_batches(pipeline: DataPipeline, data_cfg, num_rows: int, epochs: int,
+                            grad_accum_steps: int) -> None:
+    rows = "packed rows" if data_cfg.packing else "examples"
+    if pipeline.num_batches_per_epoch == 0:
+        raise DataError(
+            f"the training data has {num_rows} {rows}, fewer than one optimizer step's "
+            f"data.batch_size={data_cfg.batch_size} × optimizer.grad_accum_steps={grad_accum_steps}; "
+            "lower them or add data"
+        )
+    if pipeline.examples_dropped:
+        log.warning("data: the last %d of %d %s (over %d epochs) do not fill a whole global batch of %d and "
+                    "are not trained on", pipeline.examples_dropped, num_rows * max(epochs, 1), rows,
+                    epochs, pipeline.global_batch_size)
+
+
 def build_datasets(
     data_cfg,
     tokenizer,
@@ -266,88 +370,15 @@ def build_datasets(
     one epoch, and its last batch is padded with empty rows (all masks 0) so every example is seen
     and all hosts run the same number of batches.
     """
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise DataError(f"process_index={process_index} is outside [0, {process_count})")
-    fmt = data_cfg.format
-    if fmt not in FORMATS:
-        raise DataError(f"data.format={fmt!r} is not known; choose one of {', '.join(FORMATS)}")
-    if tokenizer.pad_token_id is None:
-        raise DataError("the tokenizer has no pad token; load it with sgt_jax.data.load_tokenizer (pad = eos)")
+    process_index, process_count = _processes(process_index, process_count)
+    _check_inputs(data_cfg, tokenizer, process_count)
     seed = int(data_cfg.shuffle_seed if seed is None else seed)
     workers = default_num_workers(data_cfg.num_workers if num_workers is None else num_workers)
-    max_length = int(data_cfg.max_length)
-    buckets = effective_buckets(data_cfg.buckets, max_length)
-    if int(data_cfg.batch_size) % process_count:
-        raise DataError(
-            f"data.batch_size={data_cfg.batch_size} is not divisible by the {process_count} processes; "
-            "set it to a multiple of the process count"
-        )
-
-    train_data, train_dir, train_key = _tokenized(data_cfg, tokenizer, data_cfg.source, data_cfg.split, fmt,
-                                                  data_cfg.synthetic_seed)
-    train_indices = np.arange(len(train_data))
-    val_data, val_dir, val_key, val_indices = None, None, None, None
-    if data_cfg.validation_source:
-        val_data, val_dir, val_key = _tokenized(data_cfg, tokenizer, data_cfg.validation_source, "train", fmt,
-                                                data_cfg.synthetic_seed + 1)
-    elif data_cfg.validation_split:
-        val_data, val_dir, val_key = _tokenized(data_cfg, tokenizer, data_cfg.source, data_cfg.validation_split,
-                                                fmt, data_cfg.synthetic_seed)
-    elif data_cfg.validation_fraction and data_cfg.validation_fraction > 0:
-        if not 0 < data_cfg.validation_fraction < 1:
-            raise DataError(f"data.validation_fraction={data_cfg.validation_fraction} must be in [0, 1)")
-        order = np.random.default_rng(seed).permutation(len(train_data))
-        num_val = max(1, int(round(data_cfg.validation_fraction * len(train_data))))
-        if num_val >= len(train_data):
-            raise DataError(
-                f"data.source={data_cfg.source!r} has {len(train_data)} examples, too few to hold out "
-                f"data.validation_fraction={data_cfg.validation_fraction}; add data or set validation_source"
-            )
-        val_data, val_dir, val_key = train_data, train_dir, train_key
-        val_indices, train_indices = np.sort(order[:num_val]), np.sort(order[num_val:])
-
-    _warn_truncation(train_data, "training", max_length)
-    if val_data is not None and val_dir != train_dir:
-        _warn_truncation(val_data, "validation", max_length)
-
-    def make(data, directory, key, indices, name):
-        if data_cfg.packing:
-            packed = pack_examples(data, np.arange(len(data)) if indices is None else indices, max_length,
-                                   tokenizer.eos_token_id)
-            source = TokenizedSource(packed)
-        else:
-            source = TokenizedSource(data, indices, directory=directory)
-        is_train = name == "train"
-        epochs = int(data_cfg.num_epochs) if is_train else 1
-        global_batch = int(data_cfg.batch_size) * (int(grad_accum_steps) if is_train else 1)
-        fingerprint = hashlib.sha256(json.dumps(
-            [key, None if indices is None else hashlib.sha256(np.asarray(indices).tobytes()).hexdigest(),
-             name, seed, epochs, global_batch, buckets, bool(data_cfg.packing), max_length]
-        ).encode()).hexdigest()[:16]
-        pipeline = DataPipeline(
-            source, global_batch_size=global_batch, pad_id=tokenizer.pad_token_id, buckets=buckets,
-            process_index=process_index, process_count=process_count, shuffle=is_train, seed=seed,
-            num_epochs=epochs, num_workers=workers, prefetch_buffer_size=int(data_cfg.prefetch_buffer_size),
-            pad_final_batch=not is_train, fingerprint=fingerprint, name=name,
-        )
-        rows = "packed rows" if data_cfg.packing else "examples"
-        if is_train and pipeline.num_batches_per_epoch == 0:
-            raise DataError(
-                f"the training data has {len(source)} {rows}, fewer than one optimizer step's "
-                f"data.batch_size={data_cfg.batch_size} × optimizer.grad_accum_steps={grad_accum_steps}; "
-                "lower them or add data"
-            )
-        if is_train and pipeline.examples_dropped:
-            log.warning("data: the last %d of %d %s (over %d epochs) do not fill a whole global batch of %d and "
-                        "are not trained on", pipeline.examples_dropped, len(source) * max(epochs, 1), rows,
-                        epochs, global_batch)
-        return pipeline
-
-    train = make(train_data, train_dir, train_key, train_indices, "train")
-    validation = make(val_data, val_dir, val_key, val_indices, "validation") if val_data is not None else None
-    return train, validation
+    settings = dict(seed=seed, workers=workers, buckets=effective_buckets(data_cfg.buckets, int(data_cfg.max_length)),
+                    grad_accum_steps=grad_accum_steps, process_index=process_index, process_count=process_count)
+    train, val = _splits(data_cfg, tokenizer, seed)
+    _warn_truncation(train.data, "training", int(data_cfg.max_length))
+    if val is not None and val.directory != train.directory:
+        _warn_truncation(val.data, "validation", int(data_cfg.max_length))
+    train_pipeline = _pipeline(data_cfg, tokenizer, train, "train", **settings)
+    return train_pipeline, _pipeline(data_cfg, tokenizer, val, "validation", **settings) if val is not None else None

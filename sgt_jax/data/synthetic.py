@@ -105,11 +105,3 @@ def generate_corpus(num_examples: int, seed: int = 1234) -> List[Dict[str, str]]
         examples.append(example)
     return examples
 
-
-def generate_splits(num_examples: int, seed: int = 1234, validation_fraction: float = 0.02):
-    """(train, validation) lists: a seeded disjoint split of `generate_corpus(num_examples, seed)`."""
-    corpus = generate_corpus(num_examples, seed)
-    order = list(range(len(corpus)))
-    random.Random(f"split-{seed}").shuffle(order)
-    num_val = int(round(validation_fraction * len(corpus)))
-    return [corpus[i] for i in sorted(order[num_val:])], [corpus[i] for i in sorted(order[:num_val])]

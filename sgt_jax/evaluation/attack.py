@@ -29,15 +29,15 @@ from typing import Mapping, Any, Optional, Sequence
 
 import jax
 import numpy as np
-import jax.numpy as jnp
-from flax import nnx
 
 from sgt_jax.data.errors import DataError
+from sgt_jax.inference.artifact import StainedGlassTransform, resolve_sgt_path, transform_embeddings
 from sgt_jax.evaluation.inversion import ATTACKS, PromptSet, run_attacks, sigma_at_targets
 
 log = logging.getLogger("sgt_jax.attack")
 
-__all__ = ["sgt_transform", "load_prompt_sets", "attack", "quick_attack_summary", "summary_attack_lines", "main"]
+__all__ = ["HIGH_RECOVERY", "privacy_verdict", "summary_verdict", "sgt_transform", "load_prompt_sets", "attack",
+           "report_scalars", "quick_attack_summary", "summary_attack_lines", "main"]
 
 REPORT_NAME = "attack_report.json"
 
@@ -74,13 +74,7 @@ def summary_verdict(summary: Mapping[str, Any], threshold: float = HIGH_RECOVERY
 def sgt_transform(sgt):
     """The artifact's transform as ``fn(ids, attention_mask, noise_mask, key) -> (x_t, sigma)`` (dropout off)."""
 
-    @nnx.jit
-    def apply(cloak, table, ids, attention_mask, noise_mask, key):
-        x = jnp.take(table, ids, axis=0).astype(jnp.float32)
-        out = cloak(x, attention_mask, noise_mask, key=key, deterministic=True)
-        return out.x_t, out.sigma
-
-    return lambda ids, am, nm, key: apply(sgt.cloak, sgt.embedding_table, ids, am, nm, key)
+    return lambda ids, am, nm, key: transform_embeddings(sgt.cloak, sgt.embedding_table, ids, am, nm, key)
 
 
 def _prompts(pipeline, limit: Optional[int]) -> list:
@@ -102,13 +96,12 @@ def load_prompt_sets(sgt, *, train_data: Optional[str] = None, eval_data: Option
     """(public training prompts, held-out evaluation prompts) for the SGT's run configuration: by default the
     run's training split and its validation split; the evaluation prompts are removed from the training ones."""
     from sgt_jax.data import build_datasets
-    from sgt_jax.evaluation.evaluate import _config_for
 
     if sgt.tokenizer is None:
         raise DataError(f"{sgt.directory} has no tokenizer/; the attack needs it to tokenize public text.")
     base = list(overrides) + ["data.num_epochs=1", "data.num_workers=0"]
-    train_cfg = _config_for(sgt, base + ([f"data.source={train_data}"] if train_data else []))
-    eval_cfg = _config_for(sgt, base + ([f"data.validation_source={eval_data}"] if eval_data else []))
+    train_cfg = sgt.run_config(base + ([f"data.source={train_data}"] if train_data else []))
+    eval_cfg = sgt.run_config(base + ([f"data.validation_source={eval_data}"] if eval_data else []))
     train_pipe, _ = build_datasets(train_cfg.data, sgt.tokenizer, process_index=0, process_count=1)
     eval_train, eval_pipe = build_datasets(eval_cfg.data, sgt.tokenizer, process_index=0, process_count=1)
     if eval_pipe is None:
@@ -131,8 +124,6 @@ def attack(sgt_path, *, train_data: Optional[str] = None, eval_data: Optional[st
            progress: bool = True, print_table: bool = True) -> dict[str, Any]:
     """Attack the SGT at ``sgt_path`` (run dir or artifact); returns the report (also written to ``out``)."""
     from sgt_jax import tracking
-    from sgt_jax.inference.artifact import StainedGlassTransform
-    from sgt_jax.evaluation.evaluate import resolve_sgt_path
     from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
 
     artifact_dir, run_dir = resolve_sgt_path(sgt_path)
@@ -230,8 +221,6 @@ def summary_attack_lines(sgt_path, *, steps: int, **kwargs) -> dict[str, Any]:
 
 
 def _quick_report_path(sgt_path) -> Path:
-    from sgt_jax.evaluation.evaluate import resolve_sgt_path
-
     artifact_dir, run_dir = resolve_sgt_path(sgt_path)
     return (run_dir or artifact_dir) / "attack_quick.json"
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgt_jax.data.batching import collate_left_padded
+
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
@@ -118,20 +120,14 @@ class SGTLM(TemplateLM):
             rows = []
             for ctx, cont in chunk:
                 whole = (list(ctx) + list(cont))[-self.max_length:]
-                n_ctx = len(whole) - len(cont)
-                rows.append((whole, n_ctx, len(cont)))
-            length = _bucket(max(len(w) for w, _, _ in rows))
-            batch = self.batch_size  # fixed batch shape: one compilation per length bucket
-            ids = np.full((batch, length), self.tokenizer.pad_token_id, np.int32)
-            mask = np.zeros((batch, length), np.int32)
-            ctx_mask = np.zeros((batch, length), np.int32)
-            for i, (whole, n_ctx, _) in enumerate(rows):  # left padding
-                ids[i, length - len(whole):] = whole
-                mask[i, length - len(whole):] = 1
-                ctx_mask[i, length - len(whole): length - len(whole) + max(n_ctx, 0)] = 1
-            lp, greedy = jax.device_get(_token_logprobs(self.base, self.cloak, jnp.asarray(ids), jnp.asarray(mask),
-                                                        jnp.asarray(ctx_mask), self._next_key()))
-            for i, (_, _, n_cont) in enumerate(rows):
+                n_ctx = max(len(whole) - len(cont), 0)
+                rows.append({"input_ids": whole, "context_mask": [1] * n_ctx + [0] * (len(whole) - n_ctx)})
+            # A fixed batch shape: one compilation per length bucket.
+            batch = collate_left_padded(rows, _bucket(max(len(r["input_ids"]) for r in rows)),
+                                        self.tokenizer.pad_token_id, rows=self.batch_size, fields=("context_mask",))
+            arrays = (jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "context_mask"))
+            lp, greedy = jax.device_get(_token_logprobs(self.base, self.cloak, *arrays, self._next_key()))
+            for i, n_cont in enumerate(len(cont) for _, cont in chunk):
                 # targets are ids[:, 1:], so the last n_cont targets sit in the last n_cont columns.
                 results.append((float(lp[i, -n_cont:].sum()), bool(greedy[i, -n_cont:].all())))
         return results

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from sgt_jax.errors import SGTError
+from sgt_jax.transform.entropy import fresh_key
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sgt_config.json"
@@ -200,6 +201,18 @@ def _load_cloak(directory: Path, hp: dict[str, Any]):
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), values))
 
 
+def resolve_sgt_path(path) -> tuple[Path, Optional[Path]]:
+    """(artifact_dir, run_dir or None) for a training run directory (with ``sgt/``) or an artifact directory."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        run_dir = path.parent if path.name == "sgt" and (path.parent / "tensorboard").exists() else None
+        return path, run_dir
+    if (path / "sgt" / CONFIG_NAME).is_file():
+        return path / "sgt", path
+    what = "does not exist" if not path.exists() else f"has no {CONFIG_NAME} (nor sgt/{CONFIG_NAME})"
+    raise ArtifactError(f"--sgt {str(path)!r} {what}; pass a training run directory or its sgt/ artifact directory.")
+
+
 class StainedGlassTransform:
     """A trained SGT, loaded from an artifact directory."""
 
@@ -239,6 +252,15 @@ class StainedGlassTransform:
             raise BaseModelMismatchError(
                 f"the base model at {model_dir} (fingerprint {actual}) is not the one {self.directory} was trained "
                 f"on ({expected}); use that model (model.path) or train an SGT for this one.")
+
+    def run_config(self, overrides: Sequence[str] = ()):
+        """The :class:`~sgt_jax.config.SGTConfig` the SGT was trained with, under ``key=value`` overrides (an
+        artifact saved without its training configuration contributes its base model path alone)."""
+        from sgt_jax.config import load_config
+
+        saved = dict(self.meta.get("training_config") or {})
+        saved.pop("base_model_fingerprint", None)  # the trainer's record of the base, not a setting
+        return load_config(overrides=overrides, saved=saved or {"model": {"path": self.meta["base_model"]["path"]}})
 
     def encode(self, prompts: Sequence) -> dict[str, np.ndarray]:
         """Left-padded ``input_ids``, ``attention_mask`` and ``noise_mask`` of ``prompts`` (str, or example dicts /
@@ -291,12 +313,9 @@ class StainedGlassTransform:
         attention_mask = np.asarray(attention_mask, dtype=np.int32)
         noise_mask = default_noise if noise_mask is None else np.asarray(noise_mask, dtype=np.int32)
         if key is None:
-            # Resolved here, outside jit: fresh entropy drawn while tracing would be baked into the program.
-            from sgt_jax.transform.cloak import _fresh_key
-
-            key = jax.random.key(self.cloak.seed) if self.cloak.seed is not None else _fresh_key()
-        x_t = _transform_jit(self.cloak, self.embedding_table, jnp.asarray(ids), jnp.asarray(attention_mask),
-                             jnp.asarray(noise_mask), key)
+            key = fresh_key(self.cloak.seed)  # outside jit, so that the entropy is not baked into the program
+        x_t, _ = transform_embeddings(self.cloak, self.embedding_table, jnp.asarray(ids),
+                                      jnp.asarray(attention_mask), jnp.asarray(noise_mask), key)
         return {"inputs_embeds": x_t, "attention_mask": jnp.asarray(attention_mask), "input_ids": jnp.asarray(ids),
                 "noise_mask": jnp.asarray(noise_mask)}
 
@@ -350,7 +369,9 @@ def _are_prompts(items) -> bool:
 
 
 @nnx.jit
-def _transform_jit(cloak, table, ids, attention_mask, noise_mask, key):
-    """One compiled program per padded shape (eager dispatch of the scanned estimators is slow)."""
+def transform_embeddings(cloak, table, ids, attention_mask, noise_mask, key) -> tuple[jax.Array, jax.Array]:
+    """(x_t, sigma) of token ids (B, S) under ``cloak`` with dropout off, embedded with ``table`` (V, D); one
+    compiled program per padded shape (eager dispatch of the scanned estimators is slow)."""
     x = jnp.take(table, ids, axis=0).astype(jnp.float32)
-    return cloak(x, attention_mask, noise_mask, key=key, deterministic=True).x_t
+    out = cloak(x, attention_mask, noise_mask, key=key, deterministic=True)
+    return out.x_t, out.sigma

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from sgt_jax.data.batching import collate_left_padded
+from sgt_jax.transform.entropy import fresh_key
 
 
 class GenerationOutput(NamedTuple):
@@ -152,10 +154,6 @@ def _generate_jit(graphdef, state, prompt_ids, inputs_embeds, attention_mask, ke
     return GenerationOutput(carry[6], carry[7])
 
 
-def _fresh_key() -> jax.Array:
-    return jax.random.key(int.from_bytes(os.urandom(4), "little"))
-
-
 def generate(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, key: Optional[jax.Array] = None,
              max_new_tokens: int, do_sample: bool = True, temperature: float = 0.6, top_k: Optional[int] = 5000,
              top_p: float = 0.9, repetition_penalty: float = 1.0, renormalize_logits: bool = True,
@@ -202,7 +200,7 @@ def generate(model, *, input_ids=None, inputs_embeds=None, attention_mask=None, 
         raise ValueError("prompts must be LEFT-padded (every row's last token real); tokenize with "
                          "padding_side='left'.")
     if key is None:
-        key = _fresh_key() if do_sample else jax.random.key(0)
+        key = fresh_key() if do_sample else jax.random.key(0)
     graphdef, state = nnx.split(model)
     return _generate_jit(
         graphdef, state,
@@ -232,10 +230,6 @@ def decode_texts(tokenizer, sequences, lengths=None, *, skip_special_tokens: boo
     lengths = [sequences.shape[1]] * len(sequences) if lengths is None else np.asarray(lengths).tolist()
     return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=skip_special_tokens)
             for row, n in zip(sequences, lengths)]
-
-
-__all__ = ["GenerationOutput", "apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_p",
-           "decode_texts", "generate", "generate_from_config", "process_logits"]
 
 
 def prompts_from_batch(host_batch) -> list[dict[str, list[int]]]:
@@ -274,13 +268,10 @@ def left_pad(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids, attention_mask, noise_mask) int32 (B, longest), left-padded, for prompts as returned by
     :func:`prompts_from_batch` (or plain id lists, then every token is to be transformed)."""
     prompts = [p if isinstance(p, dict) else {"input_ids": list(p), "noise_mask": [1] * len(p)} for p in prompts]
-    length = max(len(p["input_ids"]) for p in prompts)
-    ids = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), np.int32)
-    noise = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        n = len(p["input_ids"])
-        ids[i, length - n:] = p["input_ids"]
-        mask[i, length - n:] = 1
-        noise[i, length - n:] = p["noise_mask"]
-    return ids, mask, noise
+    batch = collate_left_padded(prompts, max(len(p["input_ids"]) for p in prompts), pad_id, fields=("noise_mask",))
+    return batch["input_ids"], batch["attention_mask"], batch["noise_mask"]
+
+
+__all__ = ["GenerationOutput", "apply_repetition_penalty", "apply_temperature", "apply_top_k", "apply_top_p",
+           "decode_texts", "generate", "generate_from_config", "left_pad", "process_logits", "prompts_from_batch",
+           "prompts_from_source"]

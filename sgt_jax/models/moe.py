@@ -61,10 +61,10 @@ class MoeMLP(nnx.Module):
         if num_experts < 1:
             raise ValueError(f"MoeMLP needs num_experts >= 1 (got {num_experts}); use the dense MLP for 0.")
         self.num_experts = num_experts
-        self.top_k = min(int(getattr(config, "num_experts_per_tok", 2) or 2), num_experts)
+        self.top_k = min(int(config.num_experts_per_tok), num_experts)
         self.dtype = dtype
         hidden, inner = int(config.hidden_size), int(config.intermediate_size)
-        init = nnx.initializers.normal(float(getattr(config, "initializer_range", 0.02) or 0.02))
+        init = nnx.initializers.normal(0.02)  # the dense layers' std; checkpoints overwrite it
         # Logical axis names for sgt_jax.training.parallel's sharding rules (same convention as the dense MLP).
         self.router = nnx.Param(init(rngs.params(), (hidden, num_experts), param_dtype),
                                 logical_axes=("embed", "experts"))

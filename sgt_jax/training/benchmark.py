@@ -34,6 +34,7 @@ from sgt_jax.config import (ATTENTION_IMPLS, OBJECTIVE_MODES, REMAT_POLICIES, Me
 from sgt_jax.models.decoder import CausalLM, DecoderConfig
 from sgt_jax.training import optim
 from sgt_jax.training import step as step_lib
+from sgt_jax.models.hf import hf_config_dict
 from sgt_jax.training.flops import flop_model, peak_flops
 from sgt_jax.training.parallel import make_mesh
 from sgt_jax.transform import objective as objective_lib
@@ -56,16 +57,6 @@ def decoder_config(*, hidden, heads, kv_heads, intermediate, vocab, layers, head
                          head_dim=head_dim or hidden // heads, rms_norm_eps=1e-5, rope_theta=10000.0,
                          rope_scaling=None, max_position_embeddings=max_positions, sliding_window=None,
                          attention_bias=False, tie_word_embeddings=False)
-
-
-def hf_config_dict(config: DecoderConfig) -> dict[str, Any]:
-    """The Hugging Face config.json of a DecoderConfig (what TransformerCloak reads its estimators from)."""
-    return dict(model_type=config.model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-                num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                head_dim=config.head_dim, rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
-                max_position_embeddings=config.max_position_embeddings,
-                tie_word_embeddings=config.tie_word_embeddings, attention_bias=config.attention_bias)
 
 
 def build_cloak(config: DecoderConfig, *, estimator_layers: int = 1, seed: int = 0, **cloak_kwargs):

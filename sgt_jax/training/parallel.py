@@ -87,10 +87,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Per-host numpy batch -> global arrays sharded over ("data", "fsdp") on the batch dimension."""
+def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                         sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
+    """Per-host numpy batch -> global arrays, each host's rows its share: sharded over ("data", "fsdp") on the
+    batch dimension, or as ``sharding`` says (e.g. micro-batches stacked on a leading axis)."""
     return {
-        name: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+        name: jax.make_array_from_process_local_data(sharding or batch_sharding(mesh, np.ndim(value)),
+                                                     np.asarray(value))
         for name, value in batch.items()
     }
 

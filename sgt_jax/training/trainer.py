@@ -6,10 +6,8 @@ data, the cloak and its optimizer, the jitted train and eval steps, validation, 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import secrets
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -22,6 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sgt_jax.training import adversary as adversary_lib
 from sgt_jax import config as config_lib
 from sgt_jax.evaluation import metrics as metrics_lib
+from sgt_jax.evaluation.rouge import generation_rouge
+from sgt_jax.inference.artifact import transform_embeddings
 from sgt_jax.transform import noise_spacing
 from sgt_jax.transform import objective
 from sgt_jax.training import optim
@@ -32,6 +32,7 @@ from sgt_jax.config import SGTConfig
 from sgt_jax.models import CausalLM, DecoderConfig
 from sgt_jax.models.fingerprint import model_fingerprint
 from sgt_jax.models.hf import resolve_model_path
+from sgt_jax.transform.entropy import fresh_key
 
 log = logging.getLogger("sgt_jax.train")
 
@@ -43,10 +44,7 @@ def default_truncation_layer(num_layers: int) -> int:
 
 def fresh_run_key_data(seed: Optional[int]) -> np.ndarray:
     """The run key: from ``cloak.seed`` when it is an int (reproducible, debug only), else OS entropy."""
-    if seed is not None:
-        return np.asarray(jax.random.key_data(jax.random.key(seed)))
-    template = np.asarray(jax.random.key_data(jax.random.key(0)))
-    return np.frombuffer(secrets.token_bytes(template.nbytes), dtype=template.dtype).reshape(template.shape).copy()
+    return np.array(jax.random.key_data(fresh_key(seed)))
 
 
 class Trainer:
@@ -144,8 +142,7 @@ class Trainer:
         # do not depend on the number of hosts.
         micro = step_lib.split_micro_batches(host_batch, accum_steps, first_index=jax.process_index(),
                                              index_stride=jax.process_count())
-        sharding = step_lib.batch_sharding(self.mesh, accumulated=True)
-        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in micro.items()}
+        return parallel.host_batch_to_global(micro, self.mesh, step_lib.batch_sharding(self.mesh, accumulated=True))
 
     def train_step(self, state, host_batch):
         if not host_batch["noise_mask"].any():
@@ -269,37 +266,13 @@ class Trainer:
     def generation_metrics(self, state, prompts: list[dict[str, list[int]]], key) -> tuple[dict[str, float], list[dict[str, str]]]:
         """ROUGE of generations from SGT-protected prompts against the base model's generations of the same
         prompts (computed once per run and cached in <run_dir>/base_generations.json)."""
-        from sgt_jax.inference.generate import decode_texts, generate_from_config, left_pad
-        from sgt_jax.evaluation.rouge import cached_base_generations, rouge_scores
-
-        full = self.full_model
-        tok = self.tokenizer
-        ids, mask, noise_mask = (jnp.asarray(a) for a in left_pad(prompts, tok.pad_token_id))
-        ids_kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
-        gen_cfg = self.cfg.generation
-
-        def base_generate(_prompts):
-            res = generate_from_config(full, gen_cfg, input_ids=ids, attention_mask=mask,
-                                       key=jax.random.fold_in(key, 1), **ids_kw)
-            return decode_texts(tok, res.sequences, res.lengths)
-
-        references = cached_base_generations(Path(self.cfg.tracking.run_dir) / "base_generations.json", prompts,
-                                             base_generate, self.saved_config["base_model_fingerprint"],
-                                             dataclasses.asdict(gen_cfg))
         cloak = nnx.merge(self.cloak_graphdef, state.params)
-        x_t = self._protect(cloak, self.base.embedding_table, ids, mask, noise_mask, jax.random.fold_in(key, 2))
-        # The base generations' sampling key: an identity transform reproduces them (ROUGE 1).
-        res = generate_from_config(full, gen_cfg, inputs_embeds=x_t, input_ids=ids, attention_mask=mask,
-                                   key=jax.random.fold_in(key, 1), **ids_kw)
-        candidates = decode_texts(tok, res.sequences, res.lengths)
-        rows = [{"base generation": r, "SGT generation": c} for r, c in zip(references, candidates)]
-        return rouge_scores(references, candidates), rows
-
-    @staticmethod
-    @nnx.jit
-    def _protect(cloak, table, ids, mask, noise_mask, key):
-        x = jnp.take(table, ids, axis=0).astype(jnp.float32)
-        return cloak(x, mask, noise_mask, key=key, deterministic=True).x_t.astype(table.dtype)
+        table = self.base.embedding_table
+        rouge, references, candidates = generation_rouge(
+            self.full_model, lambda *batch: transform_embeddings(cloak, table, *batch)[0], self.tokenizer,
+            self.cfg.generation, prompts, key, cache_path=Path(self.cfg.tracking.run_dir) / "base_generations.json",
+            fingerprint=self.saved_config["base_model_fingerprint"])
+        return rouge, [{"base generation": r, "SGT generation": c} for r, c in zip(references, candidates)]
 
     def _replicated(self, tree):
         """The cloak's parameters are sharded over fsdp; on several hosts a shard may live on another host, so

@@ -30,6 +30,7 @@ from sgt_jax.config import CloakConfig, check_cloak
 from sgt_jax.errors import SGTError
 from sgt_jax.models.decoder import DecoderConfig, DecoderStack
 from sgt_jax.models.hf import resolve_model_path
+from sgt_jax.transform.entropy import fresh_key
 
 __all__ = [
     "CloakConfigError",
@@ -143,13 +144,6 @@ def straight_through_clip(h: jax.Array, lo: float, hi: float) -> jax.Array:
 def num_masked_features(percent_to_mask: float, hidden_size: int) -> int:
     """round(p · D), halves rounded up (static: it fixes the top-k size)."""
     return int(math.floor(percent_to_mask * hidden_size + 0.5))
-
-
-def _fresh_key() -> jax.Array:
-    """A key from OS entropy, using every bit of the default PRNG implementation's key data."""
-    template = jax.random.key_data(jax.random.key(0))
-    data = np.frombuffer(os.urandom(4 * template.size), dtype=np.uint32).reshape(template.shape)
-    return jax.random.wrap_key_data(data)
 
 
 def _dropout(key, h, rate):
@@ -326,7 +320,7 @@ class TransformerCloak(nnx.Module):
                     raise CloakConfigError(
                         "cloak called under jit with key=None and seed=None; pass key= explicitly inside jit."
                     )
-                key = _fresh_key()
+                key = fresh_key()
         key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
         if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)
