@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 from sgt_jax import config as config_lib
 from sgt_jax.config import SGTConfig
+from sgt_jax.errors import run_cli
+from sgt_jax.training import compile as compile_lib
 from sgt_jax.training.run import train
 
 
@@ -53,24 +55,26 @@ def _parse(argv: Optional[Sequence[str]] = None) -> tuple[SGTConfig, argparse.Na
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sgt_jax.errors import run_cli
-
-    outcome = {"code": 0}
+    exit_code = {"code": 0}
 
     def body():
         cfg, args = _parse(argv)
-        if not args.compile_only:
+        if args.compile_only:
+            exit_code["code"] = _compile_only(cfg, args)
+        else:
             train(cfg)
-            return
-        from sgt_jax.training import compile as compile_lib
 
-        try:
-            compile_lib.compile_only(cfg, topology=args.topology, report_path=args.compile_report)
-        except compile_lib.CompileFitError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            outcome["code"] = compile_lib.FIT_EXIT_CODE
+    return run_cli(body) or exit_code["code"]
 
-    return run_cli(body) or outcome["code"]
+
+def _compile_only(cfg: SGTConfig, args: argparse.Namespace) -> int:
+    """The --compile-only report; its own exit code when the step does not fit the devices."""
+    try:
+        compile_lib.compile_only(cfg, topology=args.topology, report_path=args.compile_report)
+    except compile_lib.CompileFitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return compile_lib.FIT_EXIT_CODE
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ data, the cloak and its optimizer, the jitted train and eval steps, validation, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -15,23 +16,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from sgt_jax.training import adversary as adversary_lib
 from sgt_jax import config as config_lib
+from sgt_jax.config import SGTConfig
+from sgt_jax.data import build_datasets, load_tokenizer
 from sgt_jax.evaluation import metrics as metrics_lib
 from sgt_jax.evaluation.rouge import generation_rouge
+from sgt_jax.inference import artifact
 from sgt_jax.inference.artifact import transform_embeddings
-from sgt_jax.transform import noise_spacing
-from sgt_jax.transform import objective
-from sgt_jax.training import optim
-from sgt_jax.training import parallel
-from sgt_jax.training import step as step_lib
-from sgt_jax.transform.cloak import TransformerCloak
-from sgt_jax.config import SGTConfig
+from sgt_jax.inference.generate import prompts_from_source
 from sgt_jax.models import CausalLM, DecoderConfig
 from sgt_jax.models.fingerprint import model_fingerprint
 from sgt_jax.models.hf import resolve_model_path
+from sgt_jax.training import adversary as adversary_lib
+from sgt_jax.training import optim, parallel
+from sgt_jax.training import step as step_lib
+from sgt_jax.training.checkpoint import check_compatible
+from sgt_jax.transform import noise_spacing, objective
+from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.transform.entropy import fresh_key
 
 log = logging.getLogger("sgt_jax.train")
@@ -49,8 +53,6 @@ def fresh_run_key_data(seed: Optional[int]) -> np.ndarray:
 
 class Trainer:
     def __init__(self, cfg: SGTConfig):
-        from sgt_jax.data import build_datasets, load_tokenizer
-
         self.cfg = cfg
         self.model_dir = resolve_model_path(cfg.model.path)
         self.mesh = parallel.make_mesh(cfg.mesh)
@@ -124,8 +126,6 @@ class Trainer:
         return jax.device_put(self._fresh_state(), self.state_sharding, may_alias=False)
 
     def restore(self, checkpointer, state: step_lib.TrainState):
-        from sgt_jax.training.checkpoint import check_compatible
-
         step = checkpointer.latest_step()
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, self.state_sharding
@@ -179,8 +179,9 @@ class Trainer:
         full = None if full_state is None else nnx.merge(self._full_graphdef, full_state)
         out = metrics_lib.forward_eval(cloak, full, base.embedding_table, batch, keys)
         obf = out["obfuscation"]["cosine"]
-        selected = batch["attention_mask"].astype(bool) & batch["noise_mask"].astype(bool)
-        spacing = noise_spacing.spacing_sums(out["sigma"], batch["input_ids"], selected, base.embedding_table)
+        # The positions the transform adds noise to: real tokens the batch marks for noise.
+        noise_mask = batch["attention_mask"].astype(bool) & batch["noise_mask"].astype(bool)
+        spacing = noise_spacing.spacing_sums(out["sigma"], batch["input_ids"], noise_mask, base.embedding_table)
         return {
             "losses": losses,
             "sums": {**out["sums"], **spacing},
@@ -197,16 +198,37 @@ class Trainer:
         its first validation.generation_examples prompts; logged and returned."""
         if self.val_data is None:
             return {}
+        # A fixed key folded with the step: every host, rerun and resumed run draws the same noise for a
+        # validation at a given step; validations at different steps draw different noise.
+        key = jax.random.fold_in(jax.random.key(0x5EED), step)
+        totals = self._forward_validation(state, key)
+        if totals.batches == 0:
+            return {}
+        result = totals.metrics(self.base.embedding_table, self.hidden_size)
+        # From the validation set itself, not this host's batches: every host generates the same prompts.
+        prompts = prompts_from_source(self.val_data.source, self.cfg.validation.generation_examples)
+        if prompts:
+            rouge, generations = self.generation_metrics(state, prompts, key)
+            result.update(rouge)
+            for row, gen in zip(totals.table_rows, generations):
+                row.update(gen)
+        if tracker is not None:
+            tracker.scalars(step, {f"val/{k}": v for k, v in result.items()})
+            tracker.histograms(step, {**totals.histograms(), **self.weight_histograms(state)})
+            tracker.text_table(step, "val/reconstruction", totals.table_rows)
+            tracker.flush()
+        if label:
+            log.info("validation (%s) at step %d: %s", label, step,
+                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+        return result
+
+    def _forward_validation(self, state, key) -> "_ValidationTotals":
+        """The eval step over the validation batches (all hosts, in step), summed on the host."""
         full = self.full_model if self.cfg.validation.perplexity else None
         full_state = None
         if full is not None:
             self._full_graphdef, full_state = nnx.split(full)
-        key = jax.random.fold_in(jax.random.key(0x5EED), step)  # the same noise at every validation
-        loss_sums: dict[str, float] = {}
-        sums: dict[str, float] = {}
-        changed, ranks, sigmas, mus = [], [], [], []
-        table_rows: list[dict[str, str]] = []
-        batches = 0
+        totals = _ValidationTotals()
         for i, host_batch in enumerate(iter(self.val_data)):
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
                 break
@@ -214,54 +236,13 @@ class Trainer:
             batch = {k: v[0] for k, v in global_batch.items()}
             with jax.set_mesh(self.mesh):  # activations batch-sharded (FSDP); splash finds its mesh
                 out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
-            real = np.asarray(out["real_rows"])
-            if not real.any():
+            if not totals.add(out) or totals.table_rows:
                 continue
-            batches += 1
-            for k, v in out["losses"].items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
-            for k, v in out["sums"].items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            changed.append(np.asarray(out["percent_changed"])[real])
-            ranks.append(np.asarray(out["mean_rank"])[real])
-            sigmas.append(np.asarray(out["sigma"]).ravel())
-            mus.append(np.asarray(out["mu"]).ravel())
-            if not table_rows:
-                # The host's rows are one block of the global batch's rows (several blocks on several hosts).
-                first = min(s.index[1].start or 0 for s in global_batch["input_ids"].addressable_shards)
-                nearest = np.asarray(out["nearest"])[first:first + len(host_batch["input_ids"])]
-                table_rows = self._reconstruction_rows(host_batch, nearest)
-        if batches == 0:
-            return {}
-        result = {f"{k}": v / batches for k, v in loss_sums.items()}
-        result.update(metrics_lib.finalize_forward_metrics(sums))
-        result.update(noise_spacing.finalize_spacing(sums))
-        result.update(noise_spacing.mi_estimate(self.base.embedding_table,
-                                                np.concatenate(sigmas).reshape(-1, self.hidden_size)))
-        obf = metrics_lib.summarize(np.concatenate(changed))
-        result.update({f"obfuscation_{k}": v for k, v in obf.items()})
-        rank = metrics_lib.summarize(np.concatenate(ranks))
-        if rank:
-            result["reconstruction_rank_mean"] = rank["mean"]
-        from sgt_jax.inference.generate import prompts_from_source
-
-        # From the validation set itself, not this host's batches: every host generates the same prompts.
-        prompts = prompts_from_source(self.val_data.source, self.cfg.validation.generation_examples)
-        if prompts:
-            rouge, generations = self.generation_metrics(state, prompts, key)
-            result.update(rouge)
-            for row, gen in zip(table_rows, generations):
-                row.update(gen)
-        if tracker is not None:
-            tracker.scalars(step, {f"val/{k}": v for k, v in result.items()})
-            tracker.histograms(step, {"val/sigma": np.concatenate(sigmas), "val/mu": np.concatenate(mus),
-                                      **self.weight_histograms(state)})
-            tracker.text_table(step, "val/reconstruction", table_rows)
-            tracker.flush()
-        if label:
-            log.info("validation (%s) at step %d: %s", label, step,
-                     ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
-        return result
+            # The host's rows are one block of the global batch's rows (several blocks on several hosts).
+            first = min(s.index[1].start or 0 for s in global_batch["input_ids"].addressable_shards)
+            nearest = np.asarray(out["nearest"])[first:first + len(host_batch["input_ids"])]
+            totals.table_rows = self._reconstruction_rows(host_batch, nearest)
+        return totals
 
     def generation_metrics(self, state, prompts: list[dict[str, list[int]]], key) -> tuple[dict[str, float], list[dict[str, str]]]:
         """ROUGE of generations from SGT-protected prompts against the base model's generations of the same
@@ -289,9 +270,9 @@ class Trainer:
             mask = host_batch["attention_mask"][b].astype(bool)
             if not mask.any():
                 continue
-            selected = mask & host_batch["noise_mask"][b].astype(bool)
+            noise_mask = mask & host_batch["noise_mask"][b].astype(bool)
             ids = host_batch["input_ids"][b]
-            recon = np.where(selected, nearest[b], ids)[mask]
+            recon = np.where(noise_mask, nearest[b], ids)[mask]
             rows.append({
                 "prompt": self.tokenizer.decode(ids[mask], skip_special_tokens=False),
                 "nearest-token reconstruction of x_t": self.tokenizer.decode(recon, skip_special_tokens=False),
@@ -301,8 +282,6 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- ending
 
     def save_artifact(self, state) -> Path:
-        from sgt_jax.inference import artifact
-
         out = Path(self.cfg.train.artifact_dir or Path(self.cfg.tracking.run_dir) / "sgt")
         params = self._replicated(state.params)
         if jax.process_index() == 0:
@@ -328,3 +307,48 @@ class Trainer:
         if bound is not None and "utility_loss" in after:
             out["utility_within_bound"] = bool(after["utility_loss"] <= bound)
         return out
+
+
+@dataclasses.dataclass
+class _ValidationTotals:
+    """Sums over the validation batches of the eval step's outputs, and the per-row / per-token values the
+    summaries and histograms need; batches without a real row (padding on this host) are skipped."""
+
+    batches: int = 0
+    loss_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    changed: list[np.ndarray] = dataclasses.field(default_factory=list)
+    ranks: list[np.ndarray] = dataclasses.field(default_factory=list)
+    sigmas: list[np.ndarray] = dataclasses.field(default_factory=list)
+    mus: list[np.ndarray] = dataclasses.field(default_factory=list)
+    table_rows: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+    def add(self, out: Mapping[str, Any]) -> bool:
+        """Adds one eval-step output; False (nothing added) when the batch has no real row."""
+        real = np.asarray(out["real_rows"])
+        if not real.any():
+            return False
+        self.batches += 1
+        for totals, values in ((self.loss_sums, out["losses"]), (self.sums, out["sums"])):
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        self.changed.append(np.asarray(out["percent_changed"])[real])
+        self.ranks.append(np.asarray(out["mean_rank"])[real])
+        self.sigmas.append(np.asarray(out["sigma"]).ravel())
+        self.mus.append(np.asarray(out["mu"]).ravel())
+        return True
+
+    def metrics(self, embedding_table, hidden_size: int) -> dict[str, float]:
+        result = {k: v / self.batches for k, v in self.loss_sums.items()}
+        result.update(metrics_lib.finalize_forward_metrics(self.sums))
+        result.update(noise_spacing.finalize_spacing(self.sums))
+        result.update(noise_spacing.mi_estimate(embedding_table, np.concatenate(self.sigmas).reshape(-1, hidden_size)))
+        obf = metrics_lib.summarize(np.concatenate(self.changed))
+        result.update({f"obfuscation_{k}": v for k, v in obf.items()})
+        rank = metrics_lib.summarize(np.concatenate(self.ranks))
+        if rank:
+            result["reconstruction_rank_mean"] = rank["mean"]
+        return result
+
+    def histograms(self) -> dict[str, np.ndarray]:
+        return {"val/sigma": np.concatenate(self.sigmas), "val/mu": np.concatenate(self.mus)}
