@@ -134,8 +134,8 @@ class _ClockedInterval(policies.ContinuousCheckpointingPolicy):
     ``CheckpointManager.should_save`` stamps the step with ``datetime.now()`` and the previous saves with the
     time Orbax wrote them, so no Orbax policy can read an injected clock (the tests' simulated minutes, the
     skewed clocks of ``sgt_jax.training.loop.TEST_CLOCK_ENV``). This re-stamps both with readings of ``clock``
-    and leaves the decision itself to Orbax: the primary host decides and broadcasts, and no save starts
-    while one is in flight. Timing from :meth:`restart` (construction, the last save or restore) rather than
+    and leaves the decision itself to Orbax: the primary host decides and broadcasts, and does not start a
+    time-based save while another is in flight. Timing from :meth:`restart` (construction, the last save or restore) rather than
     from the last checkpoint on disk also keeps Orbax from saving at the first step of a fresh run.
     """
 
