@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,51 @@ def test_orbax_policy_decides_steps_time_preemption_and_never_goes_back(tmp_path
     clock.t += 600.0
     assert ckpt.save_due(16) and not ckpt.save_due(12)
     ckpt.close()
+
+
+TWO_HOSTS_TIME_POLICY = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    import jax, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={pid})
+    from sgt_jax.training.checkpoint import Checkpointer
+
+    now = [0.0]
+    ckpt = Checkpointer({directory!r}, every_minutes=2.0, every_steps=5, async_save=False, clock=lambda: now[0])
+    saved = []
+    for step in range(1, 9):
+        if ckpt.save_due(step):
+            saved.append(step)
+            ckpt.save(step, {{"w": np.full((4,), step, np.float32)}}, data_state={{"s": step}}, config={{}})
+        now[0] += {minutes_per_step} * 60.0
+    print("SAVED", json.dumps(saved), "COMPLETE", json.dumps(ckpt.complete_steps()), flush=True)
+    ckpt.close()
+    """
+)
+
+
+def test_time_based_saves_follow_the_primary_host_on_every_host(tmp_path):
+    """Two processes whose clocks disagree (process 0: a minute per step; process 1: stopped) save at the
+    same steps: 5 by the step interval, and 3 and 7 because process 0's clock says two minutes passed, which
+    Orbax decides on the primary host and broadcasts. Fails (different lists, or a hang in the collective
+    save) if each host decided on its own clock."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS_TIME_POLICY.format(
+        repo=str(REPO), port=port, pid=pid, directory=str(tmp_path / "ckpt"), minutes_per_step=1 - pid)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True) for pid in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=180) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == "SAVED [3, 5, 7] COMPLETE [3, 5, 7]", out
 
 
 def test_from_config_uses_run_dir(tmp_path):
