@@ -1,7 +1,8 @@
-"""Checkpoint policies, round trips, completeness, compatibility and the preemption guard."""
+"""Checkpoint policies (Orbax's), round trips, completeness, compatibility and the preemption guard."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,6 @@ import optax
 import pytest
 
 from sgt_jax.training.checkpoint import (
-    COMMIT_MARKER,
     CheckpointError,
     Checkpointer,
     PreemptionGuard,
@@ -43,7 +43,7 @@ def make_state(seed: int = 0):
         "params": params,
         "opt_state": opt_state,
         "step": jnp.asarray(seed + 7, jnp.int32),
-        "run_key": jax.random.fold_in(jax.random.key(42), seed),
+        "run_key": jax.random.key_data(jax.random.fold_in(jax.random.key(42), seed)),  # as the trainer keeps it
     }
 
 
@@ -55,18 +55,11 @@ def abstract_of(state):
     )
 
 
-def _raw(x):
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(x))
-    return np.asarray(x)
-
-
 def assert_bitwise_equal(a, b):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(_raw(x), _raw(y))
-        assert _raw(x).tobytes() == _raw(y).tobytes()
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
 CONFIG = to_dict(SGTConfig())
@@ -78,7 +71,7 @@ CONFIG = to_dict(SGTConfig())
 def test_step_interval_policy(tmp_path):
     clock = FakeClock()
     ckpt = Checkpointer(tmp_path, every_minutes=30.0, every_steps=5, async_save=False, clock=clock)
-    assert [s for s in range(0, 16) if ckpt.should_save(s)] == [5, 10, 15]
+    assert [s for s in range(1, 16) if ckpt.should_save(s)] == [5, 10, 15]
     ckpt.close()
 
 
@@ -99,6 +92,78 @@ def test_time_interval_policy(tmp_path):
     ckpt.close()
 
 
+def test_orbax_policy_decides_steps_time_preemption_and_never_goes_back(tmp_path, monkeypatch):
+    """One Orbax policy: the step interval and the time interval (on the injected clock, restarted by
+    every save) both count, JAX's preemption sync point forces a save off both intervals, and no save is
+    due at or below the latest saved step. Fails if one of the three is ignored, if time is read from the
+    real clock, or if a step below the last checkpoint is saved again."""
+    from jax.experimental import multihost_utils
+
+    clock = FakeClock()
+    preempt_at = {7}
+    # Orbax asks JAX's preemption sync service (unavailable on one process): stand in for the cluster.
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step in preempt_at)
+    ckpt = Checkpointer(tmp_path, every_minutes=2.0, every_steps=5, async_save=False, clock=clock)
+    saved = []
+    for step in range(1, 17):  # 30 simulated seconds per step
+        if ckpt.save_due(step):
+            saved.append(step)
+            ckpt.save(step, make_state(), data_state={"s": step}, config=CONFIG)
+        clock.t += 30.0
+    # 5, 10, 15 by steps; 7 by preemption; 14 four steps (2 minutes) after the save of 10 (and not 9:
+    # the save of 7 restarted the interval).
+    assert saved == [5, 7, 10, 14, 15]
+    assert not ckpt.save_due(10) and not ckpt.save_due(15)  # multiples of 5, but not after the latest
+    clock.t += 600.0
+    assert ckpt.save_due(16) and not ckpt.save_due(12)
+    ckpt.close()
+
+
+TWO_HOSTS_TIME_POLICY = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    import jax, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={pid})
+    from sgt_jax.training.checkpoint import Checkpointer
+
+    now = [0.0]
+    ckpt = Checkpointer({directory!r}, every_minutes=2.0, every_steps=5, async_save=False, clock=lambda: now[0])
+    saved = []
+    for step in range(1, 9):
+        if ckpt.save_due(step):
+            saved.append(step)
+            ckpt.save(step, {{"w": np.full((4,), step, np.float32)}}, data_state={{"s": step}}, config={{}})
+        now[0] += {minutes_per_step} * 60.0
+    print("SAVED", json.dumps(saved), "COMPLETE", json.dumps(ckpt.complete_steps()), flush=True)
+    ckpt.close()
+    """
+)
+
+
+def test_time_based_saves_follow_the_primary_host_on_every_host(tmp_path):
+    """Two processes whose clocks disagree (process 0: a minute per step; process 1: stopped) save at the
+    same steps: 5 by the step interval, and 3 and 7 because process 0's clock says two minutes passed, which
+    Orbax decides on the primary host and broadcasts. Fails (different lists, or a hang in the collective
+    save) if each host decided on its own clock."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS_TIME_POLICY.format(
+        repo=str(REPO), port=port, pid=pid, directory=str(tmp_path / "ckpt"), minutes_per_step=1 - pid)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True) for pid in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=180) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == "SAVED [3, 5, 7] COMPLETE [3, 5, 7]", out
+
+
 def test_from_config_uses_run_dir(tmp_path):
     cfg = CheckpointConfig(every_minutes=5.0, every_steps=4, keep=2, async_save=False)
     ckpt = Checkpointer.from_config(cfg, tmp_path / "run")
@@ -113,7 +178,7 @@ def test_from_config_uses_run_dir(tmp_path):
 @pytest.mark.parametrize("async_save", [False, True])
 def test_round_trip_bitwise(tmp_path, async_save):
     state = make_state(1)
-    data_state = b"\x00\xffgrain-iterator-state"
+    data_state = {"version": 1, "batch_index": 8, "fingerprint": "0123abcd"}
     ckpt = Checkpointer(tmp_path, every_minutes=30.0, async_save=async_save)
     assert ckpt.save(8, state, data_state=data_state, config=CONFIG)
     ckpt.wait()
@@ -124,11 +189,6 @@ def test_round_trip_bitwise(tmp_path, async_save):
     resumed = Checkpointer(tmp_path, every_minutes=30.0)
     restored, restored_data, restored_config = resumed.restore(abstract_state=abstract_of(state))
     assert_bitwise_equal(restored, state)
-    assert jax.dtypes.issubdtype(restored["run_key"].dtype, jax.dtypes.prng_key)
-    # The key still works as a key and draws the same noise.
-    np.testing.assert_array_equal(
-        jax.random.normal(restored["run_key"], (4,)), jax.random.normal(state["run_key"], (4,))
-    )
     assert type(restored["opt_state"][0]).__name__ == "ScaleByAdamState"
     assert restored_data == data_state
     assert restored_config == CONFIG
@@ -221,21 +281,35 @@ def test_killed_mid_save_resumes_from_previous_complete_step(tmp_path):
     ckpt.close()
 
 
-def test_step_without_commit_marker_is_ignored(tmp_path):
-    # Killed after Orbax finalized step 2 but before our marker was written.
-    ckpt = Checkpointer(tmp_path, every_minutes=30.0, async_save=False)
+def test_half_written_step_is_never_restored(tmp_path, monkeypatch):
+    """A save whose finalization (Orbax's rename to the step's name) never happens leaves its bytes under a
+    temporary name: the next run's Checkpointer neither lists nor restores it, restores the step before, and
+    saves the step again over the debris. Fails if unfinalized steps count as complete."""
+    from orbax.checkpoint._src.path import atomicity
+
+    ckpt = Checkpointer(tmp_path, every_minutes=30.0, async_save=True)
     ckpt.save(1, make_state(1), data_state={"s": 1}, config=CONFIG)
-    ckpt.save(2, make_state(2), data_state={"s": 2}, config=CONFIG)
-    ckpt.close()
-    (tmp_path / "2" / COMMIT_MARKER).unlink()
+    ckpt.wait()
+
+    async def lost(self, *args, **kwargs):
+        raise OSError("the file system went away before the rename")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", lost)
+        ckpt.save(2, make_state(2), data_state={"s": 2}, config=CONFIG)
+        with pytest.raises(OSError, match="went away"):
+            ckpt.wait()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "2" not in names and any(n.startswith("2.") and "orbax-checkpoint-tmp" in n for n in names), names
 
     resumed = Checkpointer(tmp_path, every_minutes=30.0, async_save=False)
-    assert resumed.latest_step() == 1
+    assert resumed.complete_steps() == [1]
     restored, data_state, _ = resumed.restore(abstract_state=abstract_of(make_state()))
     assert_bitwise_equal(restored, make_state(1))
+    assert data_state == {"s": 1}
     with pytest.raises(CheckpointError, match="step 2 has no complete checkpoint"):
         resumed.restore(2, abstract_state=abstract_of(make_state()))
-    assert resumed.save(2, make_state(5), data_state={"s": 5}, config=CONFIG)  # replaces the uncommitted one
+    assert resumed.save(2, make_state(5), data_state={"s": 5}, config=CONFIG)
     assert resumed.latest_step() == 2
     assert resumed.restore(abstract_state=abstract_of(make_state()))[1] == {"s": 5}
     resumed.close()
@@ -330,10 +404,10 @@ SHARDED_RESTORE = textwrap.dedent(
 
     assert jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
-    keys = jax.random.split(jax.random.key(7), 4)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(7), 4))
     state = {{
         "w": jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("fsdp", None))),
-        "run_key": jax.device_put(jax.random.key(3), NamedSharding(mesh, P())),
+        "run_key": jax.device_put(jax.random.key_data(jax.random.key(3)), NamedSharding(mesh, P())),
         "keys": jax.device_put(keys, NamedSharding(mesh, P("data"))),
     }}
     ckpt = Checkpointer({directory!r}, every_minutes=30.0)
@@ -352,8 +426,8 @@ SHARDED_RESTORE = textwrap.dedent(
         assert restored[k].sharding == target[k], (k, restored[k].sharding)
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert len(restored["w"].addressable_shards) == 4 and restored["w"].addressable_shards[0].data.shape == (8, 1)
-    np.testing.assert_array_equal(jax.random.key_data(restored["run_key"]), jax.random.key_data(state["run_key"]))
-    np.testing.assert_array_equal(jax.random.key_data(restored["keys"]), jax.random.key_data(keys))
+    np.testing.assert_array_equal(restored["run_key"], state["run_key"])
+    np.testing.assert_array_equal(restored["keys"], keys)
     ckpt.close()
     print("OK")
     """

@@ -27,8 +27,9 @@ STEPS = 4
 COMPARED_STEPS = 3  # losses agree within 1e-5 across topologies for these (see tests/test_train.py)
 BUCKETS = (32, 64, 128)
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-# Process 1's clock runs 120x fast: one simulated minute every half second, so it wants to validate and
-# save every minute by time while process 0's (real) clock never does within the run.
+# One process's clock runs 120x fast: one simulated minute every half second, so it wants to validate and
+# save every minute by time while the other's (real) clock never does within the run. Validations are
+# agreed over both; Orbax's time-based save is decided by process 0 (the primary host) and broadcast.
 SKEWED_CLOCK = "120,1000"
 # Share of long examples: with the corpus seed below, every global batch of the 4 steps pads to 128 (one
 # compiled shape per launch: cheap) while in 3 of them one host's own share would pick 64 (checked below).
@@ -194,7 +195,7 @@ def pod(model_dir, tmp_path_factory):
 
     started = time.time()
     u = launch(overrides(model_dir, corpus, runs["U"]["run_dir"]), runs["U"]["logs"], processes=2, devices=4,
-               clocks=(None, SKEWED_CLOCK), cache=tmp / "jax_cache")
+               clocks=(SKEWED_CLOCK, None), cache=tmp / "jax_cache")
     s = launch(overrides(model_dir, corpus, runs["S"]["run_dir"], **{
         "mesh.distributed": "false", "validation.every_minutes": "null", "checkpoint.every_minutes": "null"}),
                runs["S"]["logs"], processes=1, devices=8)
@@ -248,12 +249,12 @@ def test_two_hosts_agree_and_match_one_host(pod):
     assert len(one) == len(two) == STEPS
     np.testing.assert_allclose(two[:COMPARED_STEPS], one[:COMPARED_STEPS], rtol=0, atol=1e-5)
     validations = [logged_steps(u["logs"], i, r"validation at step (\d+)") for i in (0, 1)]
-    # Only process 1's fast clock makes validations due (every_steps is null); they are agreed.
+    # Only process 0's fast clock makes validations due (every_steps is null); they are agreed.
     assert validations[0] == validations[1] and validations[0], validations
     for i in (0, 1):
         assert "global batch per optimizer step: 8 examples" in log_text(u["logs"], i)
         assert logged_steps(u["logs"], i, r"training stopped \(finished\) at step (\d+)") == [STEPS]
-    # Saves by steps (2, 4) plus the ones process 1's clock asked for, all complete (every host took part).
+    # Saves by steps (2, 4) plus the ones process 0's clock asked for, all complete (every host took part).
     steps = complete_steps(u["run_dir"])
     assert {2, 4} <= set(steps) and len(steps) > 2, steps
 

@@ -45,7 +45,13 @@ STATE_VERSION = 1
 
 
 class DataIterator:
-    """Iterator over host batches with `get_state()` / `set_state(state)` for checkpoints."""
+    """Iterator over host batches with `get_state()` / `set_state(state)` for checkpoints.
+
+    Not Grain's own iterator state, nor Grain's Orbax handler: with `num_workers > 0` Grain's state lists
+    each worker's position, so a run could only resume with the same worker count, and its handler saves
+    one file per process, where this position (the number of global batches consumed) is the same on every
+    host. It is a JSON dict, saved as an Orbax JSON item next to the train state.
+    """
 
     def __init__(self, pipeline: "DataPipeline"):
         self._pipeline = pipeline
@@ -73,8 +79,6 @@ class DataIterator:
                 "fingerprint": self._pipeline.fingerprint}
 
     def set_state(self, state: Dict[str, Any]) -> None:
-        if isinstance(state, (bytes, str)):
-            state = json.loads(state)
         if state.get("fingerprint") != self._pipeline.fingerprint:
             raise DataError(
                 "the saved data-iterator state belongs to a different data pipeline (source, tokenizer, "

@@ -1,29 +1,33 @@
-"""Orbax checkpoints of the train state: save policies (time, steps, preemption), resume, compatibility.
+"""Orbax checkpoints of the train state: when to save, resume, compatibility, preemption.
 
 A checkpoint step directory holds three Orbax items:
 
-* ``state``      — the train state pytree (cloak params, optimizer state, step, run key). PRNG key arrays
-                   are stored as their ``jax.random.key_data`` (uint32) and rewrapped on restore.
-* ``data_state`` — the data iterator state (JSON; ``bytes`` are stored base64-encoded).
+* ``state``      — the train state pytree (cloak params, optimizer state, step, run key data), restored onto
+                   the shardings the caller asks for.
+* ``data_state`` — the data iterator's position (JSON).
 * ``config``     — the run configuration dict (JSON), checked by :func:`check_compatible` on resume.
 
 The base model is referenced by the config (``model.path``), never saved.
 
-Completeness. Orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it on finalize, so a
-process killed mid-save leaves a tmp directory that Orbax never lists as a step. On top of that (levanter
-style, and for file systems where Orbax uses commit files instead of renames) process 0 writes our own
-commit marker, :data:`COMMIT_MARKER`, into the step directory *after* ``wait_until_finished``; only steps
-carrying the marker count as complete for :meth:`Checkpointer.latest_step` and :meth:`Checkpointer.restore`.
+When to save is Orbax's ``save_decision_policy``: every ``every_steps`` steps (``FixedIntervalPolicy``), at
+JAX's preemption sync point (``PreemptionCheckpointingPolicy``), and ``every_minutes`` after the previous save
+(``ContinuousCheckpointingPolicy``: the primary host makes the time decision and broadcasts it, so hosts whose
+clocks disagree still take the same branch). Every process calls :meth:`Checkpointer.save_due` at the same
+steps, and :meth:`~Checkpointer.save` / :meth:`~Checkpointer.restore` (Orbax saves are collective). Paths must
+be on a file system all hosts share (e.g. GCS).
 
-Multi-host. Every process calls :meth:`Checkpointer.should_save`, :meth:`~Checkpointer.save` and
-:meth:`~Checkpointer.restore` (Orbax saves are collective). Clocks differ between hosts, so the decision is
-agreed through :func:`sgt_jax.training.parallel.agree` (the training loop agrees :meth:`~Checkpointer.save_due`
-together with its other decisions). Paths must be on a file system all hosts share (e.g. GCS).
+Completeness is Orbax's too: a step is written under a temporary name and renamed (on object stores: given a
+``commit_success.txt``) once every item is on disk; only finalized steps are listed or restored.
+
+Kept here, as Orbax has no equivalent: the check that a resumed run has the saved run's structure
+(:func:`check_compatible`), an injectable clock for the time interval (:class:`_ClockedInterval`), and
+SIGTERM/SIGINT turned into a stop that every host agrees on (:class:`PreemptionGuard`).
 """
 
 from __future__ import annotations
 
-import base64
+import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -34,8 +38,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
 from sgt_jax.errors import SGTError
 
 __all__ = [
@@ -43,15 +48,10 @@ __all__ = [
     "Checkpointer",
     "PreemptionGuard",
     "check_compatible",
-    "COMMIT_MARKER",
     "STRUCTURAL_SETTINGS",
 ]
 
 logger = logging.getLogger(__name__)
-
-# Written last, by process 0, once every item of the step is durably on disk.
-COMMIT_MARKER = "SGT_COMMITTED"
-_BYTES_KEY = "__bytes_b64__"
 
 # Settings that define what the saved parameters *are*: changing them between runs sharing a checkpoint
 # directory would restore parameters that do not fit (or do not mean the same thing). Everything else
@@ -79,9 +79,7 @@ class CheckpointError(SGTError):
     """A checkpoint problem the user can fix (incompatible run directory, nothing to restore)."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Compatibility
-# ----------------------------------------------------------------------------------------------------
+# -- Compatibility ---------------------------------------------------------------------------------
 
 
 def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
@@ -126,82 +124,55 @@ def check_compatible(saved_config: Mapping[str, Any], current_config: Mapping[st
             )
 
 
-# ----------------------------------------------------------------------------------------------------
-# PRNG keys and data state <-> storable forms
-# ----------------------------------------------------------------------------------------------------
+# -- When to save ----------------------------------------------------------------------------------
 
 
-def _is_key_dtype(dtype: Any) -> bool:
-    try:
-        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    except TypeError:
-        return False
+@dataclasses.dataclass(kw_only=True)
+class _ClockedInterval(policies.ContinuousCheckpointingPolicy):
+    """Orbax's time-based policy, timed by ``clock`` from the last :meth:`restart`.
+
+    ``CheckpointManager.should_save`` stamps the step with ``datetime.now()`` and the previous saves with the
+    time Orbax wrote them, so no Orbax policy can read an injected clock (the tests' simulated minutes, the
+    skewed clocks of ``sgt_jax.training.loop.TEST_CLOCK_ENV``). This re-stamps both with readings of ``clock``
+    and leaves the decision itself to Orbax: the primary host decides and broadcasts, and does not start a
+    time-based save while another is in flight. Timing from :meth:`restart` (construction, the last save or restore) rather than
+    from the last checkpoint on disk also keeps Orbax from saving at the first step of a fresh run.
+    """
+
+    clock: Callable[[], float]
+    last_save: float = 0.0
+
+    def restart(self) -> None:
+        self.last_save = self.clock()
+
+    def should_save(self, step: Any, previous_steps: Any, *, context: Any) -> bool:
+        del previous_steps  # stamped by Orbax's wall clock, not ours
+        now = dataclasses.replace(step, time=_as_datetime(self.clock()))
+        last = dataclasses.replace(step, time=_as_datetime(self.last_save))
+        return super().should_save(now, [last], context=context)
 
 
-def _to_storable(leaf: Any) -> Any:
-    if isinstance(leaf, jax.Array) and _is_key_dtype(leaf.dtype):
-        return jax.random.key_data(leaf)
-    return leaf
+def _as_datetime(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(0, tz=datetime.UTC) + datetime.timedelta(seconds=seconds)
 
 
-def _key_data_sharding(sharding: Any, ndim: int) -> Any:
-    """The sharding of key_data(keys): the keys' sharding plus a replicated trailing key dimension."""
-    if sharding is None:
-        return None
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (ndim + 1 - len(sharding.spec))
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return sharding
-    # Anything else (positional shardings): replicate over the same devices.
-    return jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(list(sharding.device_set)), ("_replica",)), jax.sharding.PartitionSpec()
-    )
+def _save_policy(every_steps: Optional[int], interval: Optional[_ClockedInterval]) -> Any:
+    # Any of them. The time policy goes last: the ones before it answer the same on every host, so its
+    # broadcast is reached by all hosts or by none.
+    chosen: list = [policies.FixedIntervalPolicy(every_steps)] if every_steps else []
+    chosen.append(policies.PreemptionCheckpointingPolicy())
+    if interval is not None:
+        chosen.append(interval)
+    return policies.AnySavePolicy(chosen)
 
 
-def _abstract_leaf(leaf: Any) -> Any:
-    """Abstract storable form of a leaf of ``abstract_state`` (arrays or ShapeDtypeStructs)."""
-    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-        return leaf
-    sharding = getattr(leaf, "sharding", None)
-    if _is_key_dtype(leaf.dtype):
-        impl = leaf.dtype._impl  # the PRNGImpl (threefry, rbg, ...) of the key dtype
-        shape = tuple(leaf.shape) + tuple(impl.key_shape)
-        return jax.ShapeDtypeStruct(shape, np.dtype("uint32"), sharding=_key_data_sharding(sharding, len(leaf.shape)))
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-
-def _from_storable(restored: Any, abstract: Any) -> Any:
-    if hasattr(abstract, "dtype") and _is_key_dtype(abstract.dtype):
-        return jax.random.wrap_key_data(restored, impl=abstract.dtype._impl)
-    return restored
-
-
-def _encode_data_state(data_state: Any) -> Any:
-    if isinstance(data_state, (bytes, bytearray)):
-        return {_BYTES_KEY: base64.b64encode(bytes(data_state)).decode("ascii")}
-    return data_state
-
-
-def _decode_data_state(stored: Any) -> Any:
-    if isinstance(stored, dict) and set(stored) == {_BYTES_KEY}:
-        return base64.b64decode(stored[_BYTES_KEY])
-    return stored
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpointer
-# ----------------------------------------------------------------------------------------------------
+# -- Checkpointer ----------------------------------------------------------------------------------
 
 
 class Checkpointer:
-    """Orbax ``CheckpointManager`` with levanter-style save policies and commit markers.
-
-    ``should_save(step)`` is true every ``every_steps`` steps and whenever ``every_minutes`` of wall-clock
-    (per ``clock``) passed since the last save (or construction). ``save`` is async when ``async_save``;
-    a step becomes *complete* (visible to :meth:`latest_step` / :meth:`restore`) once its commit marker is
-    written, which happens at the next :meth:`save`, :meth:`wait`, :meth:`close` or :meth:`latest_step`.
-    """
+    """An Orbax ``CheckpointManager`` of the train state, the data position and the run config; the time
+    interval runs on ``clock`` from construction, the last save or restore. ``save`` is async when
+    ``async_save``; a step is complete (listed, restorable) once Orbax finalized it (:meth:`wait`)."""
 
     def __init__(
         self,
@@ -225,16 +196,16 @@ class Checkpointer:
         self.every_steps = every_steps
         self.keep = keep
         self.async_save = async_save
-        self._clock = clock
-        self._last_save_time = clock()
-        self._last_saved_step: Optional[int] = None
-        self._pending_step: Optional[int] = None  # saved through Orbax, marker not yet written
+        self._interval = None
+        if every_minutes is not None:
+            self._interval = _ClockedInterval(minimum_interval_secs=60.0 * every_minutes, clock=clock)
+            self._interval.restart()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
-            # Half-written tmp directories of a killed run are removed when the manager starts.
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=True,  # a killed run's half-written steps
+            save_decision_policy=_save_policy(every_steps, self._interval),
         )
         self._manager = ocp.CheckpointManager(
             directory, options=options, item_names=("state", "data_state", "config")
@@ -256,19 +227,13 @@ class Checkpointer:
     # -- policy ------------------------------------------------------------------------------------
 
     def save_due(self, step: int) -> bool:
-        """This process's view of whether to save at ``step`` (the step count *after* the update); clocks
-        differ between hosts, so agree it (:meth:`should_save`, or :func:`sgt_jax.training.parallel.agree`)."""
-        if step == self._last_saved_step:
-            return False
-        if self.every_steps and step > 0 and step % self.every_steps == 0:
-            return True
-        return self.every_minutes is not None and self._clock() - self._last_save_time >= 60.0 * self.every_minutes
+        """Whether to save at ``step`` (the step count *after* the update), as Orbax's policy decides: the
+        same answer on every process, and never at or below the latest saved step. Call it on every process
+        at the same steps (the time decision is a collective)."""
+        return bool(self._manager.should_save(int(step)))
 
-    def should_save(self, step: int) -> bool:
-        """Whether to save at ``step``: :meth:`save_due` agreed over all processes (same answer everywhere)."""
-        from sgt_jax.training.parallel import agree
-
-        return agree({"save": self.save_due(step)})["save"]
+    # Before Orbax decided, each host's answer had to be agreed; Orbax's already is. Kept for callers.
+    should_save = save_due
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -281,64 +246,36 @@ class Checkpointer:
         config: Mapping[str, Any],
         force: bool = False,
     ) -> bool:
-        """Save ``state`` at ``step`` (async when configured). Returns False if ``step`` is already complete.
+        """Save ``state`` at ``step`` (async when configured). Returns False if ``step`` is already saved.
 
-        ``force`` overwrites an existing complete checkpoint of the same step.
+        ``force`` overwrites an existing checkpoint of the same step. ``data_state`` must be JSON-serialisable.
         """
         step = int(step)
-        self._commit_pending()
+        if self._interval is not None:
+            self._interval.restart()
         if step in self._manager.all_steps():
-            if self._is_committed(step) and not force:
+            if not force:
                 logger.info("checkpoint of step %d already exists in %s; not saving again", step, self.directory)
-                self._last_saved_step, self._last_save_time = step, self._clock()
                 return False
-            # Orbax-finalized but never committed (killed in between), or forced: replace it.
+            self._manager.wait_until_finished()
             self._manager.delete(step)
-        storable = jax.tree_util.tree_map(_to_storable, state)
+        # The data position is JSON, not Grain's Orbax handler (grain.checkpoint.CheckpointSave): that one
+        # saves a live iterator's state at save time and sets it on restore, whereas the loop fetches the
+        # next batch before it saves (so the position to keep is a snapshot from one batch earlier), and the
+        # position must be checked against the saved config (check_compatible) before it is applied.
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(storable),
-            data_state=ocp.args.JsonSave(_encode_data_state(data_state)),
+            state=ocp.args.StandardSave(state),
+            data_state=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(dict(config)),
         )
-        self._manager.save(step, args=args, force=True)
-        self._pending_step = step
-        self._last_saved_step, self._last_save_time = step, self._clock()
-        if not self.async_save:
-            self._commit_pending()
+        self._manager.save(step, args=args, force=True)  # force: save_due already asked the policy
         return True
 
-    def _marker_path(self, step: int) -> Path:
-        return Path(str(self._manager.directory)) / self._step_dir_name(step) / COMMIT_MARKER
-
-    def _step_dir_name(self, step: int) -> str:
-        # Orbax's default step naming (no prefix, no fixed length) is the bare integer.
-        return str(step)
-
-    def _commit_pending(self) -> None:
-        if self._pending_step is None:
-            return
-        self._manager.wait_until_finished()  # Orbax finalize (rename) is done once this returns
-        step, self._pending_step = self._pending_step, None
-        if jax.process_index() == 0:
-            marker = self._marker_path(step)
-            if marker.parent.is_dir():
-                tmp = marker.with_name(COMMIT_MARKER + ".tmp")
-                tmp.write_text(json.dumps({"step": step, "time": time.time()}))
-                os.replace(tmp, marker)  # atomic: the marker is either absent or whole
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"sgt_checkpoint_commit_{step}")
-
-    def _is_committed(self, step: int) -> bool:
-        return self._marker_path(step).is_file()
-
     def wait(self) -> None:
-        """Block until the in-flight save is on disk and committed."""
-        self._commit_pending()
+        """Block until the in-flight save is finalized."""
+        self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._commit_pending()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
@@ -350,10 +287,10 @@ class Checkpointer:
     # -- resuming ----------------------------------------------------------------------------------
 
     def complete_steps(self) -> list[int]:
-        """Steps with a complete (committed) checkpoint, ascending."""
-        self._commit_pending()
+        """Steps with a finalized checkpoint on disk, ascending (waits for an in-flight save)."""
+        self._manager.wait_until_finished()
         self._manager.reload()
-        return sorted(s for s in self._manager.all_steps() if self._is_committed(s))
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> Optional[int]:
         """The latest complete checkpoint's step, or None when there is none."""
@@ -375,37 +312,27 @@ class Checkpointer:
             raise CheckpointError(
                 f"step {step} has no complete checkpoint in {self.directory} (complete steps: {complete})."
             )
-        abstract_storable = jax.tree_util.tree_map(_abstract_leaf, abstract_state)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_storable),
+                state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)),
                 data_state=ocp.args.JsonRestore(),
                 config=ocp.args.JsonRestore(),
             ),
         )
-        state = jax.tree_util.tree_map(_from_storable, restored["state"], abstract_state)
-        self._last_saved_step, self._last_save_time = step, self._clock()
-        return state, _decode_data_state(restored["data_state"]), dict(restored["config"])
+        if self._interval is not None:
+            self._interval.restart()
+        return restored["state"], restored["data_state"], dict(restored["config"])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Preemption
-# ----------------------------------------------------------------------------------------------------
+# -- Preemption ------------------------------------------------------------------------------------
 
 
 class PreemptionGuard:
-    """Turns SIGTERM/SIGINT into a flag the train loop polls, so it can save and exit 0.
+    """Turns SIGTERM/SIGINT into a flag the train loop polls, so it can save and exit 0 (Orbax only sees
+    JAX's preemption sync service, which needs ``jax.distributed`` and a cluster that notifies it).
 
-    Usage::
-
-        with PreemptionGuard() as guard:
-            for step in ...:
-                ...
-                if guard.should_stop(step):
-                    checkpointer.save(step, ..., force=True); checkpointer.wait(); break
-
-    A second SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` as usual. Previous handlers are restored
+    Used as ``with PreemptionGuard() as guard:`` around the loop, which polls :meth:`should_stop`. A second SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` as usual. Previous handlers are restored
     on exit. Handlers can only be installed from the main thread; elsewhere the guard is inert (it warns).
 
     Multi-host: a signal may reach only some hosts, and every host must take the same branch (saving is
