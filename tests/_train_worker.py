@@ -176,11 +176,11 @@ def mode_sharded(out, overrides):
     host_batch = next(iter(trainer.train_data))
     batch = trainer.global_batch(host_batch, 4)
     state = trainer.init_state()
-    compiled = trainer._train_step.lower(state, trainer.base_state, batch).compile()
+    compiled = trainer.jitted_train_step.lower(state, trainer.base_state, batch).compile()
     text = compiled.as_text()
     result["hlo"] = analyse_step_hlo(text)
     result["num_params"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
-    _, metrics = jax.eval_shape(trainer._train_step, state, trainer.base_state, batch)
+    _, metrics = jax.eval_shape(trainer.jitted_train_step, state, trainer.base_state, batch)
     result["num_metric_elements"] = int(sum(np.prod(m.shape, dtype=int) for m in jax.tree.leaves(metrics)))
     Path(str(out) + ".hlo.txt").write_text(text)
     del trainer, state, compiled

@@ -85,7 +85,7 @@ def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
         loss_fn=objective.make_loss_fn(cfg.objective), cloak_graphdef=trainer.cloak_graphdef,
         base_graphdef=trainer.base_graphdef, optimizer=trainer.optimizer, mesh=trainer.mesh,
         hidden_size=trainer.hidden_size, learning_rate_fn=trainer.schedule)
-    hlo_trainer = trainer._train_step.lower(state, trainer.base_state, batch).as_text()
+    hlo_trainer = trainer.jitted_train_step.lower(state, trainer.base_state, batch).as_text()
     hlo_old = jax.jit(direct).lower(old, trainer.base_state, batch).as_text()
     hlo_new = jax.jit(direct).lower(state, trainer.base_state, batch).as_text()
     strip = lambda text: "\n".join(l for l in text.splitlines() if "module @" not in l and "sharding" not in l)  # noqa: E731,E741

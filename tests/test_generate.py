@@ -257,7 +257,7 @@ def test_artifact_generate_uses_the_protected_prompt(tmp_path):
     # The same as protecting by hand (the first half of the key) and generating from x_t with the prompt ids.
     protected = sgt.transform(texts, key=jax.random.split(key)[0])
     tok = sgt.tokenizer
-    manual = generate(sgt._base_model, inputs_embeds=protected["inputs_embeds"], input_ids=protected["input_ids"],
+    manual = generate(sgt.base_model(), inputs_embeds=protected["inputs_embeds"], input_ids=protected["input_ids"],
                       attention_mask=protected["attention_mask"], do_sample=False, max_new_tokens=4,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     assert texts_out == decode_texts(tok, manual.sequences, manual.lengths)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sgt_jax.transform import objective
@@ -44,26 +45,32 @@ def padded_batch(vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
             "loss_mask": loss.astype(np.int32)}
 
 
+def gradient_recorder() -> optax.GradientTransformation:
+    """An "optimizer" whose update is zero and whose state is the gradient it was given: the train step's
+    accumulated gradient comes back, bit for bit, as the new state's ``opt_state``."""
+    return optax.GradientTransformation(
+        init=lambda params: jax.tree.map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
 def accumulated_grads(trainer, host_batch, accum_steps, *, global_denominators=True):
-    """(grads, metrics) of the whole batch through step._accumulate with ``accum_steps`` micro-batches."""
-    loss_fn = objective.make_loss_fn(trainer.cfg.objective)
-    graphdefs = (trainer.cloak_graphdef, trainer.base_graphdef)
-    key = step_lib.step_key(jnp.asarray(trainer._run_key_data), jnp.int32(5))
+    """(grads, metrics) of the whole batch through the public train step with ``accum_steps`` micro-batches."""
+    recorder = gradient_recorder()
+    step = jax.jit(step_lib.make_train_step(
+        loss_fn=objective.make_loss_fn(trainer.cfg.objective), cloak_graphdef=trainer.cloak_graphdef,
+        base_graphdef=trainer.base_graphdef, optimizer=recorder, mesh=trainer.mesh, hidden_size=trainer.hidden_size))
+    fresh = trainer.init_state()
+    state = step_lib.init_train_state(fresh.params, recorder, fresh.run_key)
     batch = {k: jnp.asarray(v) for k, v in step_lib.split_micro_batches(host_batch, accum_steps).items()}
 
-    @jax.jit
-    def run(params, base_state, batch, denominators):
-        return step_lib._accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators, False,
-                                    trainer.mesh)
+    def run(batch):
+        new_state, metrics = step(state, trainer.base_state, batch)
+        return new_state.opt_state, metrics
 
     if global_denominators:
-        return run(trainer._init_params, trainer.base_state, batch, step_lib.loss_denominators(batch, trainer.hidden_size))
-    # What a per-micro-batch mean would compute: each micro-batch averaged alone, then averaged.
-    outs = []
-    for m in range(accum_steps):
-        micro = jax.tree.map(lambda x: x[m:m + 1], batch)
-        outs.append(run(trainer._init_params, trainer.base_state, micro,
-                        step_lib.loss_denominators(micro, trainer.hidden_size)))
+        return run(batch)
+    # What a per-micro-batch mean would compute: each micro-batch averaged alone (a step of its own), then averaged.
+    outs = [run(jax.tree.map(lambda x, m=m: x[m:m + 1], batch)) for m in range(accum_steps)]
     return jax.tree.map(lambda *xs: sum(xs) / accum_steps, *outs)
 
 
@@ -96,10 +103,10 @@ def test_train_step_with_accumulation_equals_one_big_step(trainer):
     the same metrics and updated parameters. Fails if the step's reshaping, keys or denominators depend on
     the micro-batch layout."""
     host_batch = padded_batch(300, seed=1)
-    state_1, metrics_1 = trainer._train_step(trainer.init_state(), trainer.base_state,
-                                             trainer.global_batch(host_batch, 1))
-    state_4, metrics_4 = trainer._train_step(trainer.init_state(), trainer.base_state,
-                                             trainer.global_batch(host_batch, 4))
+    state_1, metrics_1 = trainer.jitted_train_step(trainer.init_state(), trainer.base_state,
+                                                   trainer.global_batch(host_batch, 1))
+    state_4, metrics_4 = trainer.jitted_train_step(trainer.init_state(), trainer.base_state,
+                                                   trainer.global_batch(host_batch, 4))
     assert abs(float(metrics_4["loss"]) - float(metrics_1["loss"])) <= 1e-6
     assert float(metrics_4["grad_norm"]) == pytest.approx(float(metrics_1["grad_norm"]), rel=1e-5)
     assert max_abs_diff(state_4.params, state_1.params) <= 1e-6  # Adam: updates ~ lr * sign(g), O(1e-2)

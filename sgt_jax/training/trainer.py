@@ -97,7 +97,7 @@ class Trainer:
         replicated = NamedSharding(self.mesh, P())
         abstract = jax.eval_shape(self._fresh_state)
         self.state_sharding = parallel.train_state_shardings(abstract, self.mesh)
-        self._train_step = step_lib.jit_train_step(
+        self.jitted_train_step = step_lib.jit_train_step(
             train_step, mesh=self.mesh, state_sharding=self.state_sharding, base_sharding=self.base_sharding
         )
         self._untransformed_batches = 0
@@ -151,7 +151,7 @@ class Trainer:
                 log.warning("a training batch has no transformed token (noise_mask all 0): the cloak learns nothing "
                             "from it; if this repeats, raise data.max_length (prompts may be truncated away) or set "
                             "data.transform_all_tokens=true")
-        return self._train_step(state, self.base_state, self.global_batch(host_batch, self.accum_steps))
+        return self.jitted_train_step(state, self.base_state, self.global_batch(host_batch, self.accum_steps))
 
     # ---------------------------------------------------------------------------------------- validation
 
