@@ -2,7 +2,7 @@
 
 import pytest
 
-from sgt_jax.config import ConfigError, SGTConfig, from_dict, load_config, to_dict
+from sgt_jax.config import ConfigError, SGTConfig, load_config, to_dict
 
 
 def test_defaults_follow_the_seed_recommendations():
@@ -67,8 +67,15 @@ def test_missing_config_file_is_one_line(tmp_path):
 
 def test_round_trip_through_a_plain_dict():
     cfg = load_config(overrides=["train.seed=7", "cloak.seed=3"])
-    again = from_dict(to_dict(cfg))
-    assert again == cfg
+    again = load_config(saved=to_dict(cfg))
+    assert again == cfg and again.train.seed == 7 and again.cloak.seed == 3
+
+
+def test_a_saved_config_with_an_unknown_key_is_refused():
+    saved = to_dict(load_config())
+    saved["cloak"]["nosie_scale"] = 1.0
+    with pytest.raises(ConfigError, match="nosie_scale"):
+        load_config(saved=saved)
 
 
 def test_no_arguments_means_the_embedded_tiny_run():

@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from sgt_jax.config import MeshConfig
-from sgt_jax.training.parallel import MeshConfigError, host_batch_to_global, logical_to_spec, make_mesh
+from sgt_jax.training.parallel import (MeshConfigError, batch_sharding, batch_shards, host_batch_to_global,
+                                      logical_to_spec, make_mesh)
 
 
 class FakeMesh:
@@ -41,6 +42,14 @@ def test_make_mesh_fills_and_refuses():
         make_mesh(MeshConfig(data=-1, fsdp=-1, tensor=1))
     batch = host_batch_to_global({"input_ids": np.arange(6).reshape(2, 3)}, mesh)
     np.testing.assert_array_equal(np.asarray(batch["input_ids"]), np.arange(6).reshape(2, 3))
+    assert batch["input_ids"].sharding.spec == PartitionSpec(("data", "fsdp"))
+
+
+def test_batch_sharding_splits_rows_and_keeps_micro_batches_whole():
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    assert batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"))
+    assert batch_sharding(mesh, accumulated=True).spec == PartitionSpec(None, ("data", "fsdp"))
+    assert batch_shards(mesh) == len(jax.devices())
 
 
 SHARDED_SCRIPT = textwrap.dedent(

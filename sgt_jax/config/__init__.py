@@ -41,7 +41,6 @@ __all__ = [
     "check_choice",
     "check_cloak",
     "to_dict",
-    "from_dict",
     "reference_markdown",
     "DEFAULT_MODEL",
     "ADVERSARY_KINDS",
@@ -330,17 +329,8 @@ def load_config(
 
 
 def to_dict(cfg: SGTConfig) -> Dict[str, Any]:
+    """A plain dict of ``cfg`` (what checkpoints and artifacts store); ``load_config(saved=...)`` rebuilds it."""
     return dataclasses.asdict(cfg)
-
-
-def from_dict(d: Dict[str, Any]) -> SGTConfig:
-    """Rebuild a config saved with :func:`to_dict` (e.g. from a checkpoint or artifact)."""
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SGTConfig), OmegaConf.create(d)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid saved configuration: {_one_line(exc)}") from None
-    validate(cfg)  # type: ignore[arg-type]
-    return cfg  # type: ignore[return-value]
 
 
 def _field_comments(cls) -> Dict[str, str]:

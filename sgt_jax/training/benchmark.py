@@ -36,7 +36,7 @@ from sgt_jax.training import optim
 from sgt_jax.training import step as step_lib
 from sgt_jax.models.hf import hf_config_dict
 from sgt_jax.training.flops import flop_model, peak_flops
-from sgt_jax.training.parallel import make_mesh
+from sgt_jax.training.parallel import batch_sharding, make_mesh
 from sgt_jax.transform import objective as objective_lib
 from sgt_jax.transform.cloak import TransformerCloak
 
@@ -206,7 +206,7 @@ def _build_step(args: BenchArgs, shape: dict[str, int], device: jax.Device) -> _
     train_step = step_lib.make_train_step(loss_fn=loss_fn, cloak_graphdef=cloak_graphdef, base_graphdef=base_graphdef,
                                           optimizer=optimizer, mesh=mesh, hidden_size=config.hidden_size)
     replicated = NamedSharding(mesh, P())
-    batch_in = step_lib.batch_sharding(mesh, accumulated=True)
+    batch_in = batch_sharding(mesh, accumulated=True)
     state = jax.device_put(step_lib.init_train_state(params, optimizer, jax.random.key(0)), replicated)
     jitted = jax.jit(train_step, in_shardings=(replicated, replicated, batch_in), out_shardings=(replicated, replicated),
                      donate_argnums=(0,) if args.donate else ())

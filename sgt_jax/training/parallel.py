@@ -18,6 +18,10 @@ from sgt_jax.models.sharding import (MESH_AXES, logical_to_sharding, logical_to_
 
 logger = logging.getLogger(__name__)
 
+# The mesh axes a batch's rows are split over (each device of a "tensor" group sees the same rows).
+BATCH_AXES = ("data", "fsdp")
+
+
 class MeshConfigError(SGTError):
     """A mesh that cannot be built on these devices; the message names the mesh.* settings and the fix."""
 
@@ -83,8 +87,16 @@ def sharded_embedding_lookup(axis: str):
     return lookup
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, accumulated: bool = False) -> NamedSharding:
+    """Rows split over the batch axes (``BATCH_AXES``), the other dimensions replicated; ``accumulated``: the
+    arrays carry a leading micro-batch axis (accum_steps, rows, ...), which every device holds whole."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(None, axes) if accumulated else PartitionSpec(axes))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces a batch's rows are split into (the product of the batch axes' sizes)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
@@ -92,7 +104,7 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
     """Per-host numpy batch -> global arrays, each host's rows its share: sharded over ("data", "fsdp") on the
     batch dimension, or as ``sharding`` says (e.g. micro-batches stacked on a leading axis)."""
     return {
-        name: jax.make_array_from_process_local_data(sharding or batch_sharding(mesh, np.ndim(value)),
+        name: jax.make_array_from_process_local_data(sharding or batch_sharding(mesh),
                                                      np.asarray(value))
         for name, value in batch.items()
     }
@@ -143,6 +155,7 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
     return True
 
 
-__all__ = ["MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "gather_manual",
-           "host_batch_to_global", "logical_to_sharding", "logical_to_spec", "make_mesh", "manual_spec",
-           "maybe_initialize_distributed", "param_shardings", "sharded_embedding_lookup", "train_state_shardings"]
+__all__ = ["BATCH_AXES", "MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "batch_shards",
+           "gather_manual", "host_batch_to_global", "logical_to_sharding", "logical_to_spec", "make_mesh",
+           "manual_spec", "maybe_initialize_distributed", "param_shardings", "sharded_embedding_lookup",
+           "train_state_shardings"]

@@ -29,8 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from sgt_jax.training import parallel
+from sgt_jax.training.parallel import BATCH_AXES, batch_sharding, batch_shards
 
-BATCH_AXES = ("data", "fsdp")
 
 # loss_fn(cloak, base_model, micro_batch, keys, denominators, deterministic) -> (loss, metrics)
 # where loss and every metric are partial sums already divided by the global denominators.
@@ -84,15 +85,6 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], accum_steps: int, first
     }
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, accumulated: bool = True) -> NamedSharding:
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    return NamedSharding(mesh, P(None, axes) if accumulated else P(axes))
-
-
-def batch_shards(mesh: jax.sharding.Mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
-
-
 def _path_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
@@ -104,8 +96,6 @@ def _base_layout(base_state, mesh, axes):
     time inside the layer scan, the embedding table of a truncated model (no LM head reads it) is never
     gathered (see :func:`parallel.sharded_embedding_lookup`), and the small rest (norms, an LM head) is
     gathered once."""
-    from sgt_jax.training import parallel
-
     is_spec = lambda s: isinstance(s, P)  # noqa: E731
     shardings = parallel.param_shardings(base_state, mesh)
     in_specs = jax.tree.map(lambda s: parallel.manual_spec(s.spec, axes), shardings)
@@ -124,8 +114,6 @@ def _base_layout(base_state, mesh, axes):
 
 
 def _gather_leaves(tree, specs, axes):
-    from sgt_jax.training import parallel
-
     leaves, treedef = jax.tree.flatten(tree)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
     return treedef.unflatten([parallel.gather_manual(x, s, axes) for x, s in zip(leaves, spec_leaves)])
@@ -141,8 +129,6 @@ def _metric_zeros(grad_fn, params, base_state, batch, key, varying_axes):
 
 def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators, deterministic, mesh):
     """Sum of micro-batch gradients and metrics, reduced across devices once."""
-    from sgt_jax.training import parallel
-
     cloak_def, base_def = graphdefs
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
     base_specs, outer_specs, layer_specs, lookup = _base_layout(base_state, mesh, axes) if axes else (P(),) * 3 + (0,)

@@ -142,7 +142,7 @@ class Trainer:
         # do not depend on the number of hosts.
         micro = step_lib.split_micro_batches(host_batch, accum_steps, first_index=jax.process_index(),
                                              index_stride=jax.process_count())
-        return parallel.host_batch_to_global(micro, self.mesh, step_lib.batch_sharding(self.mesh, accumulated=True))
+        return parallel.host_batch_to_global(micro, self.mesh, parallel.batch_sharding(self.mesh, accumulated=True))
 
     def train_step(self, state, host_batch):
         if not host_batch["noise_mask"].any():
