@@ -81,7 +81,7 @@ class Tracker:
         if not self.active:
             return
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # imported here: only a run that logs to TensorBoard needs it
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(logdir=str(self.log_dir), flush_secs=30)
@@ -103,7 +103,7 @@ class Tracker:
 
     def _start_wandb(self, project: str, config: Optional[Mapping[str, Any]]) -> Any:
         try:
-            import wandb
+            import wandb  # optional extra (sgt_jax[wandb])
         except ImportError:
             warnings.warn("tracking.wandb=true but wandb is not installed (pip install wandb); logging to tensorboard only.",
                           stacklevel=3)
@@ -206,7 +206,7 @@ class ProgressBar:
         self.enabled = bool(enabled) and _is_main_process()
         self._bar = None
         if self.enabled:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # imported here: only an enabled progress bar needs it
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, **tqdm_kwargs)
 
@@ -295,7 +295,7 @@ def summary_table(rows: Mapping[str, Any], title: str = "Run summary", max_value
 
 def read_event_file(path: str | os.PathLike) -> Iterator[Any]:
     """Yield the ``Event`` protos of one tensorboard event file (stops at a truncated tail record)."""
-    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import event_pb2  # imported here, as for the writer
 
     with open(path, "rb") as f:
         while True:

@@ -15,6 +15,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from sgt_jax.data.formats import TokenizedExamples
+from sgt_jax.data.cache import read_tokenized
 
 BATCH_KEYS = ("input_ids", "attention_mask", "noise_mask", "loss_mask")
 
@@ -72,8 +73,6 @@ class TokenizedSource:
     def __setstate__(self, state):
         self.__dict__.update(state)
         if self._data is None:
-            from sgt_jax.data.cache import read_tokenized
-
             self._data = read_tokenized(self._directory)
 
     def __repr__(self):

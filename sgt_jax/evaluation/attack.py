@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Mapping, Any, Optional, Sequence
 
@@ -33,6 +34,12 @@ import numpy as np
 from sgt_jax.data.errors import DataError
 from sgt_jax.inference.artifact import StainedGlassTransform, resolve_sgt_path, transform_embeddings
 from sgt_jax.evaluation.inversion import ATTACKS, PromptSet, run_attacks, sigma_at_targets
+from sgt_jax import tracking
+from sgt_jax.data import build_datasets
+from sgt_jax.errors import SGTError, run_cli
+from sgt_jax.evaluation.frontier import frontier
+from sgt_jax.inference.generate import prompts_from_batch
+from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
 
 log = logging.getLogger("sgt_jax.attack")
 
@@ -78,8 +85,6 @@ def sgt_transform(sgt):
 
 
 def _prompts(pipeline, limit: Optional[int]) -> list:
-    from sgt_jax.inference.generate import prompts_from_batch
-
     prompts: list = []
     for host_batch in iter(pipeline):
         prompts.extend(prompts_from_batch(host_batch))
@@ -95,8 +100,6 @@ def load_prompt_sets(sgt, *, train_data: Optional[str] = None, eval_data: Option
                      max_eval: Optional[int] = 256) -> tuple[PromptSet, PromptSet]:
     """(public training prompts, held-out evaluation prompts) for the SGT's run configuration: by default the
     run's training split and its validation split; the evaluation prompts are removed from the training ones."""
-    from sgt_jax.data import build_datasets
-
     if sgt.tokenizer is None:
         raise DataError(f"{sgt.directory} has no tokenizer/; the attack needs it to tokenize public text.")
     base = list(overrides) + ["data.num_epochs=1", "data.num_workers=0"]
@@ -123,9 +126,6 @@ def attack(sgt_path, *, train_data: Optional[str] = None, eval_data: Optional[st
            max_train: Optional[int] = None, out: Optional[str] = None, overrides: Sequence[str] = (),
            progress: bool = True, print_table: bool = True) -> dict[str, Any]:
     """Attack the SGT at ``sgt_path`` (run dir or artifact); returns the report (also written to ``out``)."""
-    from sgt_jax import tracking
-    from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
-
     artifact_dir, run_dir = resolve_sgt_path(sgt_path)
     sgt = StainedGlassTransform.load(artifact_dir)
     if steps < 1:
@@ -206,10 +206,6 @@ def quick_attack_summary(sgt_path, *, steps: int = 300, eval_data: Optional[str]
 def summary_attack_lines(sgt_path, *, steps: int, **kwargs) -> dict[str, Any]:
     """:func:`quick_attack_summary` for a summary that must not fail after a long run: a user-caused problem
     (e.g. no validation split to attack) becomes a logged warning and an ``attack`` line saying why."""
-    import time
-
-    from sgt_jax.errors import SGTError
-
     start = time.perf_counter()
     try:
         lines = quick_attack_summary(sgt_path, steps=steps, **kwargs)
@@ -244,12 +240,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides of the saved config (e.g. data.max_length=64)")
     args = parser.parse_args(argv)
-    from sgt_jax.errors import run_cli
 
     def body():
         if args.frontier:
-            from sgt_jax.evaluation.frontier import frontier
-
             return frontier(args.frontier, out=args.out or "frontier.png")
         if not args.sgt:
             raise DataError("pass --sgt RUN_OR_ARTIFACT to attack an SGT, or --frontier RUN_DIR ... to plot runs.")

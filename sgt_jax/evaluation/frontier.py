@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from sgt_jax import tracking
 from sgt_jax.inference.artifact import ArtifactError
 
 __all__ = ["frontier_point", "frontier"]
@@ -33,9 +34,7 @@ def _utility(run_dir: Path) -> dict[str, float]:
         out["top1_agreement"] = report.get("forward", {}).get("top1_agreement", math.nan)
         out["rougeL_fmeasure"] = report.get("generation", {}).get("rougeL_fmeasure", math.nan)
     if (run_dir / "tensorboard").is_dir():
-        from sgt_jax.tracking import read_events
-
-        events = read_events(run_dir / "tensorboard")
+        events = tracking.read_events(run_dir / "tensorboard")
         for key, tag in _UTILITY_TAGS.items():
             if math.isnan(out[key]) and events.get(tag):
                 out[key] = float(max(events[tag], key=lambda e: e[0])[1])
@@ -64,9 +63,9 @@ def frontier_point(run_dir) -> dict[str, Any]:
 
 
 def _plot(points: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # imported here: slow to import, and only plotting needs it
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # writes a file; no display needed
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
@@ -88,8 +87,6 @@ def _plot(points: list[dict[str, Any]], out: Path) -> None:
 
 def frontier(run_dirs: Sequence[str], *, out="frontier.png") -> list[dict[str, Any]]:
     """Plot the frontier of ``run_dirs`` to ``out`` (PNG) and ``out + '.json'``; returns the points."""
-    from sgt_jax import tracking
-
     points = sorted((frontier_point(r) for r in run_dirs), key=lambda p: (p["alpha"] is None, p["alpha"] or 0.0))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from flax import nnx
 from sgt_jax.evaluation import metrics as metrics_lib
 from sgt_jax.data.errors import DataError
 from sgt_jax.transform.inverters import INVERTER_KINDS, inverter_logits, inverter_train_step, make_inverter
+from sgt_jax.inference.generate import left_pad
 
 __all__ = ["ATTACKS", "PromptSet", "assert_disjoint", "gaussian_transform", "noised_batches", "train_inverter",
            "run_attacks"]
@@ -43,8 +44,6 @@ class PromptSet:
 
     @classmethod
     def from_prompts(cls, prompts: Sequence, pad_id: int, name: str) -> "PromptSet":
-        from sgt_jax.inference.generate import left_pad
-
         prompts = [p for p in prompts if any((p["noise_mask"] if isinstance(p, dict) else [1]))]
         if not prompts:
             raise DataError(f"the attack's {name} data has no prompt with a transformed token; pass a non-empty "

@@ -33,6 +33,11 @@ import numpy as np
 from flax import nnx
 
 from sgt_jax.data.batching import collate_left_padded
+from sgt_jax.data import load_tokenizer
+from sgt_jax.inference.artifact import StainedGlassTransform
+from sgt_jax.inference.generate import decode_texts, generate
+from sgt_jax.models import CausalLM
+from sgt_jax.models.hf import resolve_model_path
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -68,18 +73,12 @@ class SGTLM(TemplateLM):
     def __init__(self, pretrained: str, sgt: Optional[str] = None, dtype: str = "float32", batch_size: int = 8,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, seed: int = 0, **kwargs: Any):
         super().__init__()
-        from sgt_jax.data import load_tokenizer
-        from sgt_jax.models import CausalLM
-        from sgt_jax.models.hf import resolve_model_path
-
         model_dir = resolve_model_path(pretrained)
         self.base = CausalLM.from_pretrained(model_dir, dtype=dtype)
         self.tokenizer = load_tokenizer(str(model_dir))
         self.sgt = None
         self.cloak = None
         if sgt not in (None, "", "None", "none"):
-            from sgt_jax.inference.artifact import StainedGlassTransform
-
             self.sgt = StainedGlassTransform.load(sgt)
             self.sgt.check_base(model_dir)  # an SGT protects prompts only for the base it was trained on
             self.cloak = self.sgt.cloak
@@ -153,8 +152,6 @@ class SGTLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from sgt_jax.inference.generate import decode_texts, generate
-
         out = []
         for request in requests:
             context, gen_kwargs = request.args

@@ -13,6 +13,7 @@ Writes to ``OUT_DIR``:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -20,8 +21,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from sgt_jax.inference.artifact import CONFIG_NAME, WEIGHTS_NAME, ArtifactError
+from sgt_jax.errors import run_cli
+from sgt_jax.models.decoder import DecoderConfig
 
 MODULE_SOURCE = Path(__file__).with_name("sgt_torch.py")
 _DECODER_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -82,10 +86,6 @@ def torch_state_dict(jax_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray
 
 def export_torch(artifact_dir, out_dir) -> Path:
     """Write ``sgt_torch.py``, ``model.safetensors`` and ``config.json`` for the artifact to ``out_dir``."""
-    from safetensors.numpy import load_file, save_file
-
-    from sgt_jax.models.decoder import DecoderConfig
-
     artifact_dir, out = Path(artifact_dir), Path(out_dir)
     if not (artifact_dir / CONFIG_NAME).is_file() or not (artifact_dir / WEIGHTS_NAME).is_file():
         raise ArtifactError(f"{artifact_dir} is not an SGT artifact (needs {CONFIG_NAME} and {WEIGHTS_NAME}); pass "
@@ -119,8 +119,6 @@ def export_torch(artifact_dir, out_dir) -> Path:
 
 def load_torch_sgt(out_dir, *, device="cpu"):
     """Load an exported directory with its own copy of ``sgt_torch.py`` (what a user without sgt_jax runs)."""
-    import importlib.util
-
     path = Path(out_dir) / "sgt_torch.py"
     if not path.is_file():
         raise ArtifactError(f"{out_dir} has no sgt_torch.py; run sgt_jax.export_torch.export_torch first.")
@@ -136,7 +134,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("artifact_dir")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
-    from sgt_jax.errors import run_cli
 
     def body():
         out = export_torch(args.artifact_dir, args.out_dir)

@@ -32,6 +32,14 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from sgt_jax.errors import SGTError
 from sgt_jax.transform.entropy import fresh_key
+from sgt_jax.config import GenerationConfig, load_config
+from sgt_jax.data import load_tokenizer
+from sgt_jax.data.formats import TEMPLATE_VERSION, encode_prompts
+from sgt_jax.inference.generate import decode_texts, generate, left_pad
+from sgt_jax.models import CausalLM
+from sgt_jax.models.fingerprint import model_fingerprint
+from sgt_jax.models.hf import SafetensorsReader
+from sgt_jax.transform.cloak import TransformerCloak
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sgt_config.json"
@@ -83,8 +91,6 @@ def noise_rule(data_config=None, tokenizer=None) -> dict[str, Any]:
     """How training chose the noised tokens: the data format (its template version, and for chat the hash of
     the tokenizer's chat template) and ``transform_all_tokens``. ``data_config``: a DataConfig or its dict;
     None: plain text (every content token noised, special tokens such as BOS clean)."""
-    from sgt_jax.data.formats import TEMPLATE_VERSION
-
     get = (lambda k, d: data_config.get(k, d)) if isinstance(data_config, Mapping) else (  # noqa: E731
         lambda k, d: getattr(data_config, k, d))
     fmt = get("format", "text") if data_config is not None else "text"
@@ -119,9 +125,6 @@ def save_artifact(
 
     ``data_config`` (or else ``training_config["data"]``) gives the noise rule inference reproduces. A
     ``cloak.seed`` is a debug setting: it is dropped with a warning, never saved."""
-    from sgt_jax.transform.cloak import TransformerCloak
-    from sgt_jax.models.hf import SafetensorsReader
-
     out = Path(out_dir)
     model_dir = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +163,6 @@ def save_artifact(
 
 
 def _read_meta(directory: Path, seed: Optional[int], allow_debug_seed: bool) -> dict[str, Any]:
-    from sgt_jax.data.formats import TEMPLATE_VERSION
-
     if not (directory / CONFIG_NAME).is_file():
         raise ArtifactError(f"{directory} is not an SGT artifact (no {CONFIG_NAME}); pass the artifact directory "
                             "written at the end of training (<run_dir>/sgt).")
@@ -181,8 +182,6 @@ def _read_meta(directory: Path, seed: Optional[int], allow_debug_seed: bool) -> 
 
 
 def _load_cloak(directory: Path, hp: dict[str, Any]):
-    from sgt_jax.transform.cloak import TransformerCloak
-
     kwargs = hp.pop("estimator_kwargs")
     cloak = nnx.eval_shape(lambda: TransformerCloak(config_path=str(directory / "base_config"), **hp, **kwargs))
     graphdef, abstract = nnx.split(cloak)
@@ -236,16 +235,12 @@ class StainedGlassTransform:
         table = jnp.asarray(load_file(str(directory / EMBEDDINGS_NAME))["embed_tokens"])
         tokenizer = None
         if (directory / "tokenizer").is_dir():
-            from sgt_jax.data import load_tokenizer
-
             tokenizer = load_tokenizer(str(directory / "tokenizer"))
         return cls(cloak, table, tokenizer, meta, directory)
 
     def check_base(self, model_dir) -> None:
         """Raise :class:`BaseModelMismatchError` unless ``model_dir`` holds, by content, the base model this
         SGT was trained on (an SGT only protects prompts for the model whose embeddings it learned)."""
-        from sgt_jax.models.fingerprint import model_fingerprint
-
         expected = (self.meta.get("base_model") or {}).get("fingerprint")
         actual = model_fingerprint(model_dir)
         if expected != actual:
@@ -256,8 +251,6 @@ class StainedGlassTransform:
     def run_config(self, overrides: Sequence[str] = ()):
         """The :class:`~sgt_jax.config.SGTConfig` the SGT was trained with, under ``key=value`` overrides (an
         artifact saved without its training configuration contributes its base model path alone)."""
-        from sgt_jax.config import load_config
-
         saved = dict(self.meta.get("training_config") or {})
         saved.pop("base_model_fingerprint", None)  # the trainer's record of the base, not a setting
         return load_config(overrides=overrides, saved=saved or {"model": {"path": self.meta["base_model"]["path"]}})
@@ -266,9 +259,6 @@ class StainedGlassTransform:
         """Left-padded ``input_ids``, ``attention_mask`` and ``noise_mask`` of ``prompts`` (str, or example dicts /
         chat messages of the training format), rendered and masked by the code path training data goes through
         (:func:`sgt_jax.data.formats.encode_prompts` with the artifact's ``noise_rule``)."""
-        from sgt_jax.data.formats import encode_prompts
-        from sgt_jax.inference.generate import left_pad
-
         if self.tokenizer is None:
             raise ArtifactError(f"{self.directory} has no tokenizer/; pass token ids to transform().")
         rule = self.noise_rule
@@ -322,8 +312,6 @@ class StainedGlassTransform:
     def base_model(self):
         """The base model at ``meta["base_model"]["path"]`` (checked by content against the trained one),
         loaded once and kept."""
-        from sgt_jax.models import CausalLM
-
         if getattr(self, "_base_model", None) is None:
             path = self.meta["base_model"]["path"]
             self.check_base(path)
@@ -340,9 +328,6 @@ class StainedGlassTransform:
         ``gen_kwargs`` go to :func:`sgt_jax.inference.generate.generate` (defaults: the recommended
         :class:`~sgt_jax.config.GenerationConfig`; eos/pad/bos ids from the artifact's tokenizer).
         """
-        from sgt_jax.config import GenerationConfig
-        from sgt_jax.inference.generate import decode_texts, generate
-
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if self.tokenizer is None:

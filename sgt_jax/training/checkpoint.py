@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from sgt_jax.errors import SGTError
+from sgt_jax.training.parallel import agree
 
 __all__ = [
     "CheckpointError",
@@ -391,8 +392,6 @@ class PreemptionGuard:
     def should_stop(self, step: int) -> bool:
         """Whether the loop should save and stop after ``step``: :meth:`stop_requested` agreed over all
         processes (identical on every process)."""
-        from sgt_jax.training.parallel import agree
-
         stop = agree({"preempted": self.stop_requested(step)})["preempted"]
         if stop:
             self.requested = True

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sgt_jax.training.step import example_keys, step_key
+from sgt_jax.transform.objective import make_loss_fn
+
 log = logging.getLogger("sgt_jax.train")
 
 TERMS = ("utility_term", "stochasticity_term", "similarity_term")
@@ -40,8 +43,6 @@ def term_gradient_norms(loss_fn, cloak_graphdef, params, base, batch: Mapping[st
 
 
 def _norms_fn(loss_fn, cloak_graphdef, base_graphdef):
-    from sgt_jax.training.step import example_keys, step_key
-
     @jax.jit
     def norms(params, base_state, batch, run_key_data):
         batch = {k: v[0] for k, v in batch.items()}  # the first micro-batch, sliced inside jit (multi-host safe)
@@ -55,8 +56,6 @@ def _norms_fn(loss_fn, cloak_graphdef, base_graphdef):
 def first_step_gradient_norms(trainer, state, host_batch) -> dict[str, float]:
     """:func:`term_gradient_norms` of a :class:`~sgt_jax.training.trainer.Trainer`'s state on ``host_batch`` (the whole
     first micro-batch, the step-0 noise keys), as floats for logging."""
-    from sgt_jax.transform.objective import make_loss_fn
-
     batch = trainer.global_batch(host_batch, trainer.accum_steps)
     norms = _norms_fn(make_loss_fn(trainer.cfg.objective), trainer.cloak_graphdef, trainer.base_graphdef)(
         state.params, trainer.base_state, batch, state.run_key)

@@ -22,15 +22,17 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from sgt_jax import config as config_lib
+from sgt_jax.errors import run_cli
+from sgt_jax.evaluation import attack as attack_lib
+from sgt_jax.training.run import train
+
 log = logging.getLogger("sgt_jax.privacy_sweep")
+
 
 def run_point(config_path, overrides: Sequence[str], run_dir: Path, *, attack_steps: int) -> dict[str, Any]:
     """Train one SGT (``overrides`` on ``config_path``, run dir ``run_dir``), attack its artifact, and write
     the point's report to ``run_dir/privacy_point.json``."""
-    from sgt_jax.evaluation import attack as attack_lib
-    from sgt_jax import config as config_lib
-    from sgt_jax.training.run import train
-
     cfg = config_lib.load_config(config_path, [*overrides, f"tracking.run_dir={run_dir}"])
     summary = train(cfg)
     if summary.get("stopped_by") != "finished":
@@ -59,9 +61,9 @@ def _label(settings: Sequence[str]) -> str:
 def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> np.ndarray:
     """PNG of top-1 agreement against learned-attack recovery, one marker per objective; returns the plotted
     (x, y) coordinates in the order of ``points``."""
-    import matplotlib
+    import matplotlib  # imported here: slow to import, and only plotting needs it
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # writes a file; no display needed
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -104,8 +106,6 @@ def sweep(settings: Sequence[Sequence[str]], out: Path, *, config_path=None, att
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sgt_jax.errors import run_cli
-
     parser = argparse.ArgumentParser(prog="python -m sgt_jax.privacy_sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for the runs, frontier.json and frontier.png")
     parser.add_argument("--setting", action="append", default=[],

@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from sgt_jax.training import parallel
 from sgt_jax.training.parallel import BATCH_AXES, batch_sharding, batch_shards
+from sgt_jax.transform.objective import local_denominators
 
 
 # loss_fn(cloak, base_model, micro_batch, keys, denominators, deterministic) -> (loss, metrics)
@@ -191,8 +192,6 @@ def loss_denominators(batch: Mapping[str, jax.Array], hidden_size: int, batch_sh
     """Global counts every loss is averaged over (computed before the scan; see the module docstring): the
     objective's own counts over the whole (accum, micro, S) batch, with ``micro_batches`` = the (micro-batch,
     device) pieces a per-piece statistic (the MoE balance loss) is averaged over."""
-    from sgt_jax.transform.objective import local_denominators
-
     denominators = local_denominators(batch, hidden_size)
     denominators["micro_batches"] = jnp.asarray(batch["input_ids"].shape[0] * batch_shards, jnp.float32)
     return denominators

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
 
 __all__ = ["spacing_sums", "finalize_spacing"]
 
@@ -55,10 +58,6 @@ def mi_estimate(embedding_table, sigma_rows, *, samples: int = 256, max_position
                 seed: int = 0) -> dict[str, float]:
     """The Gaussian-mixture mutual information I(T; x_t) (``sgt_jax.transform.privacy_mi``) at the validation's noise
     scales: ``sigma_rows`` (N, D), NaN rows (positions without noise) dropped; bits and the share of log2 V."""
-    import numpy as np
-
-    from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
-
     rows = np.asarray(sigma_rows)
     rows = rows[~np.isnan(rows).any(axis=-1)][:max_positions]
     if len(rows) == 0:
