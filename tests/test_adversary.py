@@ -93,6 +93,7 @@ def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
     assert strip(hlo_trainer) == strip(hlo_new)
 
 
+@pytest.mark.slow
 def test_adversary_learns_in_the_step_and_resumes_bitwise(model_dir, tmp_path):
     """On (mlp): the inverter's CE falls over 6 steps, and a run stopped after step 3's checkpoint and
     resumed ends with the same cloak *and* adversary state, bit for bit, as the uninterrupted run."""
@@ -157,6 +158,7 @@ def test_privacy_verdict_flips_at_the_threshold():
     assert summary_verdict({"top1_agreement (after)": 0.99}) is None
 
 
+@pytest.mark.slow
 def test_sweep_of_three_settings_plots_the_runs_attack_reports(model_dir, tmp_path):
     """Three tiny runs (one step each), each attacked by an identity-like SGT's learned attack: the frontier
     PNG is written and its plotted points are exactly the runs' own reports; an untrained (identity-like)

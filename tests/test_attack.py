@@ -158,6 +158,7 @@ def tiny_runs(tmp_path_factory):
     return root, runs
 
 
+@pytest.mark.slow
 def test_attack_cli_then_frontier(tiny_runs, capsys):
     import matplotlib.image
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sgt_jax.training import benchmark as bench
 from sgt_jax.training import flops
 
@@ -10,6 +12,7 @@ EXPECTED_KEYS = {"args", "shape", "device_kind", "platform", "compile_s", "step_
                  "peak_memory_source", "memory_analysis", "load_average", "date", "final_loss", "loop"}
 
 
+@pytest.mark.slow
 def test_bench_cli_runs_tiny_shape_and_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     bench.main(["--shape", "tiny", "--batch", "2", "--seq", "16", "--base-layers", "2", "--estimator-layers", "1",
@@ -23,6 +26,7 @@ def test_bench_cli_runs_tiny_shape_and_writes_json(tmp_path, capsys):
     assert "tokens_per_s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_memory_only_lm_with_vocab_chunks(tmp_path):
     out = tmp_path / "m.json"
     bench.main(["--shape", "tiny", "--seq", "16", "--objective", "lm", "--vocab-chunk", "128", "--memory-only",

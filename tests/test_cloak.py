@@ -347,6 +347,7 @@ def test_from_config_and_experts(model_dir):
     assert 1.0 < float(out.aux_loss) < 4.0
 
 
+@pytest.mark.slow
 def test_remat_policy_changes_memory_not_the_transform(model_dir):
     """cloak.remat_policy recomputes the estimators' activations in the backward: same outputs, same
     gradients (within float32 reassociation), fewer saved residuals; an unknown policy is a one-line error."""

@@ -88,6 +88,7 @@ def test_cloak_dots_run_at_highest_precision_and_base_dots_do_not(fsdp4):
     assert not any("highest" in d["precision"] for d in base), [d for d in base if "highest" in d["precision"]][:3]
 
 
+@pytest.mark.slow
 def test_compile_only_cli_on_cpu_for_the_tiny_config(tmp_path, capsys):
     """No --topology: the embedded tiny run compiles for the local CPU, prints the table and the JSON report."""
     from sgt_jax.train import main
@@ -114,6 +115,7 @@ def test_configuration_that_cannot_fit_exits_3_with_one_line(small_dir, capsys):
     assert any(ch.isdigit() for ch in err[0])
 
 
+@pytest.mark.slow
 def test_splash_attention_compiles_for_v5e_4x4_under_data_fsdp_tensor(small_dir):
     """model.attention_impl=splash with data=2, fsdp=2, tensor=4: both steps compile for the TPU and carry the
     Mosaic kernel (tpu_custom_call) — fails if the kernel is left to the automatic partitioner again."""
@@ -128,6 +130,7 @@ def test_splash_attention_compiles_for_v5e_4x4_under_data_fsdp_tensor(small_dir)
         assert 'custom_call_target="tpu_custom_call"' in result[step].as_text(), step
 
 
+@pytest.mark.slow
 def test_splash_interpret_mode_equals_xla_on_8_simulated_devices():
     """Pallas interpret mode on an 8-device CPU mesh (data=2, fsdp=2, tensor=2): forward and input gradients of
     splash equal the XLA kernel within 2e-5 (float32, left-padded rows, GQA), causal and with a sliding window

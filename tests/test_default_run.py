@@ -6,9 +6,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from sgt_jax.config import load_config
 from sgt_jax.train import train
+
+# Each test trains for minutes on 2 cores: outside the contributors' inner loop, always in CI.
+pytestmark = pytest.mark.slow
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 

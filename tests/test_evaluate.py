@@ -115,6 +115,7 @@ def tiny_run(tmp_path_factory):
     return root, noisy
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
     from sgt_jax.evaluation.evaluate import main
 

@@ -61,6 +61,7 @@ def setup(tmp_path_factory):
     return model_dir, sgt_dir, tasks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_sgt", [False, True])
 def test_multiple_choice_task_end_to_end(setup, with_sgt):
     from lm_eval.tasks import TaskManager

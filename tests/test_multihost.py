@@ -226,6 +226,7 @@ def pod(model_dir, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_two_hosts_agree_and_match_one_host(pod):
     """2 processes x 4 devices (data=2, fsdp=2, tensor=2) with buckets [32, 64, 128], accumulation 2 and
     time-based validation/checkpoints on clocks that disagree: both exit 0 (no host entered a validation or
@@ -259,6 +260,7 @@ def test_two_hosts_agree_and_match_one_host(pod):
     assert {2, 4} <= set(steps) and len(steps) > 2, steps
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_host_saves_on_both_and_resumes_bitwise(pod):
     """SIGTERM to process 1 only: both processes stop at the same step, save it and exit 0; relaunching
     both resumes there and finishes, and the final cloak (artifact tensors) and the resumed steps' losses
@@ -273,6 +275,7 @@ def test_sigterm_to_one_host_saves_on_both_and_resumes_bitwise(pod):
     assert cloak_bytes(r["run_dir"]) == cloak_bytes(u["run_dir"])
 
 
+@pytest.mark.slow
 def test_accumulation_consumes_every_example_once(model_dir, tmp_path, monkeypatch):
     """grad_accum_steps 4, max_steps null, num_epochs 1: the run takes train size / (batch_size x 4) steps,
     trains on every training example exactly once (rows counted as they enter the train step, compared with

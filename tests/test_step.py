@@ -78,6 +78,7 @@ def max_abs_diff(a, b):
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_accumulation_over_4_micro_batches_equals_the_full_batch_gradient(trainer):
     """4 micro-batches of 2 rows give the 8-row gradient and loss components within 1e-6 (fp32, relative to
     the largest gradient element: the largest are ~50, where one float32 ulp is already 4e-6). The same

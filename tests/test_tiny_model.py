@@ -68,6 +68,7 @@ def test_transformers_and_sgt_jax_give_the_same_logits(heldout):
     assert parity["argmax_agreement"] == 1.0, parity
 
 
+@pytest.mark.slow
 def test_heldout_tasks_are_answered_above_their_baselines(heldout):
     """Greedy exact match on held-out prompts: the copy task family (formatting) and arithmetic are answered
     significantly above their majority baselines (one-sided binomial p < 0.01, >= 100 prompts per family)."""

@@ -27,6 +27,10 @@ import jax
 import numpy as np
 import pytest
 
+# Every test here runs training in subprocesses (several devices, processes, signals): outside the
+# contributors' inner loop, always in CI.
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("_train_worker.py")
 STEPS = 6  # 2N with N = 3 for the resume test
 # Small, so that float32 reduction-order differences between meshes stay at rounding level for a few steps.
