@@ -116,12 +116,13 @@ def abstract_batch(cfg: SGTConfig, mesh, accum_steps: int, seq_len: int):
     from sgt_jax.training import step as step_lib
     from sgt_jax.data.batching import BATCH_KEYS
 
+    # data.batch_size is the global micro-batch: a training batch holds grad_accum_steps of them (as the data
+    # pipeline builds it), a validation batch one.
     rows = cfg.data.batch_size
-    if rows % (max(accum_steps, 1) * step_lib.batch_shards(mesh)):
-        raise ConfigError(f"data.batch_size={rows} does not split into optimizer.grad_accum_steps={accum_steps} "
-                          f"micro-batches over {step_lib.batch_shards(mesh)} data x fsdp devices; make it a multiple "
-                          f"of {accum_steps * step_lib.batch_shards(mesh)}.")
-    shape = (accum_steps, rows // accum_steps) if accum_steps else (rows,)
+    if rows % step_lib.batch_shards(mesh):
+        raise ConfigError(f"data.batch_size={rows} does not split over the {step_lib.batch_shards(mesh)} data x fsdp "
+                          f"devices; make it a multiple of {step_lib.batch_shards(mesh)}.")
+    shape = (accum_steps, rows) if accum_steps else (rows,)
     sharding = step_lib.batch_sharding(mesh, accumulated=bool(accum_steps))
     batch = {key: jax.ShapeDtypeStruct(shape + (seq_len,), jnp.int32, sharding=sharding) for key in BATCH_KEYS}
     batch["example_index"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
@@ -228,7 +229,7 @@ def model_flops(cfg: SGTConfig, config, truncate_at_layer, seq_len: int) -> floa
     """Matmul FLOPs of one optimizer step (the 6·N·T convention plus attention scores): the cloak's two
     estimators and heads train (forward + backward = 3 passes); the frozen base runs forward on the clean and
     on the transformed input and backward to its input only (no weight gradients): 3 passes."""
-    tokens = cfg.data.batch_size * seq_len
+    tokens = cfg.data.batch_size * max(cfg.optimizer.grad_accum_steps, 1) * seq_len
     base_layers = config.num_hidden_layers if truncate_at_layer is None else truncate_at_layer + 1
     cloak_layers = int((cfg.cloak.estimator_kwargs or {}).get("num_hidden_layers", 1))
     d, heads, hd = config.hidden_size, config.num_attention_heads, config.head_dim
