@@ -54,6 +54,7 @@ def _final_state(run_dir, cfg):
     return jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
     """Off: no adversary leaves in the state, and the step lowers to the same HLO as on a state class without
     the field (today's) and as the step built directly from sgt_jax.training.step."""

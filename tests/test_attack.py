@@ -30,6 +30,7 @@ def _prompts(n, seed):
     return PromptSet(ids, np.ones_like(ids), noise)
 
 
+@pytest.mark.slow
 def test_inverter_loss_matches_hand_computation_and_reaches_x_t():
     from sgt_jax.transform.inverters import make_inverter, inverter_loss
 
@@ -49,6 +50,7 @@ def test_inverter_loss_matches_hand_computation_and_reaches_x_t():
     assert float(jnp.abs(grad[~mask]).max()) == 0.0 and float(jnp.abs(grad[mask]).max()) > 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["identity", "pure_noise"])
 def test_attacks_on_identity_recover_all_and_on_pure_noise_fall_to_majority(case):
     table = _table()

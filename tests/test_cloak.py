@@ -197,6 +197,7 @@ def test_keys_control_noise_and_dropout(model_dir):
     np.testing.assert_allclose(np.asarray(full.x_t[:1]), np.asarray(first.x_t), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_seed_none_is_fresh_every_call_and_int_seed_reproduces(model_dir):
     x, am, nm = _inputs()
     fresh1, fresh2 = _cloak(model_dir, seed=None), _cloak(model_dir, seed=None)

@@ -14,6 +14,9 @@ import pytest
 
 import libtpu  # noqa: E402,F401  (the test extra installs it: its absence must fail, not skip the TPU compiles)
 
+# Every test here runs libtpu's compiler (a minute or more each on 2 cores): outside the contributors' inner loop.
+pytestmark = pytest.mark.slow
+
 # A small Llama: hidden 256, 8 query / 4 kv heads of 32, MLP 512, vocab 1024; ssl truncation keeps layers 0..2.
 SMALL = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
              num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4, vocab_size=1024, rms_norm_eps=1e-5,
@@ -88,7 +91,6 @@ def test_cloak_dots_run_at_highest_precision_and_base_dots_do_not(fsdp4):
     assert not any("highest" in d["precision"] for d in base), [d for d in base if "highest" in d["precision"]][:3]
 
 
-@pytest.mark.slow
 def test_compile_only_cli_on_cpu_for_the_tiny_config(tmp_path, capsys):
     """No --topology: the embedded tiny run compiles for the local CPU, prints the table and the JSON report."""
     from sgt_jax.train import main
@@ -115,7 +117,6 @@ def test_configuration_that_cannot_fit_exits_3_with_one_line(small_dir, capsys):
     assert any(ch.isdigit() for ch in err[0])
 
 
-@pytest.mark.slow
 def test_splash_attention_compiles_for_v5e_4x4_under_data_fsdp_tensor(small_dir):
     """model.attention_impl=splash with data=2, fsdp=2, tensor=4: both steps compile for the TPU and carry the
     Mosaic kernel (tpu_custom_call) — fails if the kernel is left to the automatic partitioner again."""
@@ -130,7 +131,6 @@ def test_splash_attention_compiles_for_v5e_4x4_under_data_fsdp_tensor(small_dir)
         assert 'custom_call_target="tpu_custom_call"' in result[step].as_text(), step
 
 
-@pytest.mark.slow
 def test_splash_interpret_mode_equals_xla_on_8_simulated_devices():
     """Pallas interpret mode on an 8-device CPU mesh (data=2, fsdp=2, tensor=2): forward and input gradients of
     splash equal the XLA kernel within 2e-5 (float32, left-padded rows, GQA), causal and with a sliding window
@@ -149,3 +149,82 @@ def test_splash_interpret_mode_equals_xla_on_8_simulated_devices():
     for case in results:
         assert case["max_abs_out"] > 0.1, case  # a real comparison, not of zeros
         assert max(case["max_abs_diff"]) <= 2e-5, case
+
+
+# The three 7B recipes, compiled for v5e:4x4 (16 chips of 16 GiB) from the models' published config.json shapes.
+_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, num_attention_heads=32,
+              num_hidden_layers=32, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
+RECIPE_MODELS = {
+    "llama2_7b": dict(_LLAMA, intermediate_size=11008, num_key_value_heads=32, vocab_size=32000, rope_theta=1e4,
+                      max_position_embeddings=4096),
+    "llama3_8b": dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
+                      max_position_embeddings=8192),
+    "mistral_7b_instruct": dict(_LLAMA, model_type="mistral", architectures=["MistralForCausalLM"],
+                                intermediate_size=14336, num_key_value_heads=8, vocab_size=32000, rope_theta=1e6,
+                                max_position_embeddings=32768, sliding_window=None),
+}
+
+
+def _base_bytes(model: dict, layers: int) -> tuple[int, int]:
+    """(bf16 bytes of the truncated base: embedding + ``layers`` layers, bytes of one layer), counted by hand."""
+    d, f, kv = model["hidden_size"], model["intermediate_size"], model["num_key_value_heads"]
+    layer = 2 * (2 * d * d + 2 * d * (kv * d // model["num_attention_heads"]) + 3 * d * f + 2 * d)
+    return 2 * model["vocab_size"] * d + layers * layer, layer
+
+
+def _recipe_config(tmp_path_factory, recipe: str, *overrides):
+    from pathlib import Path
+
+    from sgt_jax.config import load_config
+
+    path = tmp_path_factory.mktemp(recipe)
+    (path / "config.json").write_text(json.dumps(RECIPE_MODELS[recipe]))
+    return load_config(str(Path(__file__).parent.parent / "configs" / f"{recipe}.yaml"), [f"model.path={path}", *overrides])
+
+
+def _compiled_base_bytes(result) -> int:
+    """Per-device bytes of the base as the compiled train step takes it (its own input shardings)."""
+    import jax
+
+    shapes = jax.tree.leaves(result["base_state"])
+    shardings = jax.tree.leaves(result["train"].input_shardings[0][1])
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(shapes, shardings))
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPE_MODELS))
+def recipe(request, tmp_path_factory):
+    """One recipe's train and eval steps compiled once for v5e:4x4 with the recipe's own settings."""
+    from sgt_jax.training import compile as compile_lib
+
+    cfg = _recipe_config(tmp_path_factory, request.param)
+    devices = compile_lib.topology_devices("v5e:4x4")
+    result = compile_lib.compile_steps(cfg, devices)
+    return request.param, result, compile_lib.build_report(cfg, "v5e:4x4", devices, result)
+
+
+@pytest.mark.tpu7b
+def test_7b_recipe_compiles_for_v5e_4x4_and_fits(recipe):
+    """With its own mesh (data 4 x fsdp 4), batch, remat and splash settings the recipe's train and eval steps fit
+    a 16 GiB v5e chip with 10% free; the base enters the compiled step sharded four ways (<= 0.26x the whole
+    base, which is what every chip holds at fsdp=1: the base is replicated when no axis shards "embed"), so
+    raising fsdp from 1 to 4 cuts its bytes per chip in proportion; gradients are reduced once per step (no
+    all-reduce / reduce-scatter in a loop body) and no all-gather returns more than one base layer."""
+    import jax
+
+    from sgt_jax.training import hlo
+
+    name, result, report = recipe
+    model = RECIPE_MODELS[name]
+    assert report["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1} and report["devices"] == 16
+    assert report["fits"], (name, report["needed_bytes_per_device"] / 2**30, report["train_step"]["memory"],
+                            report["eval_step"]["memory"])
+    assert report["needed_bytes_per_device"] <= 0.9 * 16 * 2**30
+    whole, layer = _base_bytes(model, result["truncate_at_layer"] + 1)
+    assert sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(result["base_state"])) == whole
+    assert whole / 4 <= _compiled_base_bytes(result) <= 0.26 * whole, (_compiled_base_bytes(result), whole)
+    for step in ("train", "eval"):
+        assert 'custom_call_target="tpu_custom_call"' in result[step].as_text(), step  # splash, partitioned
+    comms = hlo.collectives(result["train"].as_text())
+    assert not [c for c in comms if c["op"] in ("all-reduce", "reduce-scatter") and c["in_loop"]]
+    assert max(c["result_bytes"] for c in comms if c["op"] == "all-gather") <= layer
+

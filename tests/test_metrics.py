@@ -72,3 +72,81 @@ def test_topk_agreement_and_summary():
     assert float(out["top1_agreement"]) == 0.0 and float(out["top2_agreement"]) == 1.0
     s = metrics.summarize([10.0, 20.0, np.nan, 40.0])
     assert s["mean"] == pytest.approx(70 / 3) and s["min"] == 10.0 and s["q50"] == 20.0
+
+
+def _reference_sums(hidden, head, ids, mask):
+    """Per-row NLL sums and counts from the full (B, S, V) logits, through optax's cross-entropy (an independent
+    implementation) and an explicit pair mask: target n+1 scored when tokens n and n+1 are both real."""
+    import optax
+
+    logits = np.einsum("bsd,dv->bsv", hidden.astype(np.float64), head.astype(np.float64)).astype(np.float32)
+    ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits[:, :-1]), jnp.asarray(ids[:, 1:])))
+    pairs = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
+    return float(np.sum(np.where(pairs, ce, 0.0))), int(pairs.sum()), logits
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 16, 64])
+def test_chunked_nll_equals_optax_on_full_logits_with_left_padding(chunk):
+    """hidden @ head a chunk of positions at a time (3 and 5 do not divide S=16) gives the same NLL sum and count
+    as optax's cross-entropy on the whole logits, with left-padded and fully padded rows left out."""
+    rng = np.random.default_rng(3)
+    b, s, d, v = 4, 16, 8, 37
+    hidden = rng.normal(size=(b, s, d)).astype(np.float32)
+    head = rng.normal(size=(d, v)).astype(np.float32)
+    ids = rng.integers(0, v, size=(b, s))
+    mask = np.ones((b, s), np.int32)
+    mask[1, :5] = 0  # left padding
+    mask[2, :15] = 0  # one real token: nothing to score
+    mask[3, :] = 0  # an all-padding row
+    hidden[3] = np.nan  # what a fully masked row may hold: must not reach the sum
+    expected, count, _ = _reference_sums(np.nan_to_num(hidden), head, ids, mask)
+    nll, n = metrics.chunked_next_token_nll_sums(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(ids),
+                                                 jnp.asarray(mask), chunk=chunk)
+    assert float(n) == count == 15 + 10
+    np.testing.assert_allclose(float(nll), expected, rtol=2e-5)
+
+
+def test_chunked_nll_response_only_masks_and_full_logit_version_agree():
+    """A target mask different from the context mask (response-only scoring): the chunked sums equal the
+    full-logit next_token_nll_sums on the same logits."""
+    rng = np.random.default_rng(4)
+    hidden = rng.normal(size=(3, 11, 6)).astype(np.float32)
+    head = rng.normal(size=(6, 29)).astype(np.float32)
+    ids = rng.integers(0, 29, size=(3, 11))
+    context = np.ones((3, 11), np.int32)
+    context[0, :4] = 0
+    target = context * (np.arange(11) >= 6)
+    full = metrics.next_token_nll_sums(jnp.asarray(hidden) @ jnp.asarray(head), jnp.asarray(ids), jnp.asarray(target),
+                                       jnp.asarray(context))
+    chunked = metrics.chunked_next_token_nll_sums(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(ids),
+                                                  jnp.asarray(target), jnp.asarray(context), chunk=4)
+    assert float(chunked[1]) == float(full[1]) == 3 * 5
+    np.testing.assert_allclose(float(chunked[0]), float(full[0]), rtol=2e-5)
+
+
+def test_chunked_forward_sums_equal_full_logit_metrics():
+    """clean / transformed NLL and top-1/5 agreement over position chunks (chunk 6, S=13) equal the optax
+    reference and topk_agreement_sums on the whole logits."""
+    rng = np.random.default_rng(5)
+    b, s, d, v = 3, 13, 8, 41
+    clean = rng.normal(size=(b, s, d)).astype(np.float32)
+    transformed = clean + 0.7 * rng.normal(size=(b, s, d)).astype(np.float32)
+    head = rng.normal(size=(d, v)).astype(np.float32)
+    ids = rng.integers(0, v, size=(b, s))
+    mask = np.ones((b, s), np.int32)
+    mask[0, :3] = 0
+    mask[2, :12] = 0
+    sums = metrics.chunked_forward_sums(jnp.asarray(clean), jnp.asarray(transformed), jnp.asarray(head),
+                                        jnp.asarray(ids), jnp.asarray(mask), chunk=6)
+    clean_nll, count, clean_logits = _reference_sums(clean, head, ids, mask)
+    t_nll, _, t_logits = _reference_sums(transformed, head, ids, mask)
+    np.testing.assert_allclose([float(sums["clean_nll"]), float(sums["transformed_nll"])], [clean_nll, t_nll], rtol=2e-5)
+    assert float(sums["nll_count"]) == count == 9 + 12
+    # top-k agreement by brute force: is the clean argmax among the transformed k largest?
+    top1 = clean_logits.argmax(-1)
+    order = np.argsort(-t_logits, axis=-1)
+    for k in (1, 5):
+        hits = (order[..., :k] == top1[..., None]).any(-1)
+        assert float(sums[f"top{k}_agreement"]) == float((hits * mask).sum())
+    assert float(sums["agreement_count"]) == mask.sum()
+    assert 0 < float(sums["top1_agreement"]) < float(sums["top5_agreement"])

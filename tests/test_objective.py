@@ -331,6 +331,7 @@ def test_utility_is_averaged_over_the_positions_the_transform_can_change(checkpo
     assert per_token[affected].mean() > 1.5 * per_token[attn].mean()  # the old all-token mean is distinguishable
 
 
+@pytest.mark.slow
 def test_term_gradient_norms_are_each_terms_own_gradient_norm(checkpoint, base_full):
     """sgt_jax.training.grad_balance (the step-0 log) against one jax.grad per weighted term."""
     from sgt_jax.training.grad_balance import TERMS, term_gradient_norms

@@ -72,6 +72,7 @@ def _setup(tied=False):
     return base, cloak, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,tied", [("lm", False), ("distill", False), ("lm", True)])
 def test_objective_with_vocab_chunks_equals_unchunked_including_cloak_gradients(mode, tied):
     base, cloak, batch = _setup(tied)
@@ -98,6 +99,7 @@ def _vocab_arrays(hlo: str):
             if len(m.split(",")) >= 3 and int(m.split(",")[-1]) >= V]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lm", "distill"])
 def test_chunked_objective_never_materialises_full_logits(mode):
     base, cloak, batch = _setup()

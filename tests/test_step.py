@@ -99,6 +99,7 @@ def test_accumulation_over_4_micro_batches_equals_the_full_batch_gradient(traine
     assert abs(float(naive_metrics["loss"]) - float(metrics_1["loss"])) > 1e-4
 
 
+@pytest.mark.slow
 def test_train_step_with_accumulation_equals_one_big_step(trainer):
     """Through the jitted train step (Trainer.global_batch splits the host batch): accum 4 and accum 1 give
     the same metrics and updated parameters. Fails if the step's reshaping, keys or denominators depend on
@@ -114,6 +115,7 @@ def test_train_step_with_accumulation_equals_one_big_step(trainer):
     assert int(state_4.step) == int(state_1.step) == 1
 
 
+@pytest.mark.slow
 def test_non_finite_step_is_skipped_and_counted(trainer):
     """A NaN loss (and so NaN gradients) leaves parameters and optimizer state bit-identical while step,
     streak and total count up; the next finite step updates again and resets the streak. Fails if the guard

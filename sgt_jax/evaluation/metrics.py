@@ -38,6 +38,84 @@ def next_token_nll_sums(
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+# Positions per chunk of the chunked LM head: the (rows, chunk, vocab) float32 logits exist one chunk at a time,
+# 125 MiB a row at Llama 3's 128k vocabulary instead of 500 MiB a row of 1024 tokens (clean and transformed each).
+POSITION_CHUNK = 256
+
+
+def _shifted_targets(input_ids, target_mask, context_mask):
+    """Targets and their mask aligned with the predicting position (B, S): position n predicts token n+1; the
+    last position predicts nothing."""
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+    pairs = target_mask[:, 1:].astype(bool) & context_mask[:, :-1].astype(bool)
+    return targets, jnp.pad(pairs, ((0, 0), (0, 1)))
+
+
+def _nll_sum(logits, targets, mask):
+    """Sum over mask of logsumexp(logits) - logits[target] (float32); masked positions never reach the sum."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0))
+
+
+def _head_logits(hidden, head):
+    return jnp.dot(hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
+
+
+def _sum_over_position_chunks(body, arrays, chunk: int):
+    """Apply ``body`` to position chunks (B, chunk, ...) of (B, S, ...) arrays, one after the other
+    (``lax.map``), and sum its outputs. S is zero-padded up to a multiple of ``chunk``: the padding's masks are
+    0, so ``body`` must ignore masked positions."""
+    length = arrays[0].shape[1]
+    chunk = max(1, min(int(chunk), length))
+    pad = (-length) % chunk
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+
+    outs = jax.lax.map(body, tuple(split(x) for x in arrays))
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), outs)
+
+
+def chunked_next_token_nll_sums(
+    hidden: jax.Array, head: jax.Array, input_ids: jax.Array, target_mask: jax.Array,
+    context_mask: jax.Array | None = None, *, chunk: int = POSITION_CHUNK,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`next_token_nll_sums` of ``logits = hidden @ head`` without the (B, S, V) logits: the head's matmul,
+    the log-softmax and the NLL run over ``chunk`` positions at a time. ``hidden`` (B, S, D) is the model's final
+    (normed) hidden state, ``head`` its (D, V) LM head; the logits accumulate in float32."""
+    context_mask = target_mask if context_mask is None else context_mask
+    targets, pairs = _shifted_targets(input_ids, target_mask, context_mask)
+
+    def body(chunk_arrays):
+        h, t, m = chunk_arrays
+        return _nll_sum(_head_logits(h, head), t, m)
+
+    return _sum_over_position_chunks(body, (hidden, targets, pairs), chunk), jnp.sum(pairs.astype(jnp.float32))
+
+
+def chunked_forward_sums(
+    clean_hidden: jax.Array, transformed_hidden: jax.Array, head: jax.Array, input_ids: jax.Array,
+    mask: jax.Array, *, ks: Sequence[int] = (1, 5), chunk: int = POSITION_CHUNK,
+) -> dict[str, jax.Array]:
+    """The forward validation's logit metrics in one pass over position chunks: next-token NLL sums of the clean
+    and the transformed input (``clean_nll``, ``transformed_nll``, ``nll_count``) and the top-k agreement sums
+    of :func:`topk_agreement_sums`, from final hidden states and the LM head, one chunk of logits at a time."""
+    targets, pairs = _shifted_targets(input_ids, mask, mask)
+
+    def body(chunk_arrays):
+        hc, ht, t, p, m = chunk_arrays
+        clean, transformed = _head_logits(hc, head), _head_logits(ht, head)
+        out = topk_agreement_sums(clean, transformed, m, ks)
+        out["clean_nll"], out["transformed_nll"] = _nll_sum(clean, t, p), _nll_sum(transformed, t, p)
+        return out
+
+    sums = _sum_over_position_chunks(body, (clean_hidden, transformed_hidden, targets, pairs, mask), chunk)
+    sums["nll_count"] = jnp.sum(pairs.astype(jnp.float32))
+    return sums
+
+
 def topk_agreement_sums(
     clean_logits: jax.Array, transformed_logits: jax.Array, mask: jax.Array, ks: Sequence[int] = (1, 5)
 ) -> dict[str, jax.Array]:
@@ -167,11 +245,13 @@ def finalize_forward_metrics(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 def forward_eval(cloak, full_model, embedding_table, batch: Mapping[str, jax.Array], keys: jax.Array, *,
-                 obfuscation_metrics: tuple[str, ...] = ("cosine",)) -> dict[str, Any]:
+                 obfuscation_metrics: tuple[str, ...] = ("cosine",), position_chunk: int = POSITION_CHUNK,
+                 ) -> dict[str, Any]:
     """Forward validation of one (B, S) batch with dropout off, shared by training validation and evaluation.
 
     ``sums``: next-token NLL of the whole base model on clean and on transformed input and top-1/5 agreement
-    (when ``full_model`` is given; padding ignored), and sigma/|mu| totals over transformed elements.
+    (when ``full_model`` is given; padding ignored; the LM head runs over ``position_chunk`` positions at a
+    time), and sigma/|mu| totals over transformed elements.
     ``obfuscation[metric]``: per-sequence % of transformed tokens whose nearest vocabulary token is not the
     true one, mean reconstruction rank, and the nearest tokens. ``sigma``/``mu``: NaN outside transformed
     positions (for histograms).
@@ -187,12 +267,13 @@ def forward_eval(cloak, full_model, embedding_table, batch: Mapping[str, jax.Arr
         "feature_count": jnp.sum(sel) * out.sigma.shape[-1],
     }
     if full_model is not None:
+        # Final hidden states, and the head applied a chunk of positions at a time: the (B, S, V) float32 logits
+        # (500 MiB a row at Llama 3's vocabulary and 1024 tokens, clean and transformed each) never exist whole.
         x_base = x.astype(full_model.dtype)
-        clean_logits = full_model(inputs_embeds=x_base, attention_mask=mask)
-        t_logits = full_model(inputs_embeds=out.x_t.astype(x_base.dtype), attention_mask=mask)
-        sums["clean_nll"], sums["nll_count"] = next_token_nll_sums(clean_logits, ids, mask)
-        sums["transformed_nll"], _ = next_token_nll_sums(t_logits, ids, mask)
-        sums.update(topk_agreement_sums(clean_logits, t_logits, mask))
+        clean_hidden = full_model.decoder(x_base, mask)[0]
+        t_hidden = full_model.decoder(out.x_t.astype(x_base.dtype), mask)[0]
+        sums.update(chunked_forward_sums(clean_hidden, t_hidden, full_model.head_matrix, ids, mask,
+                                         chunk=position_chunk))
     obfuscation = {m: obfuscation_per_sequence(out.x_t, ids, selected, embedding_table, metric=m)
                    for m in obfuscation_metrics}
     return {

@@ -381,9 +381,14 @@ class CausalLM(nnx.Module):
             return hidden
         return self._logits(hidden)
 
-    def _logits(self, hidden) -> jax.Array:
+    @property
+    def head_matrix(self) -> jax.Array:
+        """The (D, V) LM head in the compute dtype (the tied embedding's transpose when there is no head)."""
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.dot(hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return head.astype(self.dtype)
+
+    def _logits(self, hidden) -> jax.Array:
+        return jnp.dot(hidden, self.head_matrix, preferred_element_type=jnp.float32)
 
 
 __all__ = ["CausalLM", "DecoderConfig", "DecoderStack", "KVCache", "ModelLoadError", "init_kv_cache",

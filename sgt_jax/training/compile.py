@@ -25,10 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sgt_jax.training import hlo as hlo_lib
 from sgt_jax.config import ConfigError, SGTConfig
+from sgt_jax.data.batching import BATCH_KEYS
+from sgt_jax.models import CausalLM, DecoderConfig
+from sgt_jax.models.attention import target_backend
+from sgt_jax.models.hf import resolve_model_path
+from sgt_jax.training import hlo as hlo_lib
+from sgt_jax.training import optim, parallel
+from sgt_jax.training import step as step_lib
+from sgt_jax.training.trainer import Trainer, default_truncation_layer
+from sgt_jax.transform import objective
+from sgt_jax.transform.cloak import TransformerCloak
 
 log = logging.getLogger("sgt_jax.training.compile")
 
@@ -57,7 +67,6 @@ def topology_devices(name: Optional[str]) -> list:
     # libtpu otherwise warns about (and, with other processes using it, refuses) a machine that has no TPU.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
 
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
@@ -84,11 +93,6 @@ def _with_sharding(tree, shardings):
 def abstract_models(cfg: SGTConfig, mesh):
     """Abstract base (truncated as in training), full model for validation (or None) and cloak, from
     ``config.json`` alone: (base graphdef, base state, full graphdef, full state, cloak graphdef, cloak params)."""
-    from sgt_jax.training import parallel
-    from sgt_jax.transform.cloak import TransformerCloak
-    from sgt_jax.models import CausalLM, DecoderConfig
-    from sgt_jax.models.hf import resolve_model_path
-    from sgt_jax.training.trainer import default_truncation_layer
 
     model_dir = resolve_model_path(cfg.model.path)
     config = DecoderConfig.from_hf(model_dir)
@@ -113,16 +117,15 @@ def abstract_models(cfg: SGTConfig, mesh):
 
 
 def abstract_batch(cfg: SGTConfig, mesh, accum_steps: int, seq_len: int):
-    from sgt_jax.training import step as step_lib
-    from sgt_jax.data.batching import BATCH_KEYS
 
+    # data.batch_size is the global micro-batch: a training batch holds grad_accum_steps of them (as the data
+    # pipeline builds it), a validation batch one.
     rows = cfg.data.batch_size
-    if rows % (max(accum_steps, 1) * step_lib.batch_shards(mesh)):
-        raise ConfigError(f"data.batch_size={rows} does not split into optimizer.grad_accum_steps={accum_steps} "
-                          f"micro-batches over {step_lib.batch_shards(mesh)} data x fsdp devices; make it a multiple "
-                          f"of {accum_steps * step_lib.batch_shards(mesh)}.")
-    shape = (accum_steps, rows // accum_steps) if accum_steps else (rows,)
-    sharding = step_lib.batch_sharding(mesh, accumulated=bool(accum_steps))
+    if rows % parallel.batch_shards(mesh):
+        raise ConfigError(f"data.batch_size={rows} does not split over the {parallel.batch_shards(mesh)} data x fsdp "
+                          f"devices; make it a multiple of {parallel.batch_shards(mesh)}.")
+    shape = (accum_steps, rows) if accum_steps else (rows,)
+    sharding = parallel.batch_sharding(mesh, accumulated=bool(accum_steps))
     batch = {key: jax.ShapeDtypeStruct(shape + (seq_len,), jnp.int32, sharding=sharding) for key in BATCH_KEYS}
     batch["example_index"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
     return batch
@@ -147,11 +150,6 @@ def _compile(jitted, *args):
 def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[str, Any]:
     """Lower and compile the train step and the eval step exactly as :class:`sgt_jax.training.trainer.Trainer` builds
     them, over abstract inputs; returns the executables and the pieces the report needs."""
-    from sgt_jax.transform import objective
-    from sgt_jax.training import optim
-    from sgt_jax.training import parallel
-    from sgt_jax.training import step as step_lib
-    from sgt_jax.models.attention import target_backend
 
     mesh = parallel.make_mesh(cfg.mesh, devices=devices)
     with target_backend(devices[0].platform):
@@ -182,7 +180,6 @@ def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[st
 
 
 def _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def):
-    from sgt_jax.training.trainer import Trainer
 
 
     # The Trainer's own eval function, bound to the abstract pieces it reads.
@@ -228,7 +225,7 @@ def model_flops(cfg: SGTConfig, config, truncate_at_layer, seq_len: int) -> floa
     """Matmul FLOPs of one optimizer step (the 6·N·T convention plus attention scores): the cloak's two
     estimators and heads train (forward + backward = 3 passes); the frozen base runs forward on the clean and
     on the transformed input and backward to its input only (no weight gradients): 3 passes."""
-    tokens = cfg.data.batch_size * seq_len
+    tokens = cfg.data.batch_size * max(cfg.optimizer.grad_accum_steps, 1) * seq_len
     base_layers = config.num_hidden_layers if truncate_at_layer is None else truncate_at_layer + 1
     cloak_layers = int((cfg.cloak.estimator_kwargs or {}).get("num_hidden_layers", 1))
     d, heads, hd = config.hidden_size, config.num_attention_heads, config.head_dim
