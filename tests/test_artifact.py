@@ -46,6 +46,7 @@ def test_no_pickle_anywhere(artifact):
         assert not (len(head) == 2 and head[0] == 0x80 and head[1] in range(2, 6)), f"{path} looks like a pickle"
 
 
+@pytest.mark.slow
 def test_load_transform_equals_in_memory_cloak(artifact):
     directory, cloak = artifact
     sgt = StainedGlassTransform.load(directory)
@@ -109,6 +110,7 @@ def default_artifact(tmp_path_factory):
                          tokenizer=load_tokenizer(str(model_dir)), data_config=cfg.data), cfg
 
 
+@pytest.mark.slow
 def test_inference_noises_exactly_the_tokens_training_noised(default_artifact):
     from sgt_jax.data.formats import tokenize_examples
 
@@ -143,6 +145,7 @@ def test_inference_noises_exactly_the_tokens_training_noised(default_artifact):
 # ------------------------------------------------------------------ no debug seed in anything shipped
 
 
+@pytest.mark.slow
 def test_a_debug_seed_is_dropped_on_save_and_refused_on_load(tmp_path, caplog):
     model_dir = make_tiny_model_dir(tmp_path / "model", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                     num_attention_heads=4, num_key_value_heads=2, corpus_examples=50)

@@ -105,6 +105,7 @@ def test_fresh_noise_per_example_and_epoch():
     np.testing.assert_array_equal(again[0], first)  # and reproducible from the key
 
 
+@pytest.mark.slow
 def test_mi_limits_monotone_and_two_point_reference():
     from scipy import integrate, stats
 

@@ -171,6 +171,7 @@ def test_stochasticity_gradient_is_bounded_over_the_whole_range(model_dir, direc
 # ----------------------------------------------------------------------------------- randomness
 
 
+@pytest.mark.slow
 def test_keys_control_noise_and_dropout(model_dir):
     x, am, nm = _inputs()
     cloak = _randomize_heads(_cloak(model_dir))
@@ -246,6 +247,7 @@ def test_untransformed_and_padding_positions_pass_through_bit_for_bit(model_dir)
     np.testing.assert_array_equal(changed, ~np.asarray(keep))
 
 
+@pytest.mark.slow
 def test_percent_to_mask_replaces_the_top_sigma_features_with_mu(model_dir):
     x, _, _ = _inputs(batch=2, seq=5)
     am = jnp.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -335,6 +337,7 @@ def test_scale_from_embeddings_rule_of_thumb():
     np.testing.assert_allclose(hi, 10 * 5.0)
 
 
+@pytest.mark.slow
 def test_from_config_and_experts(model_dir):
     cfg = CloakConfig(config_path=str(model_dir), mean_num_experts=4, directly_learn_stds=False, seed=3,
                       estimator_kwargs={"num_hidden_layers": 2})

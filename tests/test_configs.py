@@ -80,6 +80,7 @@ def stand_ins(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LARGE))
 def test_large_model_config_builds_its_family(name, stand_ins):
     path = stand_ins[name]

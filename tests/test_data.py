@@ -61,7 +61,7 @@ def test_tokenizer_conventions_and_determinism(tok, tok_dir, tmp_path):
     assert open(os.path.join(tok_dir, "tokenizer.json")).read() == open(tmp_path / "tokenizer.json").read()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2 workers: slow
 def test_state_restore_is_exact(cfg, tok, workers):
     cfg.num_epochs = 2
     train, _ = build_datasets(cfg, tok, process_index=0, process_count=1, num_workers=workers)

@@ -97,6 +97,7 @@ def tiny_config(**overrides):
     return DecoderConfig(**{**fields, **overrides})
 
 
+@pytest.mark.slow
 def test_remat_policies_and_tied_head_give_identical_outputs():
     from flax import nnx
 

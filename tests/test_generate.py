@@ -233,6 +233,7 @@ def test_logits_processors_match_numpy_and_transformers():
     np.testing.assert_array_equal(np.asarray(greedy_scores), LOGITS)  # greedy: no warpers
 
 
+@pytest.mark.slow
 def test_artifact_generate_uses_the_protected_prompt(tmp_path):
     from sgt_jax.inference.artifact import StainedGlassTransform, save_artifact
     from sgt_jax.transform.cloak import TransformerCloak

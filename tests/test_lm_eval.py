@@ -77,6 +77,7 @@ def test_multiple_choice_task_end_to_end(setup, with_sgt):
     assert 0.0 <= acc <= 1.0
 
 
+@pytest.mark.slow
 def test_scoring_and_generation_requests(setup):
     """The three request types directly: context-only transform leaves the continuation's score finite,
     rolling sums windows, generate_until stops at a stop string."""

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from sgt_jax.models.moe import MoeMLP, load_balancing_loss, route_top_k
@@ -45,6 +46,7 @@ def test_aux_loss_hand_computed_and_ignores_padding():
     np.testing.assert_allclose(float(uniform), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_moe_forward_matches_per_token_reference():
     moe = MoeMLP(CFG, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 3, 8))

@@ -264,6 +264,7 @@ def test_moe_aux_loss_enters_the_objective(checkpoint, base_full):
     np.testing.assert_allclose(float(loss) - others, 0.5 * aux, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_short_training_run_lowers_the_loss_and_raises_sigma(checkpoint):
     """ssl on the base truncated at layer 1, the recommendations' priorities except weight=2: on this tiny random model
     the hidden state is so noise-sensitive that with weight=12 "no transform" is already near-optimal."""
