@@ -67,7 +67,6 @@ def topology_devices(name: Optional[str]) -> list:
     # libtpu otherwise warns about (and, with other processes using it, refuses) a machine that has no TPU.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except Exception as exc:  # noqa: BLE001 - libtpu missing or an unknown name: one line either way
@@ -93,7 +92,6 @@ def _with_sharding(tree, shardings):
 def abstract_models(cfg: SGTConfig, mesh):
     """Abstract base (truncated as in training), full model for validation (or None) and cloak, from
     ``config.json`` alone: (base graphdef, base state, full graphdef, full state, cloak graphdef, cloak params)."""
-
     model_dir = resolve_model_path(cfg.model.path)
     config = DecoderConfig.from_hf(model_dir)
     k = None
@@ -117,7 +115,6 @@ def abstract_models(cfg: SGTConfig, mesh):
 
 
 def abstract_batch(cfg: SGTConfig, mesh, accum_steps: int, seq_len: int):
-
     # data.batch_size is the global micro-batch: a training batch holds grad_accum_steps of them (as the data
     # pipeline builds it), a validation batch one.
     rows = cfg.data.batch_size
