@@ -100,10 +100,10 @@ def test_chunked_nll_equals_optax_on_full_logits_with_left_padding(chunk):
     mask[3, :] = 0  # an all-padding row
     hidden[3] = np.nan  # what a fully masked row may hold: must not reach the sum
     expected, count, _ = _reference_sums(np.nan_to_num(hidden), head, ids, mask)
-    nll, n = metrics.chunked_next_token_nll_sums(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(ids),
-                                                 jnp.asarray(mask), chunk=chunk)
-    assert float(n) == count == 15 + 10
-    np.testing.assert_allclose(float(nll), expected, rtol=2e-5)
+    sums = metrics.chunked_forward_sums(jnp.asarray(hidden), jnp.asarray(hidden), jnp.asarray(head),
+                                        jnp.asarray(ids), jnp.asarray(mask), chunk=chunk)
+    assert float(sums["nll_count"]) == count == 15 + 10
+    np.testing.assert_allclose([float(sums["clean_nll"]), float(sums["transformed_nll"])], [expected] * 2, rtol=2e-5)
 
 
 def test_chunked_nll_response_only_masks_and_full_logit_version_agree():
@@ -118,10 +118,12 @@ def test_chunked_nll_response_only_masks_and_full_logit_version_agree():
     target = context * (np.arange(11) >= 6)
     full = metrics.next_token_nll_sums(jnp.asarray(hidden) @ jnp.asarray(head), jnp.asarray(ids), jnp.asarray(target),
                                        jnp.asarray(context))
-    chunked = metrics.chunked_next_token_nll_sums(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(ids),
-                                                  jnp.asarray(target), jnp.asarray(context), chunk=4)
-    assert float(chunked[1]) == float(full[1]) == 3 * 5
-    np.testing.assert_allclose(float(chunked[0]), float(full[0]), rtol=2e-5)
+    chunked = metrics.chunked_forward_sums(jnp.asarray(hidden), jnp.asarray(hidden), jnp.asarray(head),
+                                           jnp.asarray(ids), jnp.asarray(context), target_mask=jnp.asarray(target),
+                                           chunk=4)
+    assert float(chunked["nll_count"]) == float(full[1]) == 3 * 5
+    np.testing.assert_allclose(float(chunked["clean_nll"]), float(full[0]), rtol=2e-5)
+    assert float(chunked["agreement_count"]) == context.sum()  # agreement is over every real token
 
 
 def test_chunked_forward_sums_equal_full_logit_metrics():

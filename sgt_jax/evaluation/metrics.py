@@ -78,31 +78,19 @@ def _sum_over_position_chunks(body, arrays, chunk: int):
     return jax.tree.map(lambda x: jnp.sum(x, axis=0), outs)
 
 
-def chunked_next_token_nll_sums(
-    hidden: jax.Array, head: jax.Array, input_ids: jax.Array, target_mask: jax.Array,
-    context_mask: jax.Array | None = None, *, chunk: int = POSITION_CHUNK,
-) -> tuple[jax.Array, jax.Array]:
-    """:func:`next_token_nll_sums` of ``logits = hidden @ head`` without the (B, S, V) logits: the head's matmul,
-    the log-softmax and the NLL run over ``chunk`` positions at a time. ``hidden`` (B, S, D) is the model's final
-    (normed) hidden state, ``head`` its (D, V) LM head; the logits accumulate in float32."""
-    context_mask = target_mask if context_mask is None else context_mask
-    targets, pairs = _shifted_targets(input_ids, target_mask, context_mask)
-
-    def body(chunk_arrays):
-        h, t, m = chunk_arrays
-        return _nll_sum(_head_logits(h, head), t, m)
-
-    return _sum_over_position_chunks(body, (hidden, targets, pairs), chunk), jnp.sum(pairs.astype(jnp.float32))
-
-
 def chunked_forward_sums(
     clean_hidden: jax.Array, transformed_hidden: jax.Array, head: jax.Array, input_ids: jax.Array,
-    mask: jax.Array, *, ks: Sequence[int] = (1, 5), chunk: int = POSITION_CHUNK,
+    mask: jax.Array, *, target_mask: jax.Array | None = None, ks: Sequence[int] = (1, 5),
+    chunk: int = POSITION_CHUNK,
 ) -> dict[str, jax.Array]:
     """The forward validation's logit metrics in one pass over position chunks: next-token NLL sums of the clean
     and the transformed input (``clean_nll``, ``transformed_nll``, ``nll_count``) and the top-k agreement sums
-    of :func:`topk_agreement_sums`, from final hidden states and the LM head, one chunk of logits at a time."""
-    targets, pairs = _shifted_targets(input_ids, mask, mask)
+    of :func:`topk_agreement_sums`, from final (normed) hidden states (B, S, D) and the (D, V) LM head, one chunk
+    of float32 logits at a time: the (B, S, V) logits never exist whole.
+
+    ``mask`` (B, S) marks the real tokens; the NLL scores token n+1 where ``target_mask`` (default ``mask``; e.g.
+    the response tokens only) is set and its context token n is real, as :func:`next_token_nll_sums`."""
+    targets, pairs = _shifted_targets(input_ids, mask if target_mask is None else target_mask, mask)
 
     def body(chunk_arrays):
         hc, ht, t, p, m = chunk_arrays
