@@ -192,7 +192,7 @@ def _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def):
         return _compile(eval_jit, result["state"].params, result["base_state"], full_state, eval_batch, key)
 
 
-def _tree_bytes(tree, mesh) -> int:
+def tree_bytes(tree) -> int:
     """Per-device bytes of an abstract, sharded tree (the largest shard of each leaf)."""
     total = 0
     for x in jax.tree.leaves(tree):
@@ -253,8 +253,8 @@ def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> di
     train = step_report(result["train"], result["train_seconds"])
     evaluate = step_report(result["eval"], result["eval_seconds"]) if result["eval"] is not None else None
     # While training, the full model that validation uses stays loaded next to the train step's buffers.
-    full_bytes = _tree_bytes(result["full_state"], mesh) if result["full_state"] is not None else 0
-    opt_bytes = _tree_bytes(result["state"].opt_state, mesh)
+    full_bytes = tree_bytes(result["full_state"]) if result["full_state"] is not None else 0
+    opt_bytes = tree_bytes(result["state"].opt_state)
     needed = max(train["memory"]["total"] + full_bytes,
                  evaluate["memory"]["total"] + opt_bytes if evaluate else 0)
     flops = model_flops(cfg, result["config"], result["truncate_at_layer"], result["seq_len"])
@@ -266,8 +266,8 @@ def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> di
         "batch_size": cfg.data.batch_size, "grad_accum_steps": cfg.optimizer.grad_accum_steps,
         "hbm_bytes_per_device": hbm, "margin": HBM_MARGIN, "needed_bytes_per_device": needed,
         "fits": needed <= (1 - HBM_MARGIN) * hbm,
-        "base_argument_bytes_per_device": _tree_bytes(result["base_state"], mesh),
-        "state_argument_bytes_per_device": _tree_bytes(result["state"], mesh),
+        "base_argument_bytes_per_device": tree_bytes(result["base_state"]),
+        "state_argument_bytes_per_device": tree_bytes(result["state"]),
         "full_model_bytes_per_device": full_bytes,
         "model_flops_per_step": flops, "estimated_step_seconds": est,
         "estimated_mfu": mfu, "train_step": train, "eval_step": evaluate,
@@ -322,4 +322,4 @@ def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path:
 
 
 __all__ = ["CHIPS", "CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "compile_only",
-           "compile_steps", "format_table", "model_flops", "topology_devices"]
+           "compile_steps", "format_table", "model_flops", "topology_devices", "tree_bytes"]
