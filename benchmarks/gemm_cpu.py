@@ -22,10 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: do not probe for a TPU when libtpu is installed
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

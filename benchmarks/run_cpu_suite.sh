@@ -2,7 +2,8 @@
 # The CPU measurements recorded in benchmarks/README.md (2-core CPU; results/*.json, one per run).
 set -u
 cd "$(dirname "$0")/.."
-PY=${PY:-/work/venv/bin/python}
+PY=${PY:-python}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}  # CPU numbers: do not probe for a TPU when libtpu is installed
 R=benchmarks/results
 SMALL="--shape small --batch 4 --seq 128 --base-layers 13 --estimator-layers 1 --dtype float32 --steps 3"
 b() { name=$1; shift; echo "== $name: $*"; $PY -m sgt_jax.bench "$@" --out $R/$name.json > /dev/null 2>&1 || echo "FAILED $name"; }
@@ -29,6 +30,14 @@ for th in 1 2; do for dt in float32 bfloat16; do
   $PY benchmarks/torch_reference.py --shape small --batch 4 --seq 128 --base-layers 13 --dtype $dt --steps 3 \
       --torch-threads $th --compare --out $R/torch_vs_ours_${dt}_t${th}.json 2>&1 | grep "pytorch:\|sgt_jax:"
 done; done
+# the grid: batch 4 / 8 / 16 x 4 and 13 kept layers, float32, PyTorch at 2 threads (both use both cores)
+for layers in 4 13; do for batch in 4 8 16; do
+  echo "== torch_grid_b${batch}_l${layers}"
+  $PY benchmarks/torch_reference.py --shape small --batch $batch --seq 128 --base-layers $layers --dtype float32 \
+      --steps 5 --torch-threads 2 --compare --out $R/torch_grid_b${batch}_l${layers}.json 2>&1 | grep "pytorch:\|sgt_jax:"
+done; done
+# the GEMMs of one layer at those rows (batch x 128): XLA:CPU against PyTorch's (oneDNN / MKL) matmul
+$PY benchmarks/gemm_cpu.py --shape small --rows 512 1024 2048 --torch-threads 2 --out $R/gemm_cpu_small.json
 # the same at the tiny default shape (the target's "tiny shapes")
 for th in 1 2; do for dt in float32 bfloat16; do
   echo "== torch_vs_ours_tiny_${dt}_t${th}"

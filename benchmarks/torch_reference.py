@@ -1,6 +1,6 @@
 """A PyTorch reference of the same SGT train step, and a side-by-side run against ``sgt_jax.bench``.
 
-    /work/venv/bin/python benchmarks/torch_reference.py --shape small --batch 4 --seq 128 \
+    python benchmarks/torch_reference.py --shape small --batch 4 --seq 128 \
         --base-layers 13 --estimator-layers 1 --dtype float32 --compare
 
 Base: transformers ``LlamaModel`` with the K kept layers (eager attention, frozen: ``requires_grad_(False)``,

@@ -104,6 +104,22 @@ def test_compile_only_cli_on_cpu_for_the_tiny_config(tmp_path, capsys):
     assert "train_step" in capsys.readouterr().out
 
 
+def test_topologies_give_one_device_per_chip_with_the_chips_hbm():
+    """v4 and v5p (two TensorCores a chip) as JAX runs them, megacore: 8 devices for 2x2x2, each with the chip's
+    32 / 95 GiB; v5e: 16 single-core chips of 16 GiB. Per-core devices get their share of the chip."""
+    from types import SimpleNamespace
+
+    from sgt_jax.training import compile as compile_lib
+
+    gib = 2**30
+    for name, count, hbm in (("v4:2x2x2", 8, 32 * gib), ("v5p:2x2x2", 8, 95 * gib), ("v5e:4x4", 16, 16 * gib)):
+        devices = compile_lib.topology_devices(name)
+        assert len(devices) == count, name
+        assert compile_lib.chip_spec(devices)[0] == hbm, name
+    cores = [SimpleNamespace(platform="tpu", device_kind="TPU v4", core_on_chip=c) for c in (0, 1)]
+    assert compile_lib.chip_spec(cores) == (16 * gib, 275e12 / 2)
+
+
 def test_configuration_that_cannot_fit_exits_3_with_one_line(small_dir, capsys):
     """data.batch_size 512 at sequence 2048 on v5e:2x2 (16 GiB chips): exit 3 and one error line with bytes."""
     from sgt_jax.train import main

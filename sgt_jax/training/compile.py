@@ -68,21 +68,29 @@ def topology_devices(name: Optional[str]) -> list:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+        try:  # v4 and v5p chips have two TensorCores: one device per chip (megacore), as JAX runs them
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="megacore")
+        except Exception:  # noqa: BLE001 - single-core chips (v5e, v6e) have no megacore configuration
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
+        return list(desc.devices)
     except Exception as exc:  # noqa: BLE001 - libtpu missing or an unknown name: one line either way
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--topology {name!r} cannot be compiled for ({first[:160]}); install the TPU compiler "
                           "with `pip install sgt_jax[tpu]` and use a name like v5e:4x4, v4:2x2x2 or v5p:2x2x2.")
 
 
-def chip_spec(device) -> tuple[int, Optional[float]]:
-    """(HBM bytes, peak bf16 FLOP/s or None) of one device; the host's memory for a CPU device."""
+def chip_spec(devices) -> tuple[int, Optional[float]]:
+    """(HBM bytes, peak bf16 FLOP/s or None) of one device; the host's memory for CPU devices. Where each
+    TensorCore of a chip is its own device (v4 / v5p without megacore), a device has its share of the chip."""
+    device = devices[0]
     if device.platform == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
     if device.device_kind not in CHIPS:
         raise ConfigError(f"unknown chip {device.device_kind!r}: its HBM is not in sgt_jax.training.compile.CHIPS; "
                           "compile for v4, v5e, v5p or v6e.")
-    return CHIPS[device.device_kind]
+    hbm, peak = CHIPS[device.device_kind]
+    cores = len({getattr(d, "core_on_chip", 0) for d in devices})
+    return hbm // cores, peak / cores
 
 
 def _with_sharding(tree, shardings):
@@ -249,7 +257,7 @@ def step_report(compiled, seconds: float) -> dict[str, Any]:
 
 def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> dict[str, Any]:
     mesh = result["mesh"]
-    hbm, peak = chip_spec(devices[0])
+    hbm, peak = chip_spec(devices)
     train = step_report(result["train"], result["train_seconds"])
     evaluate = step_report(result["eval"], result["eval_seconds"]) if result["eval"] is not None else None
     # While training, the full model that validation uses stays loaded next to the train step's buffers.
@@ -260,6 +268,8 @@ def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> di
     flops = model_flops(cfg, result["config"], result["truncate_at_layer"], result["seq_len"])
     est = train["estimated_seconds"]
     mfu = flops / (est * len(devices) * peak) if est and peak else None
+    if mfu is not None and mfu > 1:  # XLA's roofline cannot price this program (its loops): not an estimate
+        est, mfu = None, None
     return {
         "topology": topology or f"local {devices[0].platform}", "chip": devices[0].device_kind,
         "devices": len(devices), "mesh": dict(mesh.shape), "seq_len": result["seq_len"],
@@ -322,4 +332,4 @@ def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path:
 
 
 __all__ = ["CHIPS", "CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "compile_only",
-           "compile_steps", "format_table", "model_flops", "topology_devices", "tree_bytes"]
+           "chip_spec", "compile_steps", "format_table", "model_flops", "topology_devices", "tree_bytes"]
