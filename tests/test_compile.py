@@ -12,6 +12,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import cpu_heavy_lock
+
 import libtpu  # noqa: E402,F401  (the test extra installs it: its absence must fail, not skip the TPU compiles)
 
 # Every test here runs libtpu's compiler (a minute or more each on 2 cores): outside the contributors' inner loop.
@@ -214,7 +216,8 @@ def recipe(request, tmp_path_factory):
 
     cfg = _recipe_config(tmp_path_factory, request.param)
     devices = compile_lib.topology_devices("v5e:4x4")
-    result = compile_lib.compile_steps(cfg, devices)
+    with cpu_heavy_lock(tmp_path_factory):
+        result = compile_lib.compile_steps(cfg, devices)
     report = compile_lib.build_report(cfg, "v5e:4x4", devices, result)
     # The numbers benchmarks/README.md records (shown with pytest -rP).
     print(compile_lib.format_table(report))
