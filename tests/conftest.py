@@ -10,7 +10,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-
 def cpu_heavy_lock(tmp_path_factory):
     """Held around the 7B TPU compiles and the two-host launches so that they never run at the same time on
     different pytest-xdist workers: side by side on a 2-core machine the compile starves the two hosts' gloo
