@@ -90,8 +90,27 @@ def cached_dot_product_attention(query, key_cache, value_cache, padding_mask, qu
     return _xla_attention(query, key_cache, value_cache, mask, scale)
 
 
+# Query blocks of the XLA kernel on long sequences: each block's (B, K, G, block, S) scores are recomputed in
+# the backward instead of kept, so training holds one block's scores instead of S x S per head.
+QUERY_BLOCK = 512
+
+
 def _xla_attention(query, key, value, mask, scale):
-    """Plain dot-product attention with the softmax in float32 (the reference kernel, also for the fp32 cloak)."""
+    """Exact dot-product attention with the softmax in float32 (the reference kernel, also for the fp32 cloak).
+    Sequences longer than ``QUERY_BLOCK`` run in blocks of queries, each over every key (no online softmax:
+    the same arithmetic per query row), rematerialised in the backward."""
+    q_len = query.shape[1]
+    if q_len <= QUERY_BLOCK or q_len % QUERY_BLOCK or mask.shape[2] != q_len:
+        return _attention_block(query, key, value, mask, scale)
+    blocks = q_len // QUERY_BLOCK
+    split = lambda x, axis: jnp.moveaxis(x.reshape(x.shape[:axis] + (blocks, QUERY_BLOCK) + x.shape[axis + 1:]),  # noqa: E731
+                                         axis, 0)
+    block = jax.checkpoint(lambda q, m: _attention_block(q, key, value, m, scale), prevent_cse=False)
+    out = jax.lax.map(lambda qm: block(*qm), (split(query, 1), split(mask, 2)))
+    return jnp.moveaxis(out, 0, 1).reshape(query.shape[:3] + (value.shape[-1],))
+
+
+def _attention_block(query, key, value, mask, scale):
     num_heads, num_kv_heads = query.shape[2], key.shape[2]
     batch, q_len, _, head_dim = query.shape
     # Group queries by their shared kv head (GQA) instead of repeating k/v in memory.
