@@ -36,8 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the train and eval steps ahead of time (no weights read, nothing allocated), "
                         "report per-device memory, collectives and XLA's step-time estimate; exit 3 if it does not fit")
-    parser.add_argument("--topology", help="with --compile-only: a TPU slice to compile for on this machine, e.g. "
-                        "v5e:4x4, v4:2x2x2, v5p:2x2x2 (needs the tpu extra); default: the local devices")
+    parser.add_argument("--topology", help="with --compile-only: what to compile for on this machine (no TPU or GPU "
+                        "needed), a TPU slice such as v5e:4x4, v4:2x2x2, v5p:2x2x2 (needs the tpu extra) or GPU nodes "
+                        "as <chip>:<gpus> or <chip>:<hosts>x<gpus>, e.g. h100:8, h100:2x8, a100-80g:8, a100-40g:8 "
+                        "(needs the gpu extra); the config file's tpu: or gpu: block applies; default: the local "
+                        "devices")
     parser.add_argument("--compile-report", help="with --compile-only: also write the JSON report to this path")
     return parser
 
@@ -51,7 +54,9 @@ def _parse(argv: Optional[Sequence[str]] = None) -> tuple[SGTConfig, argparse.Na
     args = parser.parse_args(argv)
     if (args.topology or args.compile_report) and not args.compile_only:
         parser.error("--topology and --compile-report need --compile-only")
-    return config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides), args
+    # A topology's platform picks the config file's platform block; a run's is this machine's.
+    platform = compile_lib.topology_platform(args.topology) if args.topology else None
+    return config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides, platform=platform), args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,20 +1,23 @@
-"""Ahead-of-time compilation of the real train and eval steps for a TPU slice, on any machine (``--compile-only``).
+"""Ahead-of-time compilation of the real train and eval steps for a TPU slice or GPU nodes, on any machine
+(``--compile-only``).
 
-JAX can compile for a TPU topology without TPUs (with ``libtpu`` installed: the ``tpu`` extra): the mesh is
+JAX can compile for a TPU topology without TPUs (with ``libtpu`` installed: the ``tpu`` extra), and for NVIDIA
+GPUs without a GPU (with the CUDA plugin and cuDNN installed: the ``gpu`` extra; the GPU is described to XLA's
+compiler by :func:`sgt_jax.training.chips.gpu_target_config`). The local backend becomes the CPU, the mesh is
 built over the topology's devices, every input is a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``,
-and ``.lower(...).compile()`` runs the TPU compiler, Mosaic kernels (splash attention) included. Nothing is
-allocated and no weight is read: the models are built from ``config.json`` with ``nnx.eval_shape``. The
-compiled executables' memory analysis says whether a configuration fits the chips before a slice is
-rented (the check MaxText's ``train_compile.py`` makes); the cost analysis gives XLA's step-time estimate.
+and ``.lower(...).compile()`` runs the TPU or GPU compiler, the attention kernels (splash, cuDNN) included.
+Nothing is allocated and no weight is read: the models are built from ``config.json`` with
+``nnx.eval_shape``. The compiled executables' memory analysis says whether a configuration fits the chips
+before a slice or node is rented (the check MaxText's ``train_compile.py`` makes); XLA's GPU compiler
+compiles a program over its memory without complaint, so the fit is always judged from that analysis.
 
-Without ``--topology`` the steps are compiled for the local backend (CPU), which works anywhere.
+Without ``--topology`` the steps are compiled for the local backend, which works anywhere.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -25,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgt_jax.config import ConfigError, SGTConfig
@@ -36,6 +38,7 @@ from sgt_jax.models.hf import resolve_model_path
 from sgt_jax.training import hlo as hlo_lib
 from sgt_jax.training import optim, parallel
 from sgt_jax.training import step as step_lib
+from sgt_jax.training.topology import chip_spec, topology_devices, topology_platform
 from sgt_jax.training.trainer import Trainer, default_truncation_layer
 from sgt_jax.transform import objective
 from sgt_jax.transform.cloak import TransformerCloak
@@ -43,14 +46,6 @@ from sgt_jax.transform.cloak import TransformerCloak
 log = logging.getLogger("sgt_jax.training.compile")
 
 GiB = 1 << 30
-# Per-chip HBM and peak dense bf16 FLOP/s (public TPU specifications), by the device_kind JAX reports.
-CHIPS = {
-    "TPU v4": (32 * GiB, 275e12),
-    "TPU v5 lite": (16 * GiB, 197e12),
-    "TPU v5": (95 * GiB, 459e12),  # v5p
-    "TPU v5p": (95 * GiB, 459e12),
-    "TPU v6 lite": (32 * GiB, 918e12),
-}
 # Head-room kept free of the compiler's estimate (fragmentation, the runtime's own buffers, host transfers).
 HBM_MARGIN = 0.10
 FIT_EXIT_CODE = 3
@@ -58,39 +53,6 @@ FIT_EXIT_CODE = 3
 
 class CompileFitError(Exception):
     """The configuration does not fit the chips' memory; the one-line message gives the bytes."""
-
-
-def topology_devices(name: Optional[str]) -> list:
-    """The devices of a TPU topology such as ``v5e:4x4`` (no TPU needed), or the local devices for None."""
-    if name is None:
-        return list(jax.devices())
-    # libtpu otherwise warns about (and, with other processes using it, refuses) a machine that has no TPU.
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        try:  # v4 and v5p chips have two TensorCores: one device per chip (megacore), as JAX runs them
-            desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="megacore")
-        except Exception:  # noqa: BLE001 - single-core chips (v5e, v6e) have no megacore configuration
-            desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
-        return list(desc.devices)
-    except Exception as exc:  # noqa: BLE001 - libtpu missing or an unknown name: one line either way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--topology {name!r} cannot be compiled for ({first[:160]}); install the TPU compiler "
-                          "with `pip install sgt_jax[tpu]` and use a name like v5e:4x4, v4:2x2x2 or v5p:2x2x2.")
-
-
-def chip_spec(devices) -> tuple[int, Optional[float]]:
-    """(HBM bytes, peak bf16 FLOP/s or None) of one device; the host's memory for CPU devices. Where each
-    TensorCore of a chip is its own device (v4 / v5p without megacore), a device has its share of the chip."""
-    device = devices[0]
-    if device.platform == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
-    if device.device_kind not in CHIPS:
-        raise ConfigError(f"unknown chip {device.device_kind!r}: its HBM is not in sgt_jax.training.compile.CHIPS; "
-                          "compile for v4, v5e, v5p or v6e.")
-    hbm, peak = CHIPS[device.device_kind]
-    cores = len({getattr(d, "core_on_chip", 0) for d in devices})
-    return hbm // cores, peak / cores
 
 
 def _with_sharding(tree, shardings):
@@ -331,5 +293,6 @@ def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path:
     return 0
 
 
-__all__ = ["CHIPS", "CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "compile_only",
-           "chip_spec", "compile_steps", "format_table", "model_flops", "topology_devices", "tree_bytes"]
+__all__ = ["CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "compile_only",
+           "chip_spec", "compile_steps", "format_table", "model_flops", "topology_devices", "topology_platform",
+           "tree_bytes"]

@@ -189,10 +189,10 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    # The splash kernel's custom VJP does not carry the varying-manual-axes types, so with splash the region
-    # runs untyped: no automatic psum is inserted for the invariant parameters then (nothing to pcast), and the
-    # reductions after the scan are the same either way.
-    check_vma = nnx.merge(base_def, base_state).decoder.layers.attention.attention_impl != "splash"
+    # The splash and cuDNN kernels' custom VJPs do not carry the varying-manual-axes types, so with them the
+    # region runs untyped: no automatic psum is inserted for the invariant parameters then (nothing to pcast),
+    # and the reductions after the scan are the same either way.
+    check_vma = nnx.merge(base_def, base_state).decoder.layers.attention.attention_impl not in ("splash", "cudnn")
 
     def local(params, base_state, batch):
         if axes and check_vma:
@@ -289,8 +289,13 @@ def make_train_step(
 def jit_train_step(train_step, *, mesh, state_sharding, base_sharding):
     batch_in = batch_sharding(mesh, accumulated=True)
     replicated = NamedSharding(mesh, P())
+
+    def under_mesh(state, base_state, batch):  # traced with the mesh in context (as the eval step): the
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # attention kernels' shard_map finds it
+            return train_step(state, base_state, batch)
+
     return jax.jit(
-        train_step,
+        under_mesh,
         in_shardings=(state_sharding, base_sharding, batch_in),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
