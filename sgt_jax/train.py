@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(needs the gpu extra); the config file's tpu: or gpu: block applies; default: the local "
                         "devices")
     parser.add_argument("--compile-report", help="with --compile-only: also write the JSON report to this path")
+    parser.add_argument("--max-tokens", action="store_true",
+                        help="with --compile-only: also find the largest number of tokens per device that fits (rows "
+                        "of the micro-batch at the config's sequence length; three to five more compiles)")
     return parser
 
 
@@ -52,8 +55,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
 def _parse(argv: Optional[Sequence[str]] = None) -> tuple[SGTConfig, argparse.Namespace]:
     parser = _parser()
     args = parser.parse_args(argv)
-    if (args.topology or args.compile_report) and not args.compile_only:
-        parser.error("--topology and --compile-report need --compile-only")
+    if (args.topology or args.compile_report or args.max_tokens) and not args.compile_only:
+        parser.error("--topology, --compile-report and --max-tokens need --compile-only")
     # A topology's platform picks the config file's platform block; a run's is this machine's.
     platform = compile_lib.topology_platform(args.topology) if args.topology else None
     return config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides, platform=platform), args
@@ -75,7 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _compile_only(cfg: SGTConfig, args: argparse.Namespace) -> int:
     """The --compile-only report; its own exit code when the step does not fit the devices."""
     try:
-        compile_lib.compile_only(cfg, topology=args.topology, report_path=args.compile_report)
+        compile_lib.compile_only(cfg, topology=args.topology, report_path=args.compile_report,
+                                 max_tokens=args.max_tokens)
     except compile_lib.CompileFitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return compile_lib.FIT_EXIT_CODE

@@ -16,6 +16,7 @@ Without ``--topology`` the steps are compiled for the local backend, which works
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -134,7 +135,7 @@ def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[st
         optimizer=optimizer, mesh=mesh, hidden_size=config.hidden_size,
         learning_rate_fn=optim.make_schedule(cfg.optimizer, steps))
     jitted = step_lib.jit_train_step(train_step, mesh=mesh, state_sharding=state_sharding, base_sharding=base_sharding)
-    seq_len = min(max(cfg.data.buckets), cfg.data.max_length) if cfg.data.buckets else cfg.data.max_length
+    seq_len = step_seq_len(cfg)
     accum = cfg.optimizer.grad_accum_steps
     train_batch = abstract_batch(cfg, mesh, accum, seq_len)
     train, train_s = _compile(jitted, state, base_state, train_batch)
@@ -144,6 +145,21 @@ def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[st
     if with_eval:
         result["eval"], result["eval_seconds"] = _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def)
     return result
+
+
+def step_seq_len(cfg: SGTConfig) -> int:
+    """The sequence length a configuration's steps are compiled for: its longest bucket (or max_length)."""
+    return min(max(cfg.data.buckets), cfg.data.max_length) if cfg.data.buckets else cfg.data.max_length
+
+
+def needed_bytes(result) -> int:
+    """Per-device bytes a configuration needs: the train step, or a validation — the eval step next to the
+    optimizer state, which is no argument of it. The full model that validation uses waits in host memory
+    while training (``Trainer.full_model_on_devices``): it is an argument of the eval step only."""
+    train = memory(result["train"])["total"]
+    if result["eval"] is None:
+        return train
+    return max(train, memory(result["eval"])["total"] + tree_bytes(result["state"].opt_state))
 
 
 def _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def):
@@ -222,11 +238,8 @@ def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> di
     hbm, peak = chip_spec(devices)
     train = step_report(result["train"], result["train_seconds"])
     evaluate = step_report(result["eval"], result["eval_seconds"]) if result["eval"] is not None else None
-    # While training, the full model that validation uses stays loaded next to the train step's buffers.
     full_bytes = tree_bytes(result["full_state"]) if result["full_state"] is not None else 0
-    opt_bytes = tree_bytes(result["state"].opt_state)
-    needed = max(train["memory"]["total"] + full_bytes,
-                 evaluate["memory"]["total"] + opt_bytes if evaluate else 0)
+    needed = needed_bytes(result)
     flops = model_flops(cfg, result["config"], result["truncate_at_layer"], result["seq_len"])
     est = train["estimated_seconds"]
     mfu = flops / (est * len(devices) * peak) if est and peak else None
@@ -240,7 +253,7 @@ def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> di
         "fits": needed <= (1 - HBM_MARGIN) * hbm,
         "base_argument_bytes_per_device": tree_bytes(result["base_state"]),
         "state_argument_bytes_per_device": tree_bytes(result["state"]),
-        "full_model_bytes_per_device": full_bytes,
+        "full_model_host_bytes_per_device": full_bytes,
         "model_flops_per_step": flops, "estimated_step_seconds": est,
         "estimated_mfu": mfu, "train_step": train, "eval_step": evaluate,
     }
@@ -273,16 +286,76 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path: Optional[str] = None) -> int:
+# The largest number of tokens per chip a configuration fits (--compile-only --max-tokens).
+#
+# A train step's memory grows with the rows of the micro-batch, close to linearly (XLA reuses more buffers at
+# large batches, so a line through small batches over-predicts). The search compiles the configuration's own
+# rows per device r0 and 2 r0 (train step only), then proposes the rows where the line through the two
+# latest points meets the budget (HBM less the margin) and, once a proposal has not fitted, the middle of the
+# gap; it compiles both steps there and keeps the largest row count that fitted and the smallest that did
+# not, until they are within 5% (or one row) of each other or four proposals are spent. The
+# answer is rows per device per micro-batch at the configuration's sequence length: tokens per chip are
+# ``rows * seq_len`` (gradient accumulation multiplies an optimizer step's tokens, not its memory).
+
+
+def _needed(cfg: SGTConfig, devices, rows: int, shards: int, *, with_eval: bool) -> int:
+    data = dataclasses.replace(cfg.data, batch_size=rows * shards)
+    result = compile_steps(dataclasses.replace(cfg, data=data), devices, with_eval=with_eval)
+    return needed_bytes(result)
+
+
+def largest_fitting_rows(cfg: SGTConfig, devices, *, max_checks: int = 4) -> dict[str, Any]:
+    """Rows per device per micro-batch (and tokens per device) that fit, searched as the comment above says;
+    ``rows_per_device`` is 0 when not even one row fits or no compile confirmed one."""
+    mesh = parallel.make_mesh(cfg.mesh, devices=devices)
+    shards = parallel.batch_shards(mesh)
+    budget = (1 - HBM_MARGIN) * chip_spec(devices)[0]
+    r0 = max(1, cfg.data.batch_size // shards)
+    points = [(r, _needed(cfg, devices, r, shards, with_eval=False)) for r in (r0, 2 * r0)]
+    fits, fails = 0, None
+    for _ in range(max_checks):
+        (ra, ma), (rb, mb) = points[-2:]
+        slope = max((mb - ma) / (rb - ra), 1.0) if rb != ra else max(mb / rb, 1.0)
+        # The line through the two latest points until a compile has not fitted; then halve the gap.
+        rows = int(rb + (budget - mb) // slope) if fails is None else (fits + fails) // 2
+        rows = max(fits + 1, rows)
+        if fails is not None and rows >= fails:
+            break
+        needed = _needed(cfg, devices, rows, shards, with_eval=True)
+        log.info("%d rows per device need %.2f GiB of %.2f GiB", rows, needed / 2**30, budget / 2**30)
+        points.append((rows, needed))
+        if needed <= budget:
+            fits = rows
+        else:
+            fails = rows
+        if fails is not None and fails - fits <= max(1, fits // 20):
+            break
+    (ra, ma), (rb, mb) = points[:2]
+    seq_len = step_seq_len(cfg)
+    return {"rows_per_device": fits, "tokens_per_device": fits * seq_len, "seq_len": seq_len,
+            "first_row_fails": fails, "bytes_per_row": int((mb - ma) / (rb - ra)), "budget_bytes": int(budget),
+            "compiles": len(points)}
+
+
+def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path: Optional[str] = None,
+                 max_tokens: bool = False) -> int:
     """The ``--compile-only`` entry point: compile, print the table and the JSON report, and return 0 when the
-    configuration fits (raises :class:`CompileFitError` otherwise)."""
+    configuration fits (raises :class:`CompileFitError` otherwise). ``max_tokens``: also find the largest number
+    of tokens per device that fits (:func:`largest_fitting_rows`, three to five more compiles)."""
     devices = topology_devices(topology)
     result = compile_steps(cfg, devices)
     report = build_report(cfg, topology, devices, result)
+    if max_tokens:
+        report["capacity"] = largest_fitting_rows(cfg, devices)
     text = json.dumps(report, indent=1, default=str)
     if report_path:
         Path(report_path).write_text(text)
     print(format_table(report), flush=True)
+    if max_tokens:
+        cap = report["capacity"]
+        print(f"largest micro-batch that fits: {cap['rows_per_device']} rows x {cap['seq_len']} tokens = "
+              f"{cap['tokens_per_device']:,} tokens per device ({cap['compiles']} compiles; "
+              f"{cap['bytes_per_row'] / GiB:.2f} GiB per row at small batches)", flush=True)
     print(text, flush=True)
     if not report["fits"]:
         raise CompileFitError(
@@ -294,5 +367,6 @@ def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path:
 
 
 __all__ = ["CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "compile_only",
-           "chip_spec", "compile_steps", "format_table", "model_flops", "topology_devices", "topology_platform",
+           "chip_spec", "compile_steps", "format_table", "largest_fitting_rows", "model_flops", "needed_bytes",
+           "step_seq_len", "topology_devices", "topology_platform",
            "tree_bytes"]

@@ -23,6 +23,7 @@ noise as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.struct
@@ -290,6 +291,7 @@ def jit_train_step(train_step, *, mesh, state_sharding, base_sharding):
     batch_in = batch_sharding(mesh, accumulated=True)
     replicated = NamedSharding(mesh, P())
 
+    @functools.wraps(train_step)  # the compiled program keeps the name train_step
     def under_mesh(state, base_state, batch):  # traced with the mesh in context (as the eval step): the
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # attention kernels' shard_map finds it
             return train_step(state, base_state, batch)
