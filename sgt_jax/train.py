@@ -54,7 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
 
 def _parse(argv: Optional[Sequence[str]] = None) -> tuple[SGTConfig, argparse.Namespace]:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come after key=value overrides
     if (args.topology or args.compile_report or args.max_tokens) and not args.compile_only:
         parser.error("--topology, --compile-report and --max-tokens need --compile-only")
     # A topology's platform picks the config file's platform block; a run's is this machine's.

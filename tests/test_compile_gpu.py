@@ -168,3 +168,24 @@ def test_a_device_of_an_unknown_chip_is_a_one_line_user_error():
     with pytest.raises(SGTError) as info:
         compile_lib.chip_spec([SimpleNamespace(platform="gpu", device_kind="NVIDIA B200")])
     assert "NVIDIA B200" in str(info.value) and "NVIDIA H100 80GB HBM3" in str(info.value)
+
+
+@pytest.mark.slow
+def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_not(small_dir, monkeypatch, capsys,
+                                                                                  tmp_path):
+    """--max-tokens on a100-40g:8 at 2,048 tokens: the rows per device it reports, compiled again through the CLI,
+    fit (exit 0), and the first row count it found not to fit exits 3 — the answer is a compiled fact on both
+    sides, not the line's prediction."""
+    long = ["data.max_length=2048", "data.buckets=[2048]", "data.batch_size=64"]
+    code, report, _, errors = _compile_cli(monkeypatch, capsys, tmp_path, "a100-40g:8",
+                                           _small(small_dir, "--max-tokens", *long))
+    assert (code, errors) == (0, []), errors
+    capacity = report["capacity"]
+    rows, fails = capacity["rows_per_device"], capacity["first_row_fails"]
+    assert rows > 8 and capacity["tokens_per_device"] == rows * 2048 and capacity["seq_len"] == 2048
+    assert fails is not None and rows < fails, capacity
+    for count, expected in ((rows, 0), (fails, 3)):
+        (tmp_path / str(count)).mkdir()
+        code, _, _, errors = _compile_cli(monkeypatch, capsys, tmp_path / str(count), "a100-40g:8",
+                                          _small(small_dir, *long[:2], f"data.batch_size={8 * count}"))
+        assert code == expected, (count, errors)

@@ -290,12 +290,12 @@ def format_table(report: dict[str, Any]) -> str:
 #
 # A train step's memory grows with the rows of the micro-batch, close to linearly (XLA reuses more buffers at
 # large batches, so a line through small batches over-predicts). The search compiles the configuration's own
-# rows per device r0 and 2 r0 (train step only), then proposes the rows where the line through the two
-# latest points meets the budget (HBM less the margin) and, once a proposal has not fitted, the middle of the
-# gap; it compiles both steps there and keeps the largest row count that fitted and the smallest that did
-# not, until they are within 5% (or one row) of each other or four proposals are spent. The
-# answer is rows per device per micro-batch at the configuration's sequence length: tokens per chip are
-# ``rows * seq_len`` (gradient accumulation multiplies an optimizer step's tokens, not its memory).
+# rows per device r0 and 2 r0 (train step only), then proposes the rows where the line through the two latest
+# points meets the budget (HBM less the margin; at most 8x the largest tried) and, once a proposal has not
+# fitted, the middle of the gap. It compiles both steps at each proposal and keeps the largest row count that
+# fitted and the smallest that did not, until they are within 5% (or one row) of each other or four proposals
+# are spent. The answer is rows per device per micro-batch at the configuration's sequence length: tokens per
+# chip are ``rows * seq_len`` (gradient accumulation multiplies an optimizer step's tokens, not its memory).
 
 
 def _needed(cfg: SGTConfig, devices, rows: int, shards: int, *, with_eval: bool) -> int:
@@ -316,8 +316,10 @@ def largest_fitting_rows(cfg: SGTConfig, devices, *, max_checks: int = 4) -> dic
     for _ in range(max_checks):
         (ra, ma), (rb, mb) = points[-2:]
         slope = max((mb - ma) / (rb - ra), 1.0) if rb != ra else max(mb / rb, 1.0)
-        # The line through the two latest points until a compile has not fitted; then halve the gap.
-        rows = int(rb + (budget - mb) // slope) if fails is None else (fits + fails) // 2
+        # The line through the two latest points (growing at most 8-fold a step: a flat start says little) until
+        # a compile has not fitted; then halve the gap.
+        rows = min(int(rb + (budget - mb) // slope), 8 * max(r for r, _ in points)) if fails is None \
+            else (fits + fails) // 2
         rows = max(fits + 1, rows)
         if fails is not None and rows >= fails:
             break
