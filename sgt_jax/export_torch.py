@@ -1,4 +1,4 @@
-"""``python -m sgt_jax.export_torch``: Export an SGT artifact as a self-contained PyTorch module (``sgt_jax.export.torch_export``)."""
+"""``python -m sgt_jax.export_torch``: Export an SGT artifact to PyTorch on transformers' classes (``sgt_jax.export.torch_export``)."""
 
 import sys
 

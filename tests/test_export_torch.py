@@ -1,4 +1,5 @@
-"""The exported PyTorch SGT reproduces the JAX cloak (mu, sigma, x_t with the same eps) in float32."""
+"""The exported PyTorch SGT (transformers' decoder classes + the cloak's heads) reproduces the JAX cloak (mu, sigma,
+x_t with the same eps) in float32."""
 
 import subprocess
 import sys
@@ -9,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 
-from sgt_jax.inference.artifact import save_artifact
+from sgt_jax.inference.artifact import ArtifactError, save_artifact
 from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import CloakConfig
 from sgt_jax.export.torch_export import export_torch, load_torch_sgt
@@ -32,7 +34,15 @@ CASES = {
     "qwen2-bias-causal-moe-mask-2layers": ("qwen2", {},
                                            dict(use_causal_mask=True, directly_learn_stds=False, percent_to_mask=0.25,
                                                 mean_num_experts=3, estimator_kwargs={"num_hidden_layers": 2})),
+    # transformers' Llama biases o_proj as well: the export gives it a zero bias.
+    "llama-qkv-bias-bidirectional-std-moe": ("llama", {"attention_bias": True},
+                                             dict(use_causal_mask=False, directly_learn_stds=True, scale=[1e-3, 1.0],
+                                                  std_num_experts=4)),
+    "qwen2-window-causal-1layer": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 0},
+                                   dict(use_causal_mask=True, directly_learn_stds=False)),
 }
+ESTIMATOR_CLASSES = {"llama": transformers.LlamaModel, "mistral": transformers.MistralModel,
+                     "qwen2": transformers.Qwen2Model}
 
 
 def _perturbed_cloak(model_dir, cloak_cfg, seed=0):
@@ -68,6 +78,8 @@ def test_exported_module_matches_jax(tmp_path, case):
     out = export_torch(artifact, tmp_path / "torch")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sgt_torch.py"]
     module = load_torch_sgt(out)
+    assert type(module.mean_estimator) is ESTIMATOR_CLASSES[family]
+    assert type(module.std_estimator) is ESTIMATOR_CLASSES[family]
 
     batch, seq, d = 3, 7, cloak.hidden_size
     rng = np.random.default_rng(1)
@@ -101,6 +113,16 @@ def test_exported_module_matches_jax(tmp_path, case):
                                    atol=1e-6)
     # Padding is never transformed.
     np.testing.assert_array_equal(got.x_t.numpy()[attention == 0], x[attention == 0])
+
+
+def test_a_bias_transformers_class_lacks_is_refused(tmp_path):
+    model_dir = make_tiny_checkpoint(tmp_path / "model", "mistral", **TINY)
+    cloak_cfg = CloakConfig(estimator_kwargs={"attention_bias": True})
+    cloak = TransformerCloak.from_config(cloak_cfg, str(model_dir), rngs=nnx.Rngs(0))
+    artifact = save_artifact(tmp_path / "sgt", params=nnx.state(cloak, nnx.Param), cloak_config=cloak_cfg,
+                             model_dir=model_dir, fingerprint="test")
+    with pytest.raises(ArtifactError, match="q_proj bias that transformers' mistral attention lacks"):
+        export_torch(artifact, tmp_path / "torch")
 
 
 def test_noise_sources_and_standalone_use(tmp_path):

@@ -1,1 +1,1 @@
-"""Export: an SGT artifact as a self-contained PyTorch module."""
+"""Export: an SGT artifact as a PyTorch module on transformers' decoder classes."""

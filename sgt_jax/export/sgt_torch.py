@@ -1,11 +1,11 @@
-"""A plain-PyTorch Stained Glass Transform, exported from an sgt_jax artifact (``sgt_jax.export_torch``).
+"""A PyTorch Stained Glass Transform on transformers' own decoder classes, exported from an sgt_jax artifact
+(``python -m sgt_jax.export_torch``).
 
-This file is self-contained (torch, safetensors and the standard library only; no jax, no sgt_jax): the
-exporter copies it next to ``model.safetensors`` and ``config.json`` so that PyTorch code and
-prompt-embedding servers can use an SGT trained with sgt_jax. It reproduces the JAX cloak numerically
-(float32, inference: no dropout) — the estimators (Llama / Mistral / Qwen2 decoder layers: RMSNorm, RoPE incl.
-llama3 scaling, GQA attention with a causal or bidirectional + padding mask, sliding window, SwiGLU or a
-dense-dispatch top-k MoE), the mean / std heads, both sigma parameterisations and ``percent_to_mask``::
+This file needs torch, transformers and safetensors only (no jax, no sgt_jax): the exporter copies it next to
+``model.safetensors`` and ``config.json``. Each estimator is transformers' ``LlamaModel`` / ``MistralModel`` /
+``Qwen2Model`` (layers + final norm) built from its ``config.json`` entry, MoE layers as transformers' Mixtral
+block; this file adds the mean / std heads, both sigma parameterisations and ``percent_to_mask`` (float32,
+inference: no dropout)::
 
     x_t = where(noise_mask & attention_mask, x + mu + sigma * eps, x)     eps ~ N(0, I) from a torch.Generator
 
@@ -25,10 +25,9 @@ Use with transformers (left padding, as for any batched generation)::
                          do_sample=True, temperature=0.6, top_k=5000, top_p=0.9)
     print(tok.batch_decode(out, skip_special_tokens=True))
 
-Weights (``model.safetensors``) use torch's layout: ``nn.Linear`` weights are (out, in), one module per layer
-(``mean_estimator.layers.0.self_attn.q_proj.weight``, ``...norm.weight``, ``mean_head.weight``). MoE experts are
-stored as (experts, in, out) tensors ``...mlp.gate_proj`` / ``up_proj`` / ``down_proj`` and the router as a
-Linear ``...mlp.router.weight`` (experts, hidden).
+Weights (``model.safetensors``) carry transformers' names below ``mean_estimator.`` / ``std_estimator.``
+(``mean_estimator.layers.0.self_attn.q_proj.weight``, ``...norm.weight``, ``...mlp.experts.gate_up_proj``) and
+the heads as ``nn.Linear`` (``mean_head.weight``, (out, in)).
 """
 
 from __future__ import annotations
@@ -40,12 +39,13 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
+import transformers
 from torch import nn
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 __all__ = ["SGTOutput", "TorchStainedGlassTransform", "load_torch_sgt"]
 
-_MASKED_LOGIT = -1e30  # finite, like sgt_jax: fully masked (left-pad) query rows give a uniform softmax
+FORMAT_VERSION = 2  # 1: the estimators were a decoder written in this file, their configs in its own keys
 
 
 class SGTOutput(NamedTuple):
@@ -55,147 +55,19 @@ class SGTOutput(NamedTuple):
     feature_mask: Optional[torch.Tensor]  # (B, S, D) bool, features replaced by mu; None when percent_to_mask == 0
 
 
-def rope_inverse_frequencies(cfg: dict) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) float32, with llama3 scaling when ``rope_scaling`` is set."""
-    dim = cfg["head_dim"]
-    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-    inv_freq = 1.0 / (float(cfg["rope_theta"]) ** exponent)  # float32 throughout, as sgt_jax (numpy)
-    scaling = cfg.get("rope_scaling")
-    if not scaling:
-        return inv_freq
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_context = scaling["original_max_position_embeddings"]
-    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-    return torch.where(medium, smoothed, scaled).to(torch.float32)
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, sliding_window: Optional[int]) -> torch.Tensor:
-    """(B, 1, S, S) bool: padding on the key side + causal order over indices + sliding window (HF semantics)."""
-    seq = attention_mask.shape[-1]
-    idx = torch.arange(seq, device=attention_mask.device)
-    q, k = idx[:, None], idx[None, :]
-    structure = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device)
-    if causal:
-        structure &= k <= q
-    if sliding_window is not None:
-        distance = q - k
-        structure &= (distance < sliding_window) if causal else (distance.abs() <= sliding_window)
-    return attention_mask.bool()[:, None, None, :] & structure[None, None]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
-
-    def forward(self, x):
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: dict):
-        super().__init__()
-        d, hd = cfg["hidden_size"], cfg["head_dim"]
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], hd
-        bias = bool(cfg["attention_bias"])
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
-
-    def forward(self, x, mask4d, cos, sin):
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        logits = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim ** -0.5
-        logits = logits.masked_fill(~mask4d, _MASKED_LOGIT)
-        out = torch.matmul(torch.softmax(logits.float(), dim=-1).to(v.dtype), v)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, cfg: dict):
-        super().__init__()
-        d, f = cfg["hidden_size"], cfg["intermediate_size"]
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MoeMLP(nn.Module):
-    """Dense-dispatch top-k mixture of SwiGLU experts (the top-k gates renormalised to sum to 1)."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        e, d, f = cfg["num_experts"], cfg["hidden_size"], cfg["intermediate_size"]
-        self.top_k = min(int(cfg.get("num_experts_per_tok") or 2), e)
-        self.router = nn.Linear(d, e, bias=False)
-        self.gate_proj = nn.Parameter(torch.zeros(e, d, f))
-        self.up_proj = nn.Parameter(torch.zeros(e, d, f))
-        self.down_proj = nn.Parameter(torch.zeros(e, f, d))
-
-    def forward(self, x):
-        logits = self.router(x.float())
-        top_logits, top_index = torch.topk(logits, self.top_k, dim=-1)
-        combine = torch.zeros_like(logits).scatter(-1, top_index, torch.softmax(top_logits, dim=-1))
-        gate = torch.einsum("bsd,edi->bsei", x, self.gate_proj)
-        up = torch.einsum("bsd,edi->bsei", x, self.up_proj)
-        expert_out = torch.einsum("bsei,eid->bsed", F.silu(gate) * up, self.down_proj)
-        return torch.einsum("bsed,bse->bsd", expert_out, combine.to(x.dtype))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.mlp = MoeMLP(cfg) if int(cfg.get("num_experts") or 0) > 0 else SwiGLU(cfg)
-
-    def forward(self, x, mask4d, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), mask4d, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Estimator(nn.Module):
-    """Decoder layers + final norm (no embedding, no LM head), like a Hugging Face ``*Model`` body."""
-
-    def __init__(self, cfg: dict, causal: bool):
-        super().__init__()
-        self.cfg, self.causal = dict(cfg), bool(causal)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"])])
-        self.norm = RMSNorm(cfg["hidden_size"], cfg["rms_norm_eps"])
-        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
-
-    def forward(self, x, attention_mask):
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        freqs = positions.float()[..., None] * self.inv_freq[None, None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        mask4d = attention_mask_4d(attention_mask, self.causal, self.cfg.get("sliding_window"))
-        for layer in self.layers:
-            x = layer(x, mask4d, cos, sin)
-        return self.norm(x)
+def build_estimator(hf_config: dict) -> nn.Module:
+    """transformers' decoder stack with final norm for one estimator's config (a transformers config as a dict,
+    ``is_causal`` included: False makes transformers build bidirectional, windowed-bidirectional, masks)."""
+    config = transformers.AutoConfig.for_model(**hf_config)
+    # Eager: the float32 softmax over an explicit additive mask, the arithmetic of the JAX cloak; fully masked
+    # (left-pad) query rows get a uniform softmax there too.
+    model = transformers.AutoModel.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    model.embed_tokens = None  # the estimators read embeddings, never token ids
+    if getattr(config, "num_local_experts", 0):
+        # Llama / Mistral / Qwen2 have no MoE MLP; Mixtral's block is the same top-k SwiGLU mixture.
+        for layer in model.layers:
+            layer.mlp = MixtralSparseMoeBlock(config)
+    return model
 
 
 class TorchStainedGlassTransform(nn.Module):
@@ -203,16 +75,17 @@ class TorchStainedGlassTransform(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        self.config = dict(config)
-        c = self.config
+        self.config = c = dict(config)
+        if c.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"config.json has format_version {c.get('format_version')}, this module reads "
+                             f"{FORMAT_VERSION}: re-export the artifact with python -m sgt_jax.export_torch.")
         self.min_scale, self.max_scale = (float(s) for s in c["scale"])
         self.directly_learn_stds = bool(c["directly_learn_stds"])
         self.shallow = float(c["shallow"])
         self.percent_to_mask = float(c["percent_to_mask"])
         self.num_masked_features = int(math.floor(self.percent_to_mask * c["hidden_size"] + 0.5))
-        causal = bool(c["use_causal_mask"])
-        self.mean_estimator = Estimator(c["mean_estimator"], causal)
-        self.std_estimator = Estimator(c["std_estimator"], causal)
+        self.mean_estimator = build_estimator(c["mean_estimator"])
+        self.std_estimator = build_estimator(c["std_estimator"])
         d = c["hidden_size"]
         self.mean_head = nn.Linear(d, d)
         self.std_head = nn.Linear(d, d)
@@ -250,9 +123,15 @@ class TorchStainedGlassTransform(nn.Module):
         attention_mask = attention_mask.to(x.device).bool()
         noise_mask = attention_mask if noise_mask is None else noise_mask.to(x.device).bool()
         selected = noise_mask & attention_mask
+        # Left padding: real tokens count positions from 0 (transformers' default counts the padding too).
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-        mu = self.mean_head(self.mean_estimator(x, attention_mask))
-        sigma = self.sigma_from_head(self.std_head(self.std_estimator(x, attention_mask)))
+        def estimate(estimator):
+            return estimator(inputs_embeds=x, attention_mask=attention_mask.long(), position_ids=positions,
+                             use_cache=False).last_hidden_state
+
+        mu = self.mean_head(estimate(self.mean_estimator))
+        sigma = self.sigma_from_head(self.std_head(estimate(self.std_estimator)))
         if eps is None:
             gen = generator if generator is not None else self._generator(x.device)
             eps = torch.randn(x.shape, generator=gen, dtype=torch.float32, device=x.device)
