@@ -1,7 +1,8 @@
-"""Where the train step's memory goes, read from deviceless compiles of the real step (8 H100s through XLA's GPU
-compiler; a v5e:2x2 TPU slice through libtpu): gradient accumulation costs one fsdp shard of the cloak's fp32
-gradient (its accumulator is sharded like the optimizer state), and the part that does not grow with the rows
-is at most the gathered cloak plus a transient full gradient plus that shard.
+"""Where the train step's memory goes, read from deviceless compiles of the real step for 8 H100s (XLA's GPU
+compiler): gradient accumulation costs one fsdp shard of the cloak's fp32 gradient (its accumulator is sharded
+like the optimizer state), and the part that does not grow with the rows is at most the gathered cloak plus a
+transient full gradient plus that shard. (On TPU the same step's accumulation measures about two shards:
+benchmarks/README.md, "Where the memory goes".)
 
 The model is a Llama config.json written here, wide enough that the float32 cloak dominates the fixed part:
 hidden 1024, MLP 4096 (the cloak: two one-layer estimators and two heads, 136 MiB in float32).
@@ -77,13 +78,3 @@ def test_accumulation_costs_one_fsdp_shard_and_the_fixed_part_is_bounded_on_8_h1
     fp32 bytes / fsdp (+5% of the cloak); the temporaries extrapolated to zero rows (from 1 and 2 rows per
     device) are at most 2 x the cloak + one shard (+5%): the gathered cloak and a transient full gradient."""
     _check_accumulation_and_fixed_part(wide_dir, _gpu_devices(), data=2)
-
-
-@pytest.mark.slow
-def test_accumulation_costs_one_fsdp_shard_and_the_fixed_part_is_bounded_on_v5e(wide_dir):
-    """The same bounds on a v5e:2x2 slice (fsdp 4), where libtpu lowers a reduce-scatter along a minor
-    dimension as a whole-gradient all-reduce: fails if the cloak's gradient stops being scattered along its
-    major dimension, or if XLA moves the scatter out of the accumulation loop."""
-    from sgt_jax.training import compile as compile_lib
-
-    _check_accumulation_and_fixed_part(wide_dir, compile_lib.topology_devices("v5e:2x2"), data=1)
