@@ -171,14 +171,16 @@ def test_a_device_of_an_unknown_chip_is_a_one_line_user_error():
 
 
 @pytest.mark.slow
-def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_not(small_dir, monkeypatch, capsys,
-                                                                                  tmp_path):
-    """--max-tokens on a100-40g:8 at 2,048 tokens: the rows per device it reports, compiled again through the CLI,
-    fit (exit 0), and the first row count it found not to fit exits 3 — the answer is a compiled fact on both
-    sides, not the line's prediction."""
-    long = ["data.max_length=2048", "data.buckets=[2048]", "data.batch_size=64"]
+def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_not(tmp_path_factory, monkeypatch,
+                                                                                  capsys, tmp_path):
+    """--max-tokens on a100-40g:8 at 2,048 tokens for a model whose float32 cloak is 1,024 wide: the rows per
+    device it reports, compiled again through the CLI, fit (exit 0), and the first row count it found not to fit
+    exits 3 — the answer is a compiled fact on both sides, not the line's prediction."""
+    wide = _model_dir(tmp_path_factory, "wide", hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
+                      num_key_value_heads=8)
+    long = ["data.max_length=2048", "data.buckets=[2048]"]
     code, report, _, errors = _compile_cli(monkeypatch, capsys, tmp_path, "a100-40g:8",
-                                           _small(small_dir, "--max-tokens", *long))
+                                           _small(wide, "--max-tokens", *long, "data.batch_size=64"))
     assert (code, errors) == (0, []), errors
     capacity = report["capacity"]
     rows, fails = capacity["rows_per_device"], capacity["first_row_fails"]
@@ -187,5 +189,5 @@ def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_no
     for count, expected in ((rows, 0), (fails, 3)):
         (tmp_path / str(count)).mkdir()
         code, _, _, errors = _compile_cli(monkeypatch, capsys, tmp_path / str(count), "a100-40g:8",
-                                          _small(small_dir, *long[:2], f"data.batch_size={8 * count}"))
+                                          _small(wide, *long, f"data.batch_size={8 * count}"))
         assert code == expected, (count, errors)

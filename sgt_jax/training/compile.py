@@ -298,22 +298,31 @@ def format_table(report: dict[str, Any]) -> str:
 # chip are ``rows * seq_len`` (gradient accumulation multiplies an optimizer step's tokens, not its memory).
 
 
-def _needed(cfg: SGTConfig, devices, rows: int, shards: int, *, with_eval: bool) -> int:
+def _needed(cfg: SGTConfig, devices, rows: int, shards: int, *, with_eval: bool) -> float:
+    """Bytes per device at ``rows`` rows per device; infinite when the compiler gives up on the size (XLA's
+    GPU compiler can fail to tile an enormous batch instead of reporting its memory)."""
     data = dataclasses.replace(cfg.data, batch_size=rows * shards)
-    result = compile_steps(dataclasses.replace(cfg, data=data), devices, with_eval=with_eval)
+    try:
+        result = compile_steps(dataclasses.replace(cfg, data=data), devices, with_eval=with_eval)
+    except (CompileFitError, jax.errors.JaxRuntimeError) as exc:
+        log.info("%d rows per device do not compile: %s", rows, str(exc).strip().splitlines()[0][:160])
+        return float("inf")
     return needed_bytes(result)
 
 
-def largest_fitting_rows(cfg: SGTConfig, devices, *, max_checks: int = 4) -> dict[str, Any]:
+def largest_fitting_rows(cfg: SGTConfig, devices, *, max_checks: int = 4, first=None) -> dict[str, Any]:
     """Rows per device per micro-batch (and tokens per device) that fit, searched as the comment above says;
-    ``rows_per_device`` is 0 when not even one row fits or no compile confirmed one."""
+    ``rows_per_device`` is 0 when not even one row fits or no compile confirmed one. ``first``: the
+    configuration's own :func:`compile_steps` result, reused for the first point."""
     mesh = parallel.make_mesh(cfg.mesh, devices=devices)
     shards = parallel.batch_shards(mesh)
     budget = (1 - HBM_MARGIN) * chip_spec(devices)[0]
     r0 = max(1, cfg.data.batch_size // shards)
-    points = [(r, _needed(cfg, devices, r, shards, with_eval=False)) for r in (r0, 2 * r0)]
-    fits, fails = 0, None
-    for _ in range(max_checks):
+    m0 = memory(first["train"])["total"] if first is not None and cfg.data.batch_size == r0 * shards else \
+        _needed(cfg, devices, r0, shards, with_eval=False)
+    points = [(r0, m0), (2 * r0, _needed(cfg, devices, 2 * r0, shards, with_eval=False))]
+    fits, fails = 0, next((r for r, m in points if m > budget), None)
+    for _ in range(max_checks if fails is None else 0):  # the configuration's own rows already too many: no line
         (ra, ma), (rb, mb) = points[-2:]
         slope = max((mb - ma) / (rb - ra), 1.0) if rb != ra else max(mb / rb, 1.0)
         # The line through the two latest points (growing at most 8-fold a step: a flat start says little) until
@@ -334,21 +343,22 @@ def largest_fitting_rows(cfg: SGTConfig, devices, *, max_checks: int = 4) -> dic
             break
     (ra, ma), (rb, mb) = points[:2]
     seq_len = step_seq_len(cfg)
+    per_row = (mb - ma) / (rb - ra)
     return {"rows_per_device": fits, "tokens_per_device": fits * seq_len, "seq_len": seq_len,
-            "first_row_fails": fails, "bytes_per_row": int((mb - ma) / (rb - ra)), "budget_bytes": int(budget),
-            "compiles": len(points)}
+            "first_row_fails": fails, "bytes_per_row": int(per_row) if np.isfinite(per_row) else None,
+            "budget_bytes": int(budget), "compiles": len(points)}
 
 
 def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path: Optional[str] = None,
-                 max_tokens: bool = False) -> int:
+                 max_tokens: int = 0) -> int:
     """The ``--compile-only`` entry point: compile, print the table and the JSON report, and return 0 when the
     configuration fits (raises :class:`CompileFitError` otherwise). ``max_tokens``: also find the largest number
-    of tokens per device that fits (:func:`largest_fitting_rows`, three to five more compiles)."""
+    of tokens per device that fits (:func:`largest_fitting_rows` with that many proposals, each a compile)."""
     devices = topology_devices(topology)
     result = compile_steps(cfg, devices)
     report = build_report(cfg, topology, devices, result)
     if max_tokens:
-        report["capacity"] = largest_fitting_rows(cfg, devices)
+        report["capacity"] = largest_fitting_rows(cfg, devices, max_checks=max_tokens, first=result)
     text = json.dumps(report, indent=1, default=str)
     if report_path:
         Path(report_path).write_text(text)
@@ -357,7 +367,7 @@ def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path:
         cap = report["capacity"]
         print(f"largest micro-batch that fits: {cap['rows_per_device']} rows x {cap['seq_len']} tokens = "
               f"{cap['tokens_per_device']:,} tokens per device ({cap['compiles']} compiles; "
-              f"{cap['bytes_per_row'] / GiB:.2f} GiB per row at small batches)", flush=True)
+              f"{(cap['bytes_per_row'] or 0) / GiB:.2f} GiB per row at small batches)", flush=True)
     print(text, flush=True)
     if not report["fits"]:
         raise CompileFitError(
