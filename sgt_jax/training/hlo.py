@@ -18,7 +18,7 @@ COLLECTIVE_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "c
                   "ragged-all-to-all")
 _OPCODE = re.compile(r"=\s*(?P<type>.*?)\s(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)")
 _CALLED = re.compile(r"(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_BRANCHES = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->.*\{\s*$")
 # dtype[dims]{layout}: the layout may carry a memory space, S(n) (0, the default, is HBM; on a TPU 1 is VMEM).
 _ARRAY = re.compile(r"\b(pred|token|[a-z][a-z0-9]*)\[([\d,]*)\](?:\{([^}]*)\})?")

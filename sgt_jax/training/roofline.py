@@ -60,8 +60,8 @@ multiply). Where the compiler dropped it (the TPU compiler does), the trip count
 condition: ``i < N`` (or ``N > i``) on a tuple element whose initial value is a constant c gives N - c
 iterations of step 1, the form ``lax.scan`` and ``fori_loop`` lower to. A loop neither gives is counted once
 and reported in ``loops_without_trip_count`` (the estimate is then low).
-**Conditionals** count the branch with the longest estimated time (the most FLOPs without a chip), so a step
-that sometimes does more work is priced at its larger form.
+**Conditionals** count the branch with the longest estimated time (its no-overlap sum; the most FLOPs without
+a chip), so a step that sometimes does more work is priced at its larger form.
 
 The figures per step and device: t_compute = Σ flops(class) / rate(class); t_hbm = bytes / HBM bandwidth;
 t_collectives = Σ wire bytes / link bandwidth; the **bound** max(t_compute, t_hbm, t_collectives) (everything
@@ -172,10 +172,7 @@ class _Module:
                 instructions.append(record)
                 self.instructions[record.name] = record
             self.computations[computation.name] = instructions
-        called = {name for instructions in self.computations.values() for i in instructions
-                  for name in hlo.called_computations(i.text)}
-        entries = [name for name in self.computations if name not in called]
-        self.entry = entries[-1] if entries else list(self.computations)[-1]
+        self.entry = re.search(r"^ENTRY %?([\w.\-]+)", module.to_string(), re.M).group(1)
 
     def root(self, computation: str) -> _Instruction:
         instructions = self.computations[computation]
@@ -248,7 +245,7 @@ class _Estimator:
     # -- FLOPs and collectives, also inside fusions ----------------------------------------------------------------
     def _inside(self, instruction: _Instruction, totals: _Totals, seen: set) -> None:
         opcode = instruction.opcode
-        if opcode in ("fusion", "async-start"):
+        if opcode in ("fusion", "async-start") and instruction.attribute("calls"):
             for inner in self.module.computations[instruction.attribute("calls")]:
                 self._inside(inner, totals, seen)
         elif opcode in ("dot", "convolution"):
@@ -269,14 +266,13 @@ class _Estimator:
         return _convolution_flops(instruction.text, hlo.arrays(self.module.operand_types(instruction)[0])[0][1],
                                   hlo.arrays(self.module.operand_types(instruction)[1])[0][1], result)
 
-    def _rate_class(self, instruction: _Instruction, precision: str = "") -> str:
+    def _rate_class(self, instruction: _Instruction) -> str:
         dtypes = {hlo.arrays(t)[0][0] for t in self.module.operand_types(instruction)[:2] if hlo.arrays(t)}
         if not dtypes & {"f32", "f64"}:
             return LOW
         if self.platform != "tpu":
             return F32
-        precision = (precision or instruction.text).lower()
-        passes = re.search(r"operand_precision=\{([^}]*)\}|algorithm=(\w+)", precision)
+        passes = re.search(r"operand_precision=\{([^}]*)\}|algorithm=(\w+)", instruction.text.lower())
         if passes is None:
             return LOW
         named = passes.group(1) or passes.group(2)
@@ -290,8 +286,7 @@ class _Estimator:
             lhs = hlo.arrays(self.module.operand_types(instruction)[0])[0][1]
             contracted = [lhs[int(d)] for d in gemm["dot_dimension_numbers"]["lhs_contracting_dimensions"]]
             result = hlo.arrays(instruction.type)[0][1]
-            precision = json.dumps(gemm.get("precision_config", {}))
-            totals.flops[self._rate_class(instruction, precision)] += \
+            totals.flops[self._rate_class(instruction)] += \
                 2.0 * np.prod(result, dtype=np.float64) * np.prod(contracted, dtype=np.float64)
             return
         flops = self._attention_flops(instruction, target, config)
@@ -316,7 +311,7 @@ class _Estimator:
         if target != "tpu_custom_call" or not _ATTENTION.search(name):
             return None
         q, k = [dims for dtype, dims, _ in operands if len(dims) == 4 and dtype[0] in "fb"][:2]
-        kernel = name.split()[0].lower()
+        kernel = name.lower()
         products = 4 if "dkv" in kernel else 3 if "dq" in kernel else 5 if re.search(r"bwd|backward", kernel) else 2
         return products * 2.0 * np.prod(q, dtype=np.float64) * k[-2]
 
