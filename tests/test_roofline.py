@@ -1,7 +1,7 @@
 """The roofline step-time estimate (``sgt_jax.training.roofline``) on programs compiled ahead of time, without
 accelerators, for a TPU topology (libtpu) and for H100s (the CUDA plugin): FLOPs, HBM bytes, collective bytes
 and the bound counted by hand here, or taken from XLA's own cost analysis where it is right (loop-free
-programs).
+programs). The compile report of a small Llama carries the figures.
 """
 
 from __future__ import annotations
@@ -278,3 +278,32 @@ def test_a_cpu_program_gets_counts_and_no_times():
     r = roofline.estimate(program, None, jax.devices()[:1])
     assert r["flops"]["float32"] == 2 * 64 * 32 * 16 and "bound_seconds" not in r
     assert set(roofline.step_figures(r, tokens_per_step=1, model_flops=1, chip=None, num_devices=1).values()) == {None}
+
+
+@pytest.mark.slow
+def test_compile_report_of_a_small_llama_carries_the_roofline(tmp_path):
+    """The small Llama of tests/test_compile.py compiled for v5e:2x2 (data 1 x fsdp 4): both steps carry the
+    roofline, the train step's bound is positive, the MFU it implies is in (0, 1] and agrees with the model
+    FLOPs over the bound; the table prints it as an estimate."""
+    from test_compile import SMALL, _overrides
+
+    from sgt_jax.config import load_config
+    from sgt_jax.train import DEFAULT_CONFIG
+    from sgt_jax.training import compile as compile_lib
+
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    cfg = load_config(DEFAULT_CONFIG, _overrides(tmp_path, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"))
+    devices = compile_lib.topology_devices("v5e:2x2")
+    report = compile_lib.build_report(cfg, "v5e:2x2", devices, compile_lib.compile_steps(cfg, devices))
+    for step in ("train_step", "eval_step"):
+        r = report[step]["roofline"]
+        assert r["estimate"] and r["bound_seconds"] > 0 and r["loops_without_trip_count"] == 0, step
+        assert r["flops"]["float32"] > 0 and r["flops"]["low_precision"] > 0, step  # the cloak and the base
+    assert report["roofline_step_seconds"] == report["train_step"]["roofline"]["bound_seconds"] > 0
+    assert 0 < report["roofline_mfu"] <= 1
+    assert report["roofline_mfu"] == pytest.approx(report["model_flops_per_step"] /
+                                                   (report["roofline_step_seconds"] * 4 * 197e12))
+    assert report["roofline_tokens_per_second"] == pytest.approx(16 * 2 * 128 / report["roofline_step_seconds"])
+    table = compile_lib.format_table(report)
+    assert "estimate" in table and "MFU" in table
+    json.dumps(report)
