@@ -307,3 +307,37 @@ def test_compile_report_of_a_small_llama_carries_the_roofline(tmp_path):
     table = compile_lib.format_table(report)
     assert "estimate" in table and "MFU" in table
     json.dumps(report)
+
+
+def test_the_tpu_reduce_scatter_fusion_is_priced_as_a_reduce_scatter(v5e):
+    """x split along its columns over 4 v5e chips: each chip's partial y is summed and scattered. The TPU compiler
+    writes that as an all-reduce of which each chip keeps a quarter (a fusion), which moves (n-1)/n of the
+    buffer per chip, not the 2(n-1)/n of an all-reduce. The buffer is the 32 MiB partial y (the compiler pads
+    it by up to 10% to split it evenly)."""
+    from jax.sharding import PartitionSpec as P
+
+    r = sharded_matmul(v5e, P(None, "d"), P("d"), m=4096)
+    assert set(r["collectives"]) - {"collective-permute"} == {"reduce-scatter"}, r["collectives"]
+    scatter = r["collectives"]["reduce-scatter"]
+    assert 32 * MiB <= scatter["bytes"] <= 1.1 * 32 * MiB
+    assert scatter["wire_bytes"] == pytest.approx(3 / 4 * scatter["bytes"])
+
+
+def test_the_tpu_backward_scan_reads_one_saved_layer_per_iteration(v5e):
+    """The gradient of 16 rematerialised layers tanh(x @ w_l) (x, w_l: 2048 x 2048 bf16, 8 MiB each) on a v5e: the
+    backward loop takes each layer's saved input out of the stacked residuals through a fusion nested in a
+    fusion. Per layer the step moves a handful of 8 MiB tensors (weight, saved input, recomputed output,
+    incoming and outgoing gradients, weight gradient): at most 12 here. Reading the whole 128 MiB stack in
+    every iteration, as a count that stops at the outer fusion would, adds 16 tensors per layer."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    def loss(ws, x):
+        body = jax.checkpoint(lambda c, w: (jnp.tanh(c @ w), None))
+        return jax.lax.scan(body, x, ws)[0].astype(jnp.float32).sum()
+
+    layers, tensor = 16, 2048 * 2048 * 2
+    r = estimate(v5e[:1], jax.grad(loss), ((layers, 2048, 2048), jnp.bfloat16, P()), ((2048, 2048), jnp.bfloat16, P()))
+    assert r["flops"]["low_precision"] == 4 * layers * 2 * 2048**3  # forward, recomputed forward, two backward dots
+    assert r["hbm_bytes"] <= 12 * layers * tensor, r["hbm_bytes"] / (layers * tensor)

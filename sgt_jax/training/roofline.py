@@ -39,12 +39,14 @@ operands and results only. Skipped: instructions that move nothing (parameter, c
 get-tuple-element, bitcast, partition/replica id, control flow itself, ...); arrays in another memory space
 than the default (``S(1)``, a TPU's on-chip VMEM; host memory). An async pair counts once: the ``-start`` reads
 its operands, the ``-done`` writes its result. A slice (dynamic-slice, slice, gather) reads and writes the
-slice only, also where a fusion slices an operand (a scanned layer's weights out of the stacked ones); a
+slice only, also where a fusion slices an operand, through bitcasts and nested fusions (a scanned layer's
+weights or saved activations out of the stacked ones); a
 dynamic-update-slice, top-level or as a fusion's root, reads and writes the update only (in place).
 
 **Collectives** (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, collective-broadcast;
 also inside fusions and async wrappers; copies of one collective that XLA's async collective fusion leaves in
-several fusions of one computation count once, by channel). For a group of n devices and a buffer of B bytes
+several fusions of one computation count once, by channel; an all-reduce of which each device keeps only its
+1/n slice, the TPU compiler's reduce-scatter fusion, is a reduce-scatter). For a group of n devices and a buffer of B bytes
 (all-gather: its result; the others: their operand), the ring algorithms move, per device,
 
     all-gather, reduce-scatter, all-to-all: (n - 1) / n x B;   all-reduce: 2 (n - 1) / n x B;
@@ -332,6 +334,8 @@ class _Estimator:
             pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", instruction.text)
             groups = [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(0))] if pairs else [[0]]
         size = max(len(g) for g in groups)
+        if kind == "all-reduce" and self._keeps_one_shard(instruction, size):
+            kind = "reduce-scatter"  # the TPU's reduce-scatter: an all-reduce each device keeps 1/n of
         wire = _RING[kind](size) * buffer if size > 1 else 0.0
         crosses = any(len({self.domains[i] for i in g if i < len(self.domains)}) > 1 for g in groups)
         if crosses and (self.chip is None or self.chip.dcn_bandwidth is None):
@@ -340,6 +344,12 @@ class _Estimator:
         entry["count"] += 1
         entry["bytes"] += buffer
         entry["wire_dcn" if crosses else "wire_ici"] += wire
+
+    def _keeps_one_shard(self, all_reduce: _Instruction, size: int) -> bool:
+        users = [self.module.instructions[name] for name in all_reduce.users]
+        return size > 1 and bool(users) and all(
+            u.opcode == "dynamic-slice" and hlo.type_bytes(u.type) * size == hlo.type_bytes(all_reduce.type)
+            for u in users)
 
     # -- HBM traffic of one top-level instruction -------------------------------------------------------------------
     def _traffic(self, instruction: _Instruction) -> float:
@@ -392,13 +402,19 @@ class _Estimator:
         return instruction.name
 
     def _uses(self, parameter: _Instruction) -> list[tuple[_Instruction, str]]:
-        """(user, the operand name it reads the parameter through) of a fused parameter, through bitcasts."""
+        """(user, the operand name it reads the parameter through) of a fused parameter, through bitcasts and into
+        nested fusions (the TPU compiler nests them: a fusion's parameter is often sliced by a fusion inside it)."""
         uses, todo = [], [(user, parameter.name) for user in parameter.users]
         while todo:
             name, via = todo.pop()
             user = self.module.instructions[name]
             if user.opcode == "bitcast":
                 todo += [(u, user.name) for u in user.users]
+            elif user.opcode == "fusion":
+                inner = {int(re.match(r"(\d+)\)", i.text).group(1)): i
+                         for i in self.module.computations[user.attribute("calls")] if i.opcode == "parameter"}
+                for index in (i for i, operand in enumerate(user.operands) if operand == via):
+                    todo += [(u, inner[index].name) for u in inner[index].users]
             else:
                 uses.append((user, via))
         return uses
