@@ -45,8 +45,8 @@ dynamic-update-slice, top-level or as a fusion's root, reads and writes the upda
 
 **Collectives** (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, collective-broadcast;
 also inside fusions and async wrappers; copies of one collective that XLA's async collective fusion leaves in
-several fusions of one computation count once, by channel; an all-reduce of which each device keeps only its
-1/n slice, the TPU compiler's reduce-scatter fusion, is a reduce-scatter). For a group of n devices and a buffer of B bytes
+several fusions of one computation count once, by channel; an all-reduce fused with the slicing of each
+device's 1/n, the TPU compiler's reduce-scatter fusion, is a reduce-scatter). For a group of n devices and a buffer of B bytes
 (all-gather: its result; the others: their operand), the ring algorithms move, per device,
 
     all-gather, reduce-scatter, all-to-all: (n - 1) / n x B;   all-reduce: 2 (n - 1) / n x B;
@@ -164,6 +164,7 @@ class _Module:
     def __init__(self, module):
         self.computations: dict[str, list[_Instruction]] = {}
         self.instructions: dict[str, _Instruction] = {}
+        self.computation_of: dict[str, str] = {}  # instruction -> its computation
         for computation in module.computations():
             instructions = []
             for instruction in computation.instructions():
@@ -173,7 +174,9 @@ class _Module:
                                       tuple(u.name for u in instruction.users()))
                 instructions.append(record)
                 self.instructions[record.name] = record
+                self.computation_of[record.name] = computation.name
             self.computations[computation.name] = instructions
+        self.fused = {i.attribute("calls") for i in self.instructions.values() if i.opcode == "fusion"}
         self.entry = re.search(r"^ENTRY %?([\w.\-]+)", module.to_string(), re.M).group(1)
 
     def root(self, computation: str) -> _Instruction:
@@ -346,8 +349,10 @@ class _Estimator:
         entry["wire_dcn" if crosses else "wire_ici"] += wire
 
     def _keeps_one_shard(self, all_reduce: _Instruction, size: int) -> bool:
+        """An all-reduce fused with the slicing of each device's 1/n (the TPU's reduce-scatter fusion). A top-level
+        all-reduce whose result is sliced later is not: the compiler chose to run the all-reduce."""
         users = [self.module.instructions[name] for name in all_reduce.users]
-        return size > 1 and bool(users) and all(
+        return size > 1 and bool(users) and self.module.computation_of[all_reduce.name] in self.module.fused and all(
             u.opcode == "dynamic-slice" and hlo.type_bytes(u.type) * size == hlo.type_bytes(all_reduce.type)
             for u in users)
 
