@@ -4,11 +4,12 @@ from reality.
 
 The step is built here, not by the SGT trainer: ``sgt_jax.models.CausalLM`` (bf16 compute, float32 parameters,
 as MaxText keeps them), next-token cross-entropy (over sequence chunks so the logits never exist whole; the
-LM head a bf16 matmul, as MaxText's), AdamW over every parameter, the parameters and optimizer state sharded over all chips (FSDP, MaxText's
-``ici_fsdp_parallelism=-1``). It is compiled ahead of time for the target (no accelerator needed) and priced.
+LM head a bf16 matmul, as MaxText's), AdamW over every parameter, the parameters and optimizer state sharded
+over all chips (FSDP, MaxText's ``ici_fsdp_parallelism=-1``). It is compiled ahead of time for the target (no
+accelerator needed) and priced.
 
-    python benchmarks/roofline_maxtext.py --case llama2_7b_h100x8    # ~1 CPU-minute
-    python benchmarks/roofline_maxtext.py --case llama31_8b_v6e256   # TPU compiler: many CPU-minutes
+    python benchmarks/roofline_maxtext.py --case llama2_7b_h100x8    # ~10 s of compiling
+    python benchmarks/roofline_maxtext.py --case llama31_8b_v6e256   # ~5 minutes of the TPU compiler
 
 MaxText publishes no measured figure for Llama-2-7B on a TPU slice (its v5e recipe ``llama2_7b.sh`` gives the
 settings, not a result). The cases are therefore the published measurements nearest to it: Llama-2-7B itself
@@ -210,8 +211,9 @@ def main():
     out = Path(args.out or Path(__file__).parent / "results" / f"roofline_maxtext_{args.case}.json")
     out.write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "roofline"}, indent=1, default=float))
-    print(f"bound {bound['bound_seconds']:.3f} s ({bound['bound_by']}), no overlap {bound['no_overlap_seconds']:.3f} s, "
-          f"MaxText measured {measured:.3f} s: {result['measured_over_bound']:.2f}x the bound")
+    print(f"bound {bound['bound_seconds']:.3f} s ({bound['bound_by']}), no overlap "
+          f"{bound['no_overlap_seconds']:.3f} s, MaxText measured {measured:.3f} s: "
+          f"{result['measured_over_bound']:.2f}x the bound")
 
 
 if __name__ == "__main__":

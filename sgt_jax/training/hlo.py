@@ -9,8 +9,10 @@ memory space, called computations, replica groups), which :mod:`sgt_jax.training
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -237,5 +239,62 @@ def dot_precisions(text: str) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["COLLECTIVE_OPS", "array_bytes", "arrays", "called_computations", "collectives", "dot_precisions",
-           "loop_computations", "parse_computations", "replica_groups", "split_instruction", "type_bytes"]
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """One instruction of a compiled module, as :class:`CompiledModule` reads it."""
+
+    name: str
+    opcode: str
+    type: str  # result type text
+    text: str  # everything after the opcode: operands and attributes
+    operands: tuple[str, ...]
+    users: tuple[str, ...]
+
+    def attribute(self, key: str) -> Optional[str]:
+        m = re.search(rf"\b{key}=%?\"?([\w.\-$]+)", self.text)
+        return m.group(1) if m else None
+
+    def backend_config(self) -> dict:
+        m = re.search(r"backend_config=(\{.*\})", self.text, re.S)
+        if not m:
+            return {}
+        try:
+            return json.JSONDecoder().raw_decode(m.group(1))[0]
+        except ValueError:
+            return {}
+
+
+class CompiledModule:
+    """The instructions of a compiled module (``compiled.runtime_executable().hlo_modules()[0]``), by computation,
+    read once through the module's API: names, operands and users from it; type and attributes from each
+    instruction's text."""
+
+    def __init__(self, module):
+        self.computations: dict[str, list[Instruction]] = {}
+        self.instructions: dict[str, Instruction] = {}
+        self.computation_of: dict[str, str] = {}  # instruction -> its computation
+        for computation in module.computations():
+            instructions = []
+            for instruction in computation.instructions():
+                kind, opcode, rest = split_instruction(instruction.to_string())
+                record = Instruction(instruction.name, opcode, kind, rest,
+                                     tuple(o.name for o in instruction.operands()),
+                                     tuple(u.name for u in instruction.users()))
+                instructions.append(record)
+                self.instructions[record.name] = record
+                self.computation_of[record.name] = computation.name
+            self.computations[computation.name] = instructions
+        self.fused = {i.attribute("calls") for i in self.instructions.values() if i.opcode == "fusion"}
+        self.entry = re.search(r"^ENTRY %?([\w.\-]+)", module.to_string(), re.M).group(1)
+
+    def root(self, computation: str) -> Instruction:
+        instructions = self.computations[computation]
+        return next((i for i in reversed(instructions) if not i.users), instructions[-1])
+
+    def operand_types(self, instruction: Instruction) -> list[str]:
+        return [self.instructions[name].type for name in instruction.operands]
+
+
+__all__ = ["COLLECTIVE_OPS", "CompiledModule", "Instruction", "array_bytes", "arrays", "called_computations",
+           "collectives", "dot_precisions", "loop_computations", "parse_computations", "replica_groups",
+           "split_instruction", "type_bytes"]

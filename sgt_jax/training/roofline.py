@@ -46,8 +46,8 @@ dynamic-update-slice, top-level or as a fusion's root, reads and writes the upda
 **Collectives** (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute, collective-broadcast;
 also inside fusions and async wrappers; copies of one collective that XLA's async collective fusion leaves in
 several fusions of one computation count once, by channel; an all-reduce fused with the slicing of each
-device's 1/n, the TPU compiler's reduce-scatter fusion, is a reduce-scatter). For a group of n devices and a buffer of B bytes
-(all-gather: its result; the others: their operand), the ring algorithms move, per device,
+device's 1/n, the TPU compiler's reduce-scatter fusion, is a reduce-scatter). For a group of n devices and a
+buffer of B bytes (all-gather: its result; the others: their operand), the ring algorithms move, per device,
 
     all-gather, reduce-scatter, all-to-all: (n - 1) / n x B;   all-reduce: 2 (n - 1) / n x B;
     collective-permute, collective-broadcast: B
@@ -80,7 +80,6 @@ as HIGHEST.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import Counter
 from typing import Any, Optional, Sequence
@@ -135,60 +134,8 @@ class _Totals:
         self.opaque_kernels.update({k: v * times for k, v in other.opaque_kernels.items()})
 
 
-@dataclasses.dataclass(frozen=True)
-class _Instruction:
-    name: str
-    opcode: str
-    type: str  # result type text
-    text: str  # everything after the opcode: operands and attributes
-    operands: tuple[str, ...]
-    users: tuple[str, ...]
-
-    def attribute(self, key: str) -> Optional[str]:
-        m = re.search(rf"\b{key}=%?\"?([\w.\-$]+)", self.text)
-        return m.group(1) if m else None
-
-    def backend_config(self) -> dict:
-        m = re.search(r"backend_config=(\{.*\})", self.text, re.S)
-        if not m:
-            return {}
-        try:
-            return json.JSONDecoder().raw_decode(m.group(1))[0]
-        except ValueError:
-            return {}
-
-
-class _Module:
-    """The instructions of a compiled module, by computation, read once through the module's API."""
-
-    def __init__(self, module):
-        self.computations: dict[str, list[_Instruction]] = {}
-        self.instructions: dict[str, _Instruction] = {}
-        self.computation_of: dict[str, str] = {}  # instruction -> its computation
-        for computation in module.computations():
-            instructions = []
-            for instruction in computation.instructions():
-                kind, opcode, rest = hlo.split_instruction(instruction.to_string())
-                record = _Instruction(instruction.name, opcode, kind, rest,
-                                      tuple(o.name for o in instruction.operands()),
-                                      tuple(u.name for u in instruction.users()))
-                instructions.append(record)
-                self.instructions[record.name] = record
-                self.computation_of[record.name] = computation.name
-            self.computations[computation.name] = instructions
-        self.fused = {i.attribute("calls") for i in self.instructions.values() if i.opcode == "fusion"}
-        self.entry = re.search(r"^ENTRY %?([\w.\-]+)", module.to_string(), re.M).group(1)
-
-    def root(self, computation: str) -> _Instruction:
-        instructions = self.computations[computation]
-        return next((i for i in reversed(instructions) if not i.users), instructions[-1])
-
-    def operand_types(self, instruction: _Instruction) -> list[str]:
-        return [self.instructions[name].type for name in instruction.operands]
-
-
 class _Estimator:
-    def __init__(self, module: _Module, platform: str, chip: Optional[Chip], domains: Sequence):
+    def __init__(self, module: hlo.CompiledModule, platform: str, chip: Optional[Chip], domains: Sequence):
         self.module, self.platform, self.chip, self.domains = module, platform, chip, list(domains)
         self.memo: dict[str, _Totals] = {}
 
@@ -212,14 +159,14 @@ class _Estimator:
         self.memo[computation] = totals
         return totals
 
-    def _loop(self, instruction: _Instruction, totals: _Totals) -> None:
+    def _loop(self, instruction: hlo.Instruction, totals: _Totals) -> None:
         trips = self._trip_count(instruction)
         if trips is None:
             totals.loops_without_trip_count += 1
         for key in ("body", "condition"):
             totals.add(self.run(instruction.attribute(key)), trips or 1)
 
-    def _trip_count(self, loop: _Instruction) -> Optional[int]:
+    def _trip_count(self, loop: hlo.Instruction) -> Optional[int]:
         known = loop.backend_config().get("known_trip_count", {}).get("n")
         if known is not None:
             return int(known)
@@ -238,7 +185,7 @@ class _Estimator:
         bound = self._constant(right)
         return None if start is None or bound is None else max(bound - start, 0)
 
-    def _constant(self, instruction: _Instruction) -> Optional[int]:
+    def _constant(self, instruction: hlo.Instruction) -> Optional[int]:
         while instruction.opcode in ("copy", "bitcast", "convert") and instruction.operands:
             instruction = self.module.instructions[instruction.operands[0]]
         m = re.match(r"(-?\d+)\)", instruction.text) if instruction.opcode == "constant" else None
@@ -248,7 +195,7 @@ class _Estimator:
         return _times(totals, self.chip)["no_overlap_seconds"] if self.chip else sum(totals.flops.values())
 
     # -- FLOPs and collectives, also inside fusions ----------------------------------------------------------------
-    def _inside(self, instruction: _Instruction, totals: _Totals, seen: set) -> None:
+    def _inside(self, instruction: hlo.Instruction, totals: _Totals, seen: set) -> None:
         opcode = instruction.opcode
         if opcode in ("fusion", "async-start") and instruction.attribute("calls"):
             for inner in self.module.computations[instruction.attribute("calls")]:
@@ -261,7 +208,7 @@ class _Estimator:
         if kind in _RING:
             self._collective(instruction, kind, totals, seen)
 
-    def _matmul_flops(self, instruction: _Instruction) -> float:
+    def _matmul_flops(self, instruction: hlo.Instruction) -> float:
         result = hlo.arrays(instruction.type)[0][1]
         if instruction.opcode == "dot":
             lhs = hlo.arrays(self.module.operand_types(instruction)[0])[0][1]
@@ -271,7 +218,7 @@ class _Estimator:
         return _convolution_flops(instruction.text, hlo.arrays(self.module.operand_types(instruction)[0])[0][1],
                                   hlo.arrays(self.module.operand_types(instruction)[1])[0][1], result)
 
-    def _rate_class(self, instruction: _Instruction) -> str:
+    def _rate_class(self, instruction: hlo.Instruction) -> str:
         dtypes = {hlo.arrays(t)[0][0] for t in self.module.operand_types(instruction)[:2] if hlo.arrays(t)}
         if not dtypes & {"f32", "f64"}:
             return LOW
@@ -283,7 +230,7 @@ class _Estimator:
         named = passes.group(1) or passes.group(2)
         return F32 if "high" in named or re.search(r"_x[369]|f32_f32_f32", named) else LOW
 
-    def _custom_call(self, instruction: _Instruction, totals: _Totals) -> None:
+    def _custom_call(self, instruction: hlo.Instruction, totals: _Totals) -> None:
         target = instruction.attribute("custom_call_target")
         config = instruction.backend_config()
         if target.startswith("__cublas$") and "gemm_backend_config" in config:
@@ -303,7 +250,7 @@ class _Estimator:
         totals.flops[F32 if q_dtype in ("f32", "f64") and self.platform != "tpu" else LOW] += flops
         totals.attention_flops += flops
 
-    def _attention_flops(self, instruction: _Instruction, target: str, config: dict) -> Optional[float]:
+    def _attention_flops(self, instruction: hlo.Instruction, target: str, config: dict) -> Optional[float]:
         """FLOPs of an attention kernel from its operands (the rule in the module docstring), or None."""
         operands = [hlo.arrays(t)[0] for t in self.module.operand_types(instruction) if hlo.arrays(t)]
         if target.startswith("__cudnn$fmha"):
@@ -311,7 +258,8 @@ class _Estimator:
             if not scores.get("dimensions"):
                 return None
             products = 5 if target.endswith("Backward") else 2
-            return products * 2.0 * np.prod([int(d) for d in scores["dimensions"]], dtype=np.float64) * operands[0][1][-1]
+            scores_size = np.prod([int(d) for d in scores["dimensions"]], dtype=np.float64)
+            return products * 2.0 * scores_size * operands[0][1][-1]
         name = instruction.name + " " + (re.search(r'op_name="([^"]*)"', instruction.text) or [""])[0]
         if target != "tpu_custom_call" or not _ATTENTION.search(name):
             return None
@@ -320,7 +268,7 @@ class _Estimator:
         products = 4 if "dkv" in kernel else 3 if "dq" in kernel else 5 if re.search(r"bwd|backward", kernel) else 2
         return products * 2.0 * np.prod(q, dtype=np.float64) * k[-2]
 
-    def _collective(self, instruction: _Instruction, kind: str, totals: _Totals, seen: set) -> None:
+    def _collective(self, instruction: hlo.Instruction, kind: str, totals: _Totals, seen: set) -> None:
         channel = re.search(r"channel_id=(\d+)", instruction.text)
         shape = [(d, s) for d, s, _ in hlo.arrays(instruction.type)]
         key = (kind, channel.group(1), str(shape)) if channel else (kind, instruction.name)
@@ -348,7 +296,7 @@ class _Estimator:
         entry["bytes"] += buffer
         entry["wire_dcn" if crosses else "wire_ici"] += wire
 
-    def _keeps_one_shard(self, all_reduce: _Instruction, size: int) -> bool:
+    def _keeps_one_shard(self, all_reduce: hlo.Instruction, size: int) -> bool:
         """An all-reduce fused with the slicing of each device's 1/n (the TPU's reduce-scatter fusion). A top-level
         all-reduce whose result is sliced later is not: the compiler chose to run the all-reduce."""
         users = [self.module.instructions[name] for name in all_reduce.users]
@@ -357,7 +305,7 @@ class _Estimator:
             for u in users)
 
     # -- HBM traffic of one top-level instruction -------------------------------------------------------------------
-    def _traffic(self, instruction: _Instruction) -> float:
+    def _traffic(self, instruction: hlo.Instruction) -> float:
         opcode = instruction.opcode
         if opcode in _NO_TRAFFIC or (opcode == "custom-call" and
                                      instruction.attribute("custom_call_target") in _NO_TRAFFIC_TARGETS):
@@ -377,7 +325,7 @@ class _Estimator:
             return self._fusion_traffic(instruction, written)
         return read + written
 
-    def _fusion_traffic(self, fusion: _Instruction, written: float) -> float:
+    def _fusion_traffic(self, fusion: hlo.Instruction, written: float) -> float:
         fused = self.module.computations[fusion.attribute("calls")]
         parameters = {int(re.match(r"(\d+)\)", i.text).group(1)): i for i in fused if i.opcode == "parameter"}
         root = self.module.root(fusion.attribute("calls"))
@@ -406,7 +354,7 @@ class _Estimator:
             instruction = self.module.instructions[instruction.operands[0]]
         return instruction.name
 
-    def _uses(self, parameter: _Instruction) -> list[tuple[_Instruction, str]]:
+    def _uses(self, parameter: hlo.Instruction) -> list[tuple[hlo.Instruction, str]]:
         """(user, the operand name it reads the parameter through) of a fused parameter, through bitcasts and into
         nested fusions (the TPU compiler nests them: a fusion's parameter is often sliced by a fusion inside it)."""
         uses, todo = [], [(user, parameter.name) for user in parameter.users]
@@ -482,7 +430,7 @@ def estimate(compiled, chip: Optional[Chip], devices: Sequence) -> dict[str, Any
 
 
 def estimate_module(module, platform: str, chip: Optional[Chip], devices: Sequence) -> dict[str, Any]:
-    reader = _Module(module)
+    reader = hlo.CompiledModule(module)
     totals = _Estimator(reader, platform, chip, [_domain(d) for d in devices]).run(reader.entry)
     share = device_share(devices)
     out: dict[str, Any] = {
