@@ -294,6 +294,11 @@ class CompiledModule:
     def operand_types(self, instruction: Instruction) -> list[str]:
         return [self.instructions[name].type for name in instruction.operands]
 
+    def parameters(self, computation: str) -> dict[int, Instruction]:
+        """A computation's parameters by number (a fusion's operand i is its computation's parameter i)."""
+        return {int(re.match(r"(\d+)\)", i.text).group(1)): i for i in self.computations[computation]
+                if i.opcode == "parameter"}
+
 
 __all__ = ["COLLECTIVE_OPS", "CompiledModule", "Instruction", "array_bytes", "arrays", "called_computations",
            "collectives", "dot_precisions", "loop_computations", "parse_computations", "replica_groups",

@@ -326,8 +326,7 @@ class _Estimator:
         return read + written
 
     def _fusion_traffic(self, fusion: hlo.Instruction, written: float) -> float:
-        fused = self.module.computations[fusion.attribute("calls")]
-        parameters = {int(re.match(r"(\d+)\)", i.text).group(1)): i for i in fused if i.opcode == "parameter"}
+        parameters = self.module.parameters(fusion.attribute("calls"))
         root = self.module.root(fusion.attribute("calls"))
         outputs = [self.module.instructions[n] for n in root.operands] if root.opcode == "tuple" else [root]
         in_place = set()
@@ -364,8 +363,7 @@ class _Estimator:
             if user.opcode == "bitcast":
                 todo += [(u, user.name) for u in user.users]
             elif user.opcode == "fusion":
-                inner = {int(re.match(r"(\d+)\)", i.text).group(1)): i
-                         for i in self.module.computations[user.attribute("calls")] if i.opcode == "parameter"}
+                inner = self.module.parameters(user.attribute("calls"))
                 for index in (i for i, operand in enumerate(user.operands) if operand == via):
                     todo += [(u, inner[index].name) for u in inner[index].users]
             else:
