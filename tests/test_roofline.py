@@ -232,21 +232,25 @@ def attention_step(impl, mesh):
 
 
 def test_attention_kernels_are_priced_from_their_operands(v5e):
-    """Forward and backward of attention through the opaque kernels, batch 8 over 4 TPUs / 8 GPUs, 4 query heads
-    (2 kv heads), sequence 256, head size 128. One product is 2·B·H·S·S·D per device. Splash: forward 2
+    """Forward and backward of attention through the opaque kernels, 4 query heads (2 kv heads), sequence 256,
+    head size 128; batch 8 over 4 TPUs or 8 GPUs, and 4 over 4 TPUs (one row a chip: the compiler drops the
+    batch dimension of the kernel's operands). One product is 2·B·H·S·S·D per device. Splash: forward 2
     products, its dkv kernel 4, its dq kernel 3. cuDNN: forward 2, fused backward 5 (2.5x the forward)."""
     import jax.numpy as jnp
     from jax.sharding import Mesh, PartitionSpec as P
 
     from sgt_jax.models.attention import target_backend
 
-    inputs = [((8, 256, 4, 128), jnp.bfloat16, P("d")), ((8, 256, 2, 128), jnp.bfloat16, P("d")),
-              ((8, 256, 2, 128), jnp.bfloat16, P("d")), ((8, 256), jnp.int32, P("d"))]
-    for devices, impl, products in ((v5e, "splash", 2 + 4 + 3), (h100s(), "cudnn", 2 + 5)):
+    def inputs(rows):
+        return [((rows, 256, 4, 128), jnp.bfloat16, P("d")), ((rows, 256, 2, 128), jnp.bfloat16, P("d")),
+                ((rows, 256, 2, 128), jnp.bfloat16, P("d")), ((rows, 256), jnp.int32, P("d"))]
+
+    for devices, rows, impl, products in ((v5e, 8, "splash", 2 + 4 + 3), (v5e, 4, "splash", 2 + 4 + 3),
+                                          (h100s(), 8, "cudnn", 2 + 5)):
         with target_backend(devices[0].platform):
-            r = estimate(devices, attention_step(impl, Mesh(np.array(devices), ("d",))), *inputs)
-        product = 2 * (8 // len(devices)) * 4 * 256 * 256 * 128
-        assert r["attention_flops"] == products * product, impl
+            r = estimate(devices, attention_step(impl, Mesh(np.array(devices), ("d",))), *inputs(rows))
+        product = 2 * (rows // len(devices)) * 4 * 256 * 256 * 128
+        assert r["attention_flops"] == products * product, (impl, rows)
         assert r["flops"]["low_precision"] >= r["attention_flops"]
         assert r["opaque_kernels"] == {}
 

@@ -24,7 +24,8 @@ dP, dV, dQ, dK), the usual **2.5x the forward**. Masked (causal) blocks are coun
 them. Identified by name:
 
 - TPU Mosaic calls (``tpu_custom_call``) whose name says ``splash``/``flash``/``mha``/``mqa``/``attention``: q and k
-  are the first two rank-4 floating-point operands, laid out (B, H, S, D). Splash splits its backward in two
+  are the first two floating-point operands of rank 4, laid out (B, H, S, D), or of rank 3, (H, S, D), where
+  the compiler dropped a batch of one. Splash splits its backward in two
   kernels: ``dkv`` recomputes QKᵀ and dP and forms dV and dK (4 products), ``dq`` recomputes QKᵀ and dP and
   forms dQ (3 products); a kernel named ``bwd``/``backward`` is a fused backward (5); anything else a forward (2).
 - cuDNN flash attention (``__cudnn$fmha...``): B·H·Sq·Sk from the call's ``intermediate_tensor_shape``, D the
@@ -263,7 +264,10 @@ class _Estimator:
         name = instruction.name + " " + (re.search(r'op_name="([^"]*)"', instruction.text) or [""])[0]
         if target != "tpu_custom_call" or not _ATTENTION.search(name):
             return None
-        q, k = [dims for dtype, dims, _ in operands if len(dims) == 4 and dtype[0] in "fb"][:2]
+        tensors = [dims for dtype, dims, _ in operands if len(dims) in (3, 4) and dtype[0] in "fb"]
+        if len(tensors) < 2:
+            return None
+        q, k = tensors[:2]
         kernel = name.lower()
         products = 4 if "dkv" in kernel else 3 if "dq" in kernel else 5 if re.search(r"bwd|backward", kernel) else 2
         return products * 2.0 * np.prod(q, dtype=np.float64) * k[-2]
