@@ -345,3 +345,22 @@ def test_the_tpu_backward_scan_reads_one_saved_layer_per_iteration(v5e):
     r = estimate(v5e[:1], jax.grad(loss), ((layers, 2048, 2048), jnp.bfloat16, P()), ((2048, 2048), jnp.bfloat16, P()))
     assert r["flops"]["low_precision"] == 4 * layers * 2 * 2048**3  # forward, recomputed forward, two backward dots
     assert r["hbm_bytes"] <= 12 * layers * tensor, r["hbm_bytes"] / (layers * tensor)
+
+
+def test_a_program_the_estimate_cannot_read_keeps_its_compile_report(monkeypatch):
+    """The roofline is an extra: if it fails on a program, the step report keeps its memory and says n/a."""
+    import jax
+    import jax.numpy as jnp
+
+    from sgt_jax.training import compile as compile_lib, roofline
+
+    def broken(*args):
+        raise ValueError("an instruction the reader does not know")
+
+    monkeypatch.setattr(roofline, "estimate", broken)
+    program = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
+    step = compile_lib.step_report(program, 1.0, chip=None, devices=jax.devices()[:1])
+    assert step["memory"]["total"] > 0 and "does not know" in step["roofline"]["error"]
+    report = {"train_step": step, "eval_step": None, **roofline.step_figures(
+        step["roofline"], tokens_per_step=1, model_flops=1, chip=None, num_devices=1)}
+    assert "n/a" in "\n".join(compile_lib._roofline_rows(report))

@@ -257,8 +257,16 @@ def step_report(compiled, seconds: float, *, chip: Optional[chips.Chip], devices
     ``devices`` in the program's device order (the mesh's), ``chip`` None for counts without times."""
     comms = hlo_lib.collectives(compiled.as_text())
     return {"compile_seconds": round(seconds, 1), "memory": memory(compiled),
-            "roofline": roofline.estimate(compiled, chip, devices),
+            "roofline": _roofline(compiled, chip, devices),
             "collectives": comms, "collectives_in_loops": sum(c["in_loop"] for c in comms)}
+
+
+def _roofline(compiled, chip, devices) -> dict[str, Any]:
+    try:
+        return roofline.estimate(compiled, chip, devices)
+    except Exception as exc:  # noqa: BLE001 - a program the estimate cannot read must not cost the memory report
+        log.warning("no roofline estimate for this program (%s: %s)", type(exc).__name__, exc)
+        return {"estimate": True, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> dict[str, Any]:
@@ -319,7 +327,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def _roofline_rows(report: dict[str, Any]) -> list[str]:
     """The roofline estimate of each step: a lower bound on its time, not a measurement."""
-    rows = [f"roofline per device ({report['train_step']['roofline']['chip'] or 'no chip figures: counts only'}; "
+    rows = [f"roofline per device ({report['train_step']['roofline'].get('chip') or 'no chip figures: counts only'}; "
             "an estimate, the step's lower bound, not a measurement):",
             f"{'':<14}{'low-prec FLOP':>14}{'f32 FLOP':>11}{'HBM GB':>9}{'coll. GB':>9}{'compute s':>11}{'HBM s':>9}"
             f"{'coll. s':>9}{'bound s':>9}{'sum s':>9}"]
@@ -327,6 +335,9 @@ def _roofline_rows(report: dict[str, Any]) -> list[str]:
         if report[name] is None:
             continue
         r = report[name]["roofline"]
+        if "error" in r:
+            rows.append(f"{name:<14}n/a: the estimate could not read this program ({r['error'][:80]})")
+            continue
         wire = sum(c["wire_bytes"] for c in r["collectives"].values())
         times = "".join(f"{r[k]:>9.4f}" if k in r else f"{'n/a':>9}" for k in
                         ("t_compute_seconds", "t_hbm_seconds", "t_collectives_seconds", "bound_seconds",
