@@ -268,6 +268,11 @@ def test_replica_group_spellings():
     assert replica_groups("replica_groups=mesh['a'=8] {'a':(1)2}, x", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert replica_groups("replica_groups=mesh['a'=8] {'a':(2)4}, x", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert replica_groups("replica_groups=mesh['a'=2,'b'=2], device_ids=(0,2,1,3) {'b'}, x", 4) == [[0, 2], [1, 3]]
+    # An iota device order: arange(16) as (2, 4, 2), transposed (0, 2, 1), is the mesh (4, 1, 4) with rows
+    # [0,2,4,6] [1,3,5,7] [8,10,12,14] [9,11,13,15]; grouping axis_0 takes its columns.
+    assert replica_groups("replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=4], device_ids=([2,4,2]T(0,2,1)) "
+                          "{'axis_0'}, dimensions={0}", 16) == [[0, 1, 8, 9], [2, 3, 10, 11], [4, 5, 12, 13],
+                                                                [6, 7, 14, 15]]
     assert replica_groups("source_target_pairs={{0,1},{1,0}}", 2) is None
 
 

@@ -75,8 +75,9 @@ def called_computations(line: str) -> list[str]:
 def replica_groups(line: str, num_devices: int) -> list[list[int]] | None:
     """The device groups a collective runs over, as ids into the program's device assignment, from any of the
     three spellings: ``{{0,1},{2,3}}`` (``{}``: one group of every device), iota ``[2,4]<=[4,2]T(1,0)`` and
-    mesh axes ``mesh['x'=2,'y'=4] {'y'}`` (a sub-axis ``'y':(1)2`` is 2 devices of y, after 1). None without
-    replica groups (collective-permute names source-target pairs instead)."""
+    mesh axes ``mesh['x'=2,'y'=4] {'y'}`` (a sub-axis ``'y':(1)2`` is 2 devices of y, after 1; the mesh may give
+    its device order, ``mesh[...], device_ids=([2,4]T(1,0)) {...}``). None without replica groups
+    (collective-permute names source-target pairs instead) or in a spelling not known here."""
     m = re.search(r"replica_groups=", line)
     if not m:
         return None
@@ -84,14 +85,20 @@ def replica_groups(line: str, num_devices: int) -> list[list[int]] | None:
     if rest.startswith("{"):
         groups = [[int(i) for i in g.split(",") if i] for g in re.findall(r"\{([\d,]*)\}", _balanced(rest)[1:-1])]
         return [g for g in groups if g] or [list(range(num_devices))]
-    iota = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rest)
-    if iota:
-        shape, dims = [_ints(iota.group(i)) for i in (1, 2)]
-        ids = np.arange(int(np.prod(dims))).reshape(dims)
-        ids = ids.transpose(_ints(iota.group(3))) if iota.group(3) else ids
-        return ids.reshape(shape).tolist()
-    mesh = re.match(r"mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*)\))?\s*\{([^}]*)\}", rest)
+    if re.match(r"\[[\d,]+\]<=", rest):
+        shape = _ints(rest[:rest.index("]")])
+        return _iota(rest).reshape(shape).tolist()
+    mesh = re.match(r"mesh\[([^\]]*)\](?:,\s*device_ids=\((.*?)\))?\s*\{([^}]*)\}", rest)
     return _mesh_axes_groups(mesh.group(1), mesh.group(2), mesh.group(3)) if mesh else None
+
+
+def _iota(text: str) -> np.ndarray:
+    """The flat device ids of an iota tile assignment, ``[4,4]<=[8,2]T(1,0)`` or ``[8,2]T(1,0)``: arange over the
+    dimensions after ``<=`` (or the only ones), transposed by T."""
+    m = re.match(r"\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?", text)
+    dims = _ints(m.group(2) or m.group(1))
+    ids = np.arange(int(np.prod(dims))).reshape(dims)
+    return (ids.transpose(_ints(m.group(3))) if m.group(3) else ids).reshape(-1)
 
 
 def _ints(text: str) -> list[int]:
@@ -114,7 +121,8 @@ def _mesh_axes_groups(axes_text: str, device_ids: str | None, grouped_text: str)
     moved last, in the order listed, and one group per row."""
     names = re.findall(r"'([^']+)'=\d+", axes_text)
     sizes = [int(s) for s in re.findall(r"'[^']+'=(\d+)", axes_text)]
-    ids = np.array(_ints(device_ids)) if device_ids else np.arange(int(np.prod(sizes)))
+    ids = np.arange(int(np.prod(sizes))) if not device_ids else _iota(device_ids) if device_ids.startswith("[") \
+        else np.array(_ints(device_ids))
     refs = [(name, int(pre) if pre else None, int(size) if size else None)
             for name, pre, size in re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", grouped_text)]
     dims, grouped = [], {}

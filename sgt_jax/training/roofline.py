@@ -53,9 +53,10 @@ buffer of B bytes (all-gather: its result; the others: their operand), the ring 
     all-gather, reduce-scatter, all-to-all: (n - 1) / n x B;   all-reduce: 2 (n - 1) / n x B;
     collective-permute, collective-broadcast: B
 
-at ``chip.ici_bandwidth`` (one ring's bandwidth per chip and direction), or at ``chip.dcn_bandwidth`` when the
-group spans hosts: devices of different processes on GPUs, of different slices on TPUs (inside a slice every
-TPU chip is on the ICI torus). A TPU entry has no DCN figure: groups across slices are then priced at ICI and
+(groups in a spelling not read here: the size from the buffer sizes, or all devices; counted in
+``collective_groups_guessed``) at ``chip.ici_bandwidth`` (one ring's bandwidth per chip and direction), or at
+``chip.dcn_bandwidth`` when the group spans hosts: devices of different processes on GPUs, of different slices
+on TPUs (inside a slice every TPU chip is on the ICI torus). A TPU entry has no DCN figure: groups across slices are then priced at ICI and
 flagged (``dcn_not_modelled``).
 
 **Loops**: a ``while`` counts its body and condition ``known_trip_count`` times (its backend config; nested loops
@@ -118,6 +119,7 @@ class _Totals:
     # kind -> {"count", "bytes", "wire_ici", "wire_dcn"}
     collectives: dict = dataclasses.field(default_factory=dict)
     loops_without_trip_count: int = 0
+    groups_guessed: int = 0  # collectives whose replica groups were in a spelling not read
     dcn_not_modelled: bool = False
     opaque_kernels: Counter = dataclasses.field(default_factory=Counter)
 
@@ -131,6 +133,7 @@ class _Totals:
             for key, value in entry.items():
                 mine[key] += times * value
         self.loops_without_trip_count += other.loops_without_trip_count
+        self.groups_guessed += other.groups_guessed
         self.dcn_not_modelled |= other.dcn_not_modelled
         self.opaque_kernels.update({k: v * times for k, v in other.opaque_kernels.items()})
 
@@ -285,9 +288,14 @@ class _Estimator:
             result_bytes -= operand_bytes  # an async start returns (operands, results, ...)
         buffer = result_bytes if kind == "all-gather" else operand_bytes
         groups = hlo.replica_groups(instruction.text, len(self.domains))
-        if groups is None:  # collective-permute: source-target pairs
-            pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", instruction.text)
-            groups = [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(0))] if pairs else [[0]]
+        pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", instruction.text)
+        if groups is None and pairs:
+            groups = [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(0))]
+        elif groups is None:  # a spelling not read here: the group size from the sizes, all devices at worst
+            totals.groups_guessed += 1
+            ratio = {"all-gather": result_bytes / max(operand_bytes, 1),
+                     "reduce-scatter": operand_bytes / max(result_bytes, 1)}.get(kind, len(self.domains))
+            groups = [list(range(max(int(round(ratio)), 1)))]
         size = max(len(g) for g in groups)
         if kind == "all-reduce" and self._keeps_one_shard(instruction, size):
             kind = "reduce-scatter"  # the TPU's reduce-scatter: an all-reduce each device keeps 1/n of
@@ -441,6 +449,7 @@ def estimate_module(module, platform: str, chip: Optional[Chip], devices: Sequen
         "collectives": {kind: {"count": e["count"], "bytes": e["bytes"], "wire_bytes": e["wire_ici"] + e["wire_dcn"]}
                         for kind, e in sorted(totals.collectives.items())},
         "loops_without_trip_count": totals.loops_without_trip_count, "dcn_not_modelled": totals.dcn_not_modelled,
+        "collective_groups_guessed": totals.groups_guessed,
         "opaque_kernels": dict(totals.opaque_kernels), "chip": chip.name if chip else None, "device_share": share,
     }
     if chip is not None:
