@@ -14,7 +14,8 @@ def row(path: Path) -> str:
     in_loops = train["collectives_in_loops"]
     # Roofline estimates (reports written before the roofline carry none: n/a).
     est, mfu = r.get("roofline_step_seconds"), r.get("roofline_mfu")
-    return (f"| {path.stem.split('_v')[0]} | {r['topology']} | {r['mesh']['data']}/{r['mesh']['fsdp']}/"
+    recipe = path.stem[: -len(r["topology"].replace(":", "_")) - 1]  # <recipe>_<topology>.json
+    return (f"| {recipe} | {r['topology']} | {r['mesh']['data']}/{r['mesh']['fsdp']}/"
             f"{r['mesh']['tensor']} | {r['needed_bytes_per_device'] / GiB:.2f} of {r['hbm_bytes_per_device'] / GiB:.0f}"
             f" GiB | {'yes' if r['fits'] else 'no'} | {train['memory']['total'] / GiB:.2f} | "
             f"{r['eval_step']['memory']['total'] / GiB if r['eval_step'] else float('nan'):.2f} | {per_step} "

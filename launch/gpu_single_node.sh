@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train an SGT on one node with N GPUs: one process drives all of them (a (data, fsdp, tensor) mesh over the
-# local devices; no jax.distributed).
+# local devices, as the config's gpu: block sets it; no jax.distributed).
 #
 #   launch/gpu_single_node.sh configs/llama2_7b.yaml [key=value ...]
 #   NUM_GPUS=4 launch/gpu_single_node.sh configs/mistral_7b_instruct.yaml mesh.fsdp=2
@@ -35,7 +35,6 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 # mesh.distributed=false: a single process, even inside a SLURM allocation (where "auto" would start
-# jax.distributed). Later key=value arguments override these defaults.
-exec "${PYTHON}" -m sgt_jax.train --config "${config}" \
-  mesh.distributed=false mesh.data=-1 mesh.fsdp=1 mesh.tensor=1 model.attention_impl=cudnn \
-  "$@"
+# jax.distributed). The attention kernel and the mesh come from the config's gpu: block, which applies on a
+# GPU machine. Later key=value arguments override all of these.
+exec "${PYTHON}" -m sgt_jax.train --config "${config}" mesh.distributed=false "$@"

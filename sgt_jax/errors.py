@@ -2,8 +2,9 @@
 derives from :class:`SGTError` and carries a one-line message naming the setting and the fix; the entry
 points print that line instead of a traceback (exit code 2).
 
-This module imports nothing from the package: every other module may import it, so the error types live
-next to the code that raises them and the CLIs catch the one base class."""
+This module imports nothing from the package but :mod:`sgt_jax.platforms` (which imports nothing from it):
+every other module may import it, so the error types live next to the code that raises them and the CLIs
+catch the one base class."""
 
 from __future__ import annotations
 
@@ -19,10 +20,15 @@ class SGTError(ValueError):
 
 
 def run_cli(body) -> int:
-    """Run a command-line entry point: INFO logging without third-party chatter, and a user-caused error
+    """Run a command-line entry point: the CPU on a machine without accelerators (no TPU / CUDA plugin start-up
+    noise; see :mod:`sgt_jax.platforms`), INFO logging without third-party chatter, and a user-caused error
     printed as its one line (exit code 2) instead of a traceback."""
     import logging
     import sys
+
+    from sgt_jax import platforms
+
+    platforms.prefer_cpu_without_accelerators()
 
     # force: importing Orbax already gave the root logger absl's default WARNING handler.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)

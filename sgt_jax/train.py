@@ -36,9 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the train and eval steps ahead of time (no weights read, nothing allocated), "
                         "report per-device memory, collectives and XLA's step-time estimate; exit 3 if it does not fit")
-    parser.add_argument("--topology", help="with --compile-only: a TPU slice to compile for on this machine, e.g. "
-                        "v5e:4x4, v4:2x2x2, v5p:2x2x2 (needs the tpu extra); default: the local devices")
+    parser.add_argument("--topology", help="with --compile-only: what to compile for on this machine (no TPU or GPU "
+                        "needed), a TPU slice such as v5e:4x4, v4:2x2x2, v5p:2x2x2 (needs the tpu extra) or GPU nodes "
+                        "as <chip>:<gpus> or <chip>:<hosts>x<gpus>, e.g. h100:8, h100:2x8, a100-80g:8, a100-40g:8 "
+                        "(needs the gpu extra); the config file's tpu: or gpu: block applies; default: the local "
+                        "devices")
     parser.add_argument("--compile-report", help="with --compile-only: also write the JSON report to this path")
+    parser.add_argument("--max-tokens", action="store_true",
+                        help="with --compile-only: also find the largest number of tokens per device that fits (rows "
+                        "of the micro-batch at the config's sequence length; three to five more compiles)")
     return parser
 
 
@@ -49,9 +55,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
 def _parse(argv: Optional[Sequence[str]] = None) -> tuple[SGTConfig, argparse.Namespace]:
     parser = _parser()
     args = parser.parse_args(argv)
-    if (args.topology or args.compile_report) and not args.compile_only:
-        parser.error("--topology and --compile-report need --compile-only")
-    return config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides), args
+    if (args.topology or args.compile_report or args.max_tokens) and not args.compile_only:
+        parser.error("--topology, --compile-report and --max-tokens need --compile-only")
+    # A topology's platform picks the config file's platform block; a run's is this machine's.
+    platform = compile_lib.topology_platform(args.topology) if args.topology else None
+    return config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides, platform=platform), args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -70,7 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _compile_only(cfg: SGTConfig, args: argparse.Namespace) -> int:
     """The --compile-only report; its own exit code when the step does not fit the devices."""
     try:
-        compile_lib.compile_only(cfg, topology=args.topology, report_path=args.compile_report)
+        compile_lib.compile_only(cfg, topology=args.topology, report_path=args.compile_report,
+                                 max_tokens=args.max_tokens)
     except compile_lib.CompileFitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return compile_lib.FIT_EXIT_CODE

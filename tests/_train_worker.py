@@ -180,6 +180,10 @@ def mode_sharded(out, overrides):
     text = compiled.as_text()
     result["hlo"] = analyse_step_hlo(text)
     result["num_params"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
+    # Elements of one device's shard of each parameter (the train state's fsdp sharding).
+    result["num_param_shard_elements"] = int(sum(np.prod(x.sharding.shard_shape(x.shape))
+                                                 for x in jax.tree.leaves(state.params)))
+    result["num_param_leaves"] = len(jax.tree.leaves(state.params))
     _, metrics = jax.eval_shape(trainer.jitted_train_step, state, trainer.base_state, batch)
     result["num_metric_elements"] = int(sum(np.prod(m.shape, dtype=int) for m in jax.tree.leaves(metrics)))
     Path(str(out) + ".hlo.txt").write_text(text)

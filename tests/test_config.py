@@ -102,3 +102,58 @@ def test_readme_configuration_reference_is_generated_from_the_schema():
     section = readme[readme.index(start) + len(start): readme.index(end)]
     assert section == reference_markdown()
     assert "`cloak.rho_init`" in section and "`optimizer.weight_decay`" in section
+
+
+PLATFORM_YAML = """model:
+  attention_impl: splash
+mesh:
+  fsdp: 4
+optimizer:
+  learning_rate: 1.0e-4
+gpu:
+  model:
+    attention_impl: cudnn
+  mesh:
+    data: -1
+    fsdp: 1
+cpu:
+  model:
+    attention_impl: xla
+"""
+
+
+def test_the_platform_block_of_the_run_applies_over_the_file_and_under_the_overrides(tmp_path):
+    """A file's gpu: block on GPUs, its cpu: block on CPUs, none on TPUs (it has no tpu: block); the file's other
+    settings stay; command-line overrides beat the block."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(PLATFORM_YAML)
+    resolved = {p: load_config(path, platform=p) for p in ("gpu", "tpu", "cpu")}
+    assert (resolved["gpu"].model.attention_impl, resolved["gpu"].mesh.data, resolved["gpu"].mesh.fsdp) == ("cudnn", -1, 1)
+    assert (resolved["tpu"].model.attention_impl, resolved["tpu"].mesh.fsdp) == ("splash", 4)
+    assert (resolved["cpu"].model.attention_impl, resolved["cpu"].mesh.fsdp) == ("xla", 4)
+    assert {cfg.optimizer.learning_rate for cfg in resolved.values()} == {1e-4}
+    overridden = load_config(path, ["mesh.fsdp=2", "model.attention_impl=xla"], platform="gpu")
+    assert (overridden.model.attention_impl, overridden.mesh.data, overridden.mesh.fsdp) == ("xla", -1, 2)
+
+
+def test_without_a_platform_the_machines_own_is_used(tmp_path, monkeypatch):
+    from sgt_jax import platforms
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(PLATFORM_YAML)
+    monkeypatch.setattr(platforms, "local_platform", lambda: "gpu")
+    assert load_config(path).model.attention_impl == "cudnn"
+    monkeypatch.setattr(platforms, "local_platform", lambda: "tpu")
+    assert load_config(path).model.attention_impl == "splash"
+
+
+@pytest.mark.parametrize("block, needle", [("gpu:\n  model:\n    attention_iml: cudnn\n", "attention_iml"),
+                                           ("gpu: cudnn\n", "gpu:"), ("tpu:\n  mesh:\n    fsdp: many\n", "fsdp")])
+def test_a_bad_platform_block_is_refused_on_every_platform(tmp_path, block, needle):
+    """Checked against the schema whichever platform the run is on: a typo under gpu: fails on a TPU too."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("mesh:\n  fsdp: 2\n" + block)
+    for platform in ("tpu", "gpu", "cpu"):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, platform=platform)
+        assert needle in str(info.value) and "\n" not in str(info.value)

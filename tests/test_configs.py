@@ -62,11 +62,13 @@ def test_large_model_config_follows_the_recommendations(name):
     assert cfg.data.num_workers >= 4
     assert cfg.checkpoint.save_on_preemption and cfg.checkpoint.every_minutes <= 60 and cfg.checkpoint.resume
     assert cfg.validation.every_steps or cfg.validation.every_minutes
-    # Both targets are spelled out: the TPU mesh in the file, the 8-GPU overrides in its header.
+    # Both targets are spelled out: the TPU settings at the top, the GPU launch's in the gpu: block.
     text = (CONFIGS / name).read_text()
-    assert "mesh.data=8" in text and "tpu_pod.sh" in text and "gpu_single_node.sh" in text
-    gpu = load_config(CONFIGS / name, ["mesh.data=8", "mesh.fsdp=1", "model.attention_impl=cudnn"])
-    assert (gpu.mesh.data, gpu.mesh.fsdp, gpu.model.attention_impl) == (8, 1, "cudnn")
+    assert "tpu_pod.sh" in text and "gpu_single_node.sh" in text
+    tpu, gpu = load_config(CONFIGS / name, platform="tpu"), load_config(CONFIGS / name, platform="gpu")
+    assert (tpu.mesh.data, tpu.mesh.fsdp, tpu.mesh.tensor, tpu.model.attention_impl) == (-1, 4, 1, "splash")
+    assert (gpu.mesh.data, gpu.mesh.fsdp, gpu.mesh.tensor, gpu.model.attention_impl) == (-1, 1, 1, "cudnn")
+    assert _recommended(gpu) == _recommended(tpu)
 
 
 @pytest.fixture(scope="module")

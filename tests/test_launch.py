@@ -86,19 +86,28 @@ def stubs(tmp_path):
     return run
 
 
-def _training_config(argv):
-    """The configuration ``python <argv>`` would train with, through the entry point's own parser."""
+def _training_config(argv, monkeypatch=None, platform=None):
+    """The configuration ``python <argv>`` would train with, through the entry point's own parser, on a machine
+    of ``platform`` (a GPU node for the GPU scripts: the recipe's gpu: block applies)."""
     assert argv[:2] == ["-m", "sgt_jax.train"], argv
+    if platform is not None:
+        from sgt_jax import platforms
+
+        monkeypatch.setattr(platforms, "local_platform", lambda: platform)
     return parse_args(argv[2:])
 
 
-def test_gpu_single_node_runs_one_process_over_all_local_gpus(stubs):
+def test_gpu_single_node_runs_one_process_over_all_local_gpus(stubs, monkeypatch):
     result, calls = stubs("gpu_single_node.sh", RECIPE, "mesh.fsdp=3", "data.batch_size=24")
     assert result.returncode == 0, result.stderr
     (call,) = calls
-    cfg = _training_config(call["argv"])
-    # No jax.distributed on one node; cudnn attention; the caller's overrides win over the script's defaults.
+    # The script passes no mesh or attention setting: those come from the recipe's gpu: block.
+    assert not [a for a in call["argv"] if a.startswith(("mesh.data", "mesh.tensor", "model.attention_impl"))]
+    cfg = _training_config(call["argv"], monkeypatch, "gpu")
+    # No jax.distributed on one node; cudnn attention; the caller's overrides win over the recipe's gpu: block.
     assert (cfg.mesh.distributed, cfg.mesh.data, cfg.mesh.fsdp, cfg.model.attention_impl) == ("false", -1, 3, "cudnn")
+    default = _training_config(stubs("gpu_single_node.sh", RECIPE)[1][-1]["argv"], monkeypatch, "gpu")
+    assert (default.mesh.data, default.mesh.fsdp, default.mesh.tensor) == (-1, 1, 1)
     assert cfg.data.batch_size == 24 and cfg.cloak.transformer_type == "llama"  # the recipe was read
     assert call["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2"  # every GPU nvidia-smi lists
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in call["env"]["XLA_FLAGS"]
@@ -111,12 +120,13 @@ def test_gpu_single_node_without_a_config_prints_usage_and_exits_2(stubs):
     assert "gpu_single_node.sh configs/" in result.stdout
 
 
-def test_gpu_slurm_task_joins_jax_distributed_with_its_rank(stubs):
+def test_gpu_slurm_task_joins_jax_distributed_with_its_rank(stubs, monkeypatch):
     result, calls = stubs("gpu_slurm.sbatch", RECIPE, "mesh.fsdp=8", SLURM_JOB_NODELIST="node-[a-b]",
                           SLURM_NNODES="2", SLURM_NTASKS="2", SLURM_PROCID="1", COORDINATOR_PORT="4321")
     assert result.returncode == 0, result.stderr
     (call,) = calls
-    cfg = _training_config(call["argv"])
+    assert not [a for a in call["argv"] if a.startswith("model.attention_impl")]
+    cfg = _training_config(call["argv"], monkeypatch, "gpu")
     m = cfg.mesh
     assert (m.distributed, m.coordinator_address, m.num_processes, m.process_id) == ("true", "node-a:4321", 2, 1)
     assert m.fsdp == 8 and cfg.model.attention_impl == "cudnn"

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sgt_jax"
 # Lower numbers sit lower: a module may import its own layer (other packages of it too, as long as no cycle
 # forms) and the layers below, never one above. Entry points (python -m sgt_jax.X) sit on top.
 LAYERS = {
-    "sgt_jax.errors": 0, "sgt_jax.config": 0, "sgt_jax.tracking": 0, "sgt_jax.assets": 0,
+    "sgt_jax.errors": 0, "sgt_jax.platforms": 0, "sgt_jax.config": 0, "sgt_jax.tracking": 0, "sgt_jax.assets": 0,
     "sgt_jax.models": 1,
     "sgt_jax.transform": 2, "sgt_jax.data": 2,
     "sgt_jax.inference": 3,

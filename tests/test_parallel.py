@@ -103,3 +103,22 @@ def test_distributed_start_up_only_when_asked():
         assert maybe_initialize_distributed(MeshConfig(distributed="auto")) is False
     with pytest.raises(MeshConfigError, match="mesh.distributed='maybe'"):
         maybe_initialize_distributed(MeshConfig(distributed="maybe"))
+
+
+def test_fsdp_moves_to_each_trained_matrix_major_dimension():
+    """The train state's fsdp axis goes to the first dimension larger than 1 that it divides (a reduce-scatter
+    along a minor dimension is a whole-gradient all-reduce on TPU), keeping the tensor axis where the rules put
+    it; vectors and indivisible shapes stay as they were."""
+    from sgt_jax.models.sharding import fsdp_on_major_dim
+
+    mesh = FakeMesh(data=2, fsdp=4, tensor=2)
+    # (layers=1, mlp, embed) down projection: rules give (None, "tensor", "fsdp").
+    assert fsdp_on_major_dim(PartitionSpec(None, "tensor", "fsdp"), (1, 4096, 1024), mesh) == \
+        PartitionSpec(None, ("fsdp", "tensor"), None)
+    # an estimator head without logical axes (replicated by the rules) is sharded on its rows
+    assert fsdp_on_major_dim(PartitionSpec(), (1024, 1024), mesh) == PartitionSpec("fsdp", None)
+    assert fsdp_on_major_dim(PartitionSpec("fsdp"), (1024,), mesh) == PartitionSpec(None)  # vectors: replicated
+    assert fsdp_on_major_dim(PartitionSpec(None, None), (6, 8), mesh) == PartitionSpec(None, "fsdp")  # 6 % 4 != 0
+    assert fsdp_on_major_dim(PartitionSpec(None, "tensor"), (3, 6), mesh) == PartitionSpec(None, "tensor")
+    assert fsdp_on_major_dim(PartitionSpec("fsdp", None), (8, 8), FakeMesh(data=8, fsdp=1, tensor=1)) == \
+        PartitionSpec(None, None)

@@ -185,20 +185,27 @@ def sharded(model_dir, tmp_path_factory):
 
 
 def test_one_gradient_reduction_per_step(sharded):
-    """In the compiled step (data=4, fsdp=2, accum 4) no reduction sits in any while-loop body (the
-    accumulation scan and the layer scans inside it) — there only the fsdp-sharded base is gathered, one layer
-    at a time, and its embedding lookup exchanged — and the all-reduces outside reduce each gradient element
-    once. Fails if the pcast/shard_map is removed (a psum per micro-batch inside the scan body) or if
-    gradients are reduced twice."""
+    """In the compiled step (data=4, fsdp=2, accum 4) no all-reduce sits in any while-loop body (the accumulation
+    scan and the layer scans inside it): there the fsdp-sharded base and cloak are gathered, the base's embedding
+    lookup exchanged, and each micro-batch's cloak gradient reduce-scattered over the fsdp pairs only (into the
+    sharded accumulator); after the scan the all-reduces sum each element of a gradient *shard* once (over data).
+    Fails if the pcast/shard_map is removed (a psum per micro-batch inside the scan body), if the accumulator is
+    a full replicated copy (all-reduces of whole gradients outside), or if gradients are reduced twice."""
     assert sharded["devices"] == 8
     hlo = sharded["hlo"]
     assert hlo["num_while"] >= 1, "no while loop: the accumulation scan is gone"
     in_loops = hlo["collectives_inside_while"]
-    assert [c for c in in_loops if not re.search(r" (all-gather|all-to-all)(-start)?\(", c)] == [], in_loops[:5]
+    fsdp_pairs = "replica_groups={{0,1},{2,3},{4,5},{6,7}}"
+    assert [c for c in in_loops if re.search(r" (all-reduce|collective-permute)(-start)?\(", c)] == [], in_loops[:5]
+    scatters = [c for c in in_loops if re.search(r" reduce-scatter(-start)?\(", c)]
+    assert scatters and all(fsdp_pairs in c for c in scatters), scatters[:3]
     reduced = sum(hlo["all_reduce_elements_outside"])
-    # Gradients + metrics (+ a few scalar mask counts for the global denominators).
-    assert sharded["num_params"] <= reduced <= sharded["num_params"] + sharded["num_metric_elements"] + 16, (
-        reduced, sharded["num_params"])
+    # Gradient shards + metrics (+ a few scalar mask counts for the global denominators, and the partial sums
+    # of squares of the sharded gradients for the global norm: a scalar per parameter, for the clip and the log).
+    shards = sharded["num_param_shard_elements"]
+    assert shards < sharded["num_params"], "the cloak is not sharded over fsdp"
+    slack = sharded["num_metric_elements"] + 16 + 2 * sharded["num_param_leaves"]
+    assert shards <= reduced <= shards + slack, (reduced, shards, slack)
     # Outside the loop only the fsdp-sharded base weights are gathered (once per step, not per micro-batch).
     assert all(" all-gather(" in line or " all-gather-start(" in line for line in hlo["other_collectives_outside"]), (
         hlo["other_collectives_outside"])

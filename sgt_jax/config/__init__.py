@@ -1,8 +1,9 @@
 """The typed schema of every sgt_jax setting.
 
 The dataclasses below *are* the documentation of the configuration: each field's comment says what it
-means. A run's configuration is the schema's defaults, overlaid by a YAML file from ``configs/`` and then
-by dotted ``key=value`` command-line overrides, merged and type-checked by OmegaConf structured configs.
+means. A run's configuration is the schema's defaults, overlaid by a YAML file from ``configs/`` (with its
+block for the run's platform, :mod:`sgt_jax.config.platform_blocks`) and then by dotted ``key=value``
+command-line overrides, merged and type-checked by OmegaConf structured configs.
 Unknown keys and wrong types are refused with a one-line :class:`ConfigError` naming the key; the value
 rules (choices, ranges, cross-field checks) live in :mod:`sgt_jax.config.checks`. ``python -m sgt_jax.config``
 prints the reference generated from this schema (README's "Configuration reference").
@@ -16,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from sgt_jax import platforms
 from sgt_jax.config.checks import (ADVERSARY_KINDS, ATTENTION_IMPLS, DATA_FORMATS, DTYPES, MATMUL_PRECISIONS,
                                    OBJECTIVE_MODES, REMAT_POLICIES, SCHEDULES, ConfigError, check_choice,
                                    check_cloak, validate)
+from sgt_jax.config.platform_blocks import PLATFORM_BLOCKS, REFERENCE as PLATFORM_REFERENCE, file_layers, one_line
 
 __all__ = [
     "ConfigError",
@@ -43,6 +46,7 @@ __all__ = [
     "to_dict",
     "reference_markdown",
     "DEFAULT_MODEL",
+    "PLATFORM_BLOCKS",
     "ADVERSARY_KINDS",
     "ATTENTION_IMPLS",
     "DATA_FORMATS",
@@ -282,25 +286,22 @@ class SGTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _one_line(exc: OmegaConfBaseException) -> str:
-    msg = str(exc).strip().splitlines()[0]
-    key = getattr(exc, "full_key", None)
-    if key and key not in msg:
-        msg = f"{key}: {msg}"
-    return msg
-
-
 def load_config(
     path: Optional[str | os.PathLike] = None,
     overrides: Sequence[str] = (),
     *,
     saved: Optional[Mapping[str, Any]] = None,
+    platform: Optional[str] = None,
 ) -> SGTConfig:
-    """Defaults ← ``saved`` (a config written by :func:`to_dict`, e.g. an artifact's) ← YAML file ←
-    ``key=value`` overrides, type-checked, then validated.
+    """Defaults ← ``saved`` (a config written by :func:`to_dict`, e.g. an artifact's) ← YAML file ← the file's
+    block for ``platform`` (``tpu:``, ``gpu:`` or ``cpu:``; None: the platform a run here uses, see
+    :func:`sgt_jax.platforms.local_platform`) ← ``key=value`` overrides, type-checked, then validated.
 
     Returns a plain :class:`SGTConfig` dataclass instance (not an OmegaConf node).
     """
+    if platform is None:
+        platform = platforms.local_platform()
+    check_choice(platform, PLATFORM_BLOCKS, "platform")
     schema = OmegaConf.structured(SGTConfig)
     layers = [OmegaConf.create(dict(saved))] if saved else []
     if path is not None:
@@ -308,9 +309,10 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file from configs/.")
         try:
-            layers.append(OmegaConf.load(path))
+            data = OmegaConf.load(path)
         except Exception as exc:  # yaml parse errors
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        layers += file_layers(data, str(path), schema, platform) if isinstance(data, DictConfig) else [data]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.learning_rate=1e-4).")
@@ -318,12 +320,12 @@ def load_config(
         try:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"bad override: {_one_line(exc)}") from None
+            raise ConfigError(f"bad override: {one_line(exc)}") from None
     try:
         merged = OmegaConf.merge(schema, *layers)
         cfg: SGTConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid configuration: {_one_line(exc)}") from None
+        raise ConfigError(f"invalid configuration: {one_line(exc)}") from None
     validate(cfg)
     return cfg
 
@@ -366,5 +368,5 @@ def reference_markdown() -> str:
             meaning = comments.get(f.name, "").replace("|", "\\|")
             lines.append(f"| `{section.name}.{f.name}` | `{shown}` | {meaning} |")
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines) + "\n" + PLATFORM_REFERENCE
 

@@ -90,8 +90,27 @@ def cached_dot_product_attention(query, key_cache, value_cache, padding_mask, qu
     return _xla_attention(query, key_cache, value_cache, mask, scale)
 
 
+# Query blocks of the XLA kernel on long sequences: each block's (B, K, G, block, S) scores are recomputed in
+# the backward instead of kept, so training holds one block's scores instead of S x S per head.
+QUERY_BLOCK = 512
+
+
 def _xla_attention(query, key, value, mask, scale):
-    """Plain dot-product attention with the softmax in float32 (the reference kernel, also for the fp32 cloak)."""
+    """Exact dot-product attention with the softmax in float32 (the reference kernel, also for the fp32 cloak).
+    Sequences longer than ``QUERY_BLOCK`` run in blocks of queries, each over every key (no online softmax:
+    the same arithmetic per query row), rematerialised in the backward."""
+    q_len = query.shape[1]
+    if q_len <= QUERY_BLOCK or q_len % QUERY_BLOCK or mask.shape[2] != q_len:
+        return _attention_block(query, key, value, mask, scale)
+    blocks = q_len // QUERY_BLOCK
+    split = lambda x, axis: jnp.moveaxis(x.reshape(x.shape[:axis] + (blocks, QUERY_BLOCK) + x.shape[axis + 1:]),  # noqa: E731
+                                         axis, 0)
+    block = jax.checkpoint(lambda q, m: _attention_block(q, key, value, m, scale), prevent_cse=False)
+    out = jax.lax.map(lambda qm: block(*qm), (split(query, 1), split(mask, 2)))
+    return jnp.moveaxis(out, 0, 1).reshape(query.shape[:3] + (value.shape[-1],))
+
+
+def _attention_block(query, key, value, mask, scale):
     num_heads, num_kv_heads = query.shape[2], key.shape[2]
     batch, q_len, _, head_dim = query.shape
     # Group queries by their shared kv head (GQA) instead of repeating k/v in memory.
@@ -101,12 +120,6 @@ def _xla_attention(query, key, value, mask, scale):
     weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, value)
     return out.reshape(batch, q_len, num_heads, head_dim)
-
-
-def _cudnn_attention(query, key, value, mask, scale):
-    # Left padding is not expressible as cuDNN's (right-padded) sequence lengths: pass it as an additive bias.
-    bias = jnp.where(mask, 0.0, _MASKED_LOGIT).astype(query.dtype)
-    return jax.nn.dot_product_attention(query, key, value, bias=bias, scale=scale, implementation="cudnn")
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,10 +141,11 @@ def _splash_kernel(seq_len: int, num_heads: int, causal: bool, sliding_window: i
                                                     interpret=interpret)
 
 
-def _splash_layout(num_heads: int, batch: int):
-    """The mesh axes the splash shard_map is manual over (every axis not manual already: a Mosaic kernel cannot
-    be partitioned automatically), and which of them split the batch (data, fsdp) and the heads (tensor) —
-    an axis that does not divide its dimension leaves it replicated. None without a mesh context."""
+def _kernel_layout(num_heads: int, batch: int):
+    """The mesh axes a kernel's shard_map is manual over (every axis not manual already: neither a Mosaic kernel
+    nor the cuDNN custom call can be partitioned automatically, the latter not inside a partly manual region),
+    and which of them split the batch (data, fsdp) and the heads (tensor) — an axis that does not divide its
+    dimension leaves it replicated. None without a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
@@ -142,6 +156,43 @@ def _splash_layout(num_heads: int, batch: int):
     head_axis = "tensor" if "tensor" in free and mesh.shape["tensor"] > 1 and num_heads % mesh.shape["tensor"] == 0 \
         else None
     return set(free), (batch_axes or None), head_axis
+
+
+def _call_sharded(local, layout, spec, query, key, value, padding_mask):
+    """``local(query, key, value, padding_mask)`` per device in a shard_map over ``layout``'s axes (q, k, v split
+    as ``spec`` says, the mask's rows as the batch), or directly when there is no mesh or no axis left. Untyped
+    (check_vma off): neither kernel's custom VJP carries the varying-manual-axes types."""
+    if layout is None or not layout[0]:
+        return local(query, key, value, padding_mask)
+    axes, batch_axes, _ = layout
+    return jax.shard_map(local, in_specs=(spec, spec, spec, P(batch_axes, None)), out_specs=spec, axis_names=axes,
+                         check_vma=False)(query, key, value, padding_mask)
+
+
+def _cudnn_attention(query, key, value, padding_mask, scale, causal, sliding_window):
+    """cuDNN flash attention in its own ``shard_map`` over the mesh in context, like splash: the cuDNN custom call's
+    partitioner cannot handle a region that is manual over only some mesh axes (the train step's), so every axis
+    not manual yet becomes manual here — batch over data and fsdp, heads over tensor (kv heads repeated when
+    tensor does not divide them). Left padding is not expressible as cuDNN's (right-padded) sequence lengths: the
+    whole mask (padding, causal order, window) goes in as an additive bias, built per device from its rows."""
+    batch, _, num_heads, _ = query.shape
+
+    def local(q, k, v, mask):
+        allowed = attention_mask_4d(mask, causal=causal, sliding_window=sliding_window)
+        bias = jnp.where(allowed, 0.0, _MASKED_LOGIT).astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn")
+
+    layout = _kernel_layout(num_heads, batch)
+    tensor = jax.sharding.get_abstract_mesh().shape.get("tensor", 1) if layout and "tensor" in layout[0] else 1
+    if num_heads % tensor:
+        raise AttentionConfigError(
+            f"model.attention_impl='cudnn' splits the {num_heads} attention heads over mesh.tensor={tensor}, which "
+            f"does not divide them; choose a mesh.tensor that divides {num_heads} or set model.attention_impl=xla.")
+    if key.shape[2] % tensor:  # GQA with fewer kv heads than tensor devices: every device gets its own copies
+        repeat = num_heads // key.shape[2]
+        key, value = jnp.repeat(key, repeat, axis=2), jnp.repeat(value, repeat, axis=2)
+    spec = layout and P(layout[1], None, layout[2], None)
+    return _call_sharded(local, layout, spec, query, key, value, padding_mask)
 
 
 def _splash_attention(query, key, value, padding_mask, scale, causal, sliding_window, interpret=False):
@@ -166,14 +217,9 @@ def _splash_attention(query, key, value, padding_mask, scale, causal, sliding_wi
         kernel = _splash_kernel(seq_len, q.shape[1], causal, sliding_window, interpret)
         return jax.vmap(lambda *a: kernel(*a[:3], segment_ids=SegmentIds(q=a[3], kv=a[3])))(q, k, v, seg)
 
-    layout = _splash_layout(num_heads, batch)
-    if layout is None or not layout[0]:
-        return to_heads_first(local(q, k, v, segments))
-    axes, batch_axes, head_axis = layout
-    spec = P(batch_axes, head_axis, None, None)
-    out = jax.shard_map(local, in_specs=(spec, spec, spec, P(batch_axes, None)), out_specs=spec, axis_names=axes,
-                        check_vma=False)(q, k, v, segments)
-    return to_heads_first(out)
+    layout = _kernel_layout(num_heads, batch)
+    spec = layout and P(layout[1], layout[2], None, None)
+    return to_heads_first(_call_sharded(local, layout, spec, q, k, v, segments))
 
 
 def dot_product_attention(query, key, value, padding_mask, *, attention_impl="xla", causal=True,
@@ -185,9 +231,9 @@ def dot_product_attention(query, key, value, padding_mask, *, attention_impl="xl
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if attention_impl == "splash":
         return _splash_attention(query, key, value, padding_mask, scale, causal, sliding_window, interpret)
-    mask = attention_mask_4d(padding_mask, causal=causal, sliding_window=sliding_window)
     if attention_impl == "cudnn":
-        return _cudnn_attention(query, key, value, mask, scale)
+        return _cudnn_attention(query, key, value, padding_mask, scale, causal, sliding_window)
+    mask = attention_mask_4d(padding_mask, causal=causal, sliding_window=sliding_window)
     return _xla_attention(query, key, value, mask, scale)
 
 

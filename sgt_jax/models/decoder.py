@@ -325,9 +325,9 @@ class CausalLM(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype="bfloat16", truncate_at_layer=None, mesh=None, attention_impl="xla",
-                        remat_policy="none") -> "CausalLM":
+                        remat_policy="none", memory_kind=None) -> "CausalLM":
         return load_causal_lm(cls, path, dtype=dtype, truncate_at_layer=truncate_at_layer, mesh=mesh,
-                              attention_impl=attention_impl, remat_policy=remat_policy)
+                              attention_impl=attention_impl, remat_policy=remat_policy, memory_kind=memory_kind)
 
     @property
     def num_layers(self) -> int:

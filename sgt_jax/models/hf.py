@@ -114,10 +114,12 @@ def _path_key(path) -> tuple[str, ...]:
 
 
 def load_causal_lm(model_cls, path, *, dtype="bfloat16", truncate_at_layer=None, mesh=None, attention_impl="xla",
-                   remat_policy="none", reader_hook: Callable[[SafetensorsReader], None] | None = None):
+                   remat_policy="none", reader_hook: Callable[[SafetensorsReader], None] | None = None,
+                   memory_kind: str | None = None):
     """Build ``model_cls`` (``CausalLM``, whose ``from_pretrained`` calls this) from a Hugging Face directory,
     reading only the tensors the model needs. The class is passed in so that checkpoint I/O does not import the
-    model definition (which imports this module)."""
+    model definition (which imports this module). ``memory_kind`` (with ``mesh``): where the shards live, e.g.
+    ``"pinned_host"`` to keep a model in host memory until it is moved to the devices."""
     directory = resolve_model_path(path)
     _check_model_dir(path, directory)
     config = DecoderConfig.from_hf(directory / "config.json")
@@ -146,6 +148,8 @@ def load_causal_lm(model_cls, path, *, dtype="bfloat16", truncate_at_layer=None,
             key = _path_key(key)
             value = _read_param(reader, key, variable, config, target_dtype)
             sharding = shardings[key].get_value() if shardings is not None else None
+            if sharding is not None and memory_kind is not None:
+                sharding = sharding.with_memory_kind(memory_kind)
             flat.append((key, variable.replace(jax.device_put(value, sharding) if sharding else jnp.asarray(value))))
     finally:
         reader.close()

@@ -74,9 +74,33 @@ def param_shardings(abstract_state, mesh: Mesh):
     return jax.tree.map(sharding_of, abstract_state, is_leaf=_is_variable)
 
 
+def fsdp_on_major_dim(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """``spec`` with its ``fsdp`` sharding moved to the first dimension larger than 1 that the axis divides.
+
+    For a trained parameter: its gradient is reduce-scattered over fsdp, and a reduce-scatter along a minor
+    dimension is lowered as a full all-reduce plus a slice on TPU, which holds the whole gradient. Matrices
+    without logical axes (the estimator heads) get sharded too. Other mesh axes keep their dimensions."""
+    size = mesh.shape.get("fsdp", 1)
+    entries = [entry if isinstance(entry, tuple) else (() if entry is None else (entry,)) for entry in spec]
+    entries += [()] * (len(shape) - len(entries))
+    entries = [tuple(a for a in entry if a != "fsdp") for entry in entries]
+    if size > 1 and len(shape) >= 2:
+        for dim, n in enumerate(shape):
+            taken = math.prod(mesh.shape[a] for a in entries[dim])
+            if n > 1 and n % (taken * size) == 0:
+                entries[dim] = ("fsdp",) + entries[dim]
+                break
+    return PartitionSpec(*[None if not e else e[0] if len(e) == 1 else e for e in entries])
+
+
 def train_state_shardings(abstract_state, mesh: Mesh):
     """Shardings of a train state: the cloak's parameters and every optimizer moment by their logical axes (the
-    moments are nnx Variables that keep the parameter's metadata), counters and keys replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    by_rule = param_shardings(abstract_state, mesh)
-    return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, by_rule)
+    moments are nnx Variables that keep the parameter's metadata), with the fsdp axis on each matrix's major
+    dimension (:func:`fsdp_on_major_dim`); counters and keys replicated."""
+    def sharding_of(variable):
+        if not _is_variable(variable):
+            return NamedSharding(mesh, PartitionSpec())
+        spec = logical_to_spec(variable.get_metadata().get("logical_axes"), mesh, variable.shape)
+        return variable.replace(NamedSharding(mesh, fsdp_on_major_dim(spec, variable.shape, mesh)))
+
+    return jax.tree.map(sharding_of, abstract_state, is_leaf=_is_variable)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from sgt_jax.errors import SGTError
+
 GiB = 1 << 30
 
 
@@ -61,8 +63,8 @@ CHIP_TABLE: tuple[Chip, ...] = (
 CHIPS_BY_NAME = {chip.name: chip for chip in CHIP_TABLE}
 
 
-class UnknownChipError(LookupError):
-    pass
+class UnknownChipError(SGTError, LookupError):
+    """A device whose chip is not in the table (a user-caused error: the CLIs print its one line)."""
 
 
 def chip_for_device(device) -> Chip:
@@ -71,7 +73,8 @@ def chip_for_device(device) -> Chip:
         if device.device_kind in chip.device_kinds:
             return chip
     known = ", ".join(kind for chip in CHIP_TABLE for kind in chip.device_kinds)
-    raise UnknownChipError(f"unknown accelerator {device.device_kind!r}; sgt_jax knows {known}")
+    raise UnknownChipError(f"unknown accelerator {device.device_kind!r}: its memory and peaks are not in "
+                           f"sgt_jax.training.chips; sgt_jax knows {known}.")
 
 
 def gpu_target_config(chip: Chip) -> str:

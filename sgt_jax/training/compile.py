@@ -1,21 +1,26 @@
-"""Ahead-of-time compilation of the real train and eval steps for a TPU slice, on any machine (``--compile-only``).
+"""Ahead-of-time compilation of the real train and eval steps for a TPU slice or GPU nodes, on any machine
+(``--compile-only``).
 
-JAX can compile for a TPU topology without TPUs (with ``libtpu`` installed: the ``tpu`` extra): the mesh is
+JAX can compile for a TPU topology without TPUs (with ``libtpu`` installed: the ``tpu`` extra), and for NVIDIA
+GPUs without a GPU (with the CUDA plugin and cuDNN installed: the ``gpu`` extra; the GPU is described to XLA's
+compiler by :func:`sgt_jax.training.chips.gpu_target_config`). The local backend becomes the CPU, the mesh is
 built over the topology's devices, every input is a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``,
-and ``.lower(...).compile()`` runs the TPU compiler, Mosaic kernels (splash attention) included. Nothing is
-allocated and no weight is read: the models are built from ``config.json`` with ``nnx.eval_shape``. The
-compiled executables' memory analysis says whether a configuration fits the chips before a slice is
-rented (the check MaxText's ``train_compile.py`` makes); :mod:`sgt_jax.training.roofline` estimates, from the
-compiled program, a lower bound on its step time, the tokens/s and the MFU it allows.
+and ``.lower(...).compile()`` runs the TPU or GPU compiler, the attention kernels (splash, cuDNN) included.
+Nothing is allocated and no weight is read: the models are built from ``config.json`` with
+``nnx.eval_shape``. The compiled executables' memory analysis says whether a configuration fits the chips
+before a slice or node is rented (the check MaxText's ``train_compile.py`` makes); XLA's GPU compiler
+compiles a program over its memory without complaint, so the fit is always judged from that analysis.
+:mod:`sgt_jax.training.roofline` estimates, from the compiled program, a lower bound on its step time, the
+tokens/s and the MFU it allows.
 
-Without ``--topology`` the steps are compiled for the local backend (CPU), which works anywhere.
+Without ``--topology`` the steps are compiled for the local backend, which works anywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -26,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgt_jax.config import ConfigError, SGTConfig
@@ -38,6 +42,7 @@ from sgt_jax.training import chips, roofline
 from sgt_jax.training import hlo as hlo_lib
 from sgt_jax.training import optim, parallel
 from sgt_jax.training import step as step_lib
+from sgt_jax.training.topology import chip_spec, topology_devices, topology_platform
 from sgt_jax.training.trainer import Trainer, default_truncation_layer
 from sgt_jax.transform import objective
 from sgt_jax.transform.cloak import TransformerCloak
@@ -45,14 +50,6 @@ from sgt_jax.transform.cloak import TransformerCloak
 log = logging.getLogger("sgt_jax.training.compile")
 
 GiB = 1 << 30
-# Per-chip HBM and peak dense bf16 FLOP/s (public TPU specifications), by the device_kind JAX reports.
-CHIPS = {
-    "TPU v4": (32 * GiB, 275e12),
-    "TPU v5 lite": (16 * GiB, 197e12),
-    "TPU v5": (95 * GiB, 459e12),  # v5p
-    "TPU v5p": (95 * GiB, 459e12),
-    "TPU v6 lite": (32 * GiB, 918e12),
-}
 # Head-room kept free of the compiler's estimate (fragmentation, the runtime's own buffers, host transfers).
 HBM_MARGIN = 0.10
 FIT_EXIT_CODE = 3
@@ -60,39 +57,6 @@ FIT_EXIT_CODE = 3
 
 class CompileFitError(Exception):
     """The configuration does not fit the chips' memory; the one-line message gives the bytes."""
-
-
-def topology_devices(name: Optional[str]) -> list:
-    """The devices of a TPU topology such as ``v5e:4x4`` (no TPU needed), or the local devices for None."""
-    if name is None:
-        return list(jax.devices())
-    # libtpu otherwise warns about (and, with other processes using it, refuses) a machine that has no TPU.
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        try:  # v4 and v5p chips have two TensorCores: one device per chip (megacore), as JAX runs them
-            desc = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="megacore")
-        except Exception:  # noqa: BLE001 - single-core chips (v5e, v6e) have no megacore configuration
-            desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
-        return list(desc.devices)
-    except Exception as exc:  # noqa: BLE001 - libtpu missing or an unknown name: one line either way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--topology {name!r} cannot be compiled for ({first[:160]}); install the TPU compiler "
-                          "with `pip install sgt_jax[tpu]` and use a name like v5e:4x4, v4:2x2x2 or v5p:2x2x2.")
-
-
-def chip_spec(devices) -> tuple[int, Optional[float]]:
-    """(HBM bytes, peak bf16 FLOP/s or None) of one device; the host's memory for CPU devices. Where each
-    TensorCore of a chip is its own device (v4 / v5p without megacore), a device has its share of the chip."""
-    device = devices[0]
-    if device.platform == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
-    if device.device_kind not in CHIPS:
-        raise ConfigError(f"unknown chip {device.device_kind!r}: its HBM is not in sgt_jax.training.compile.CHIPS; "
-                          "compile for v4, v5e, v5p or v6e.")
-    hbm, peak = CHIPS[device.device_kind]
-    cores = len({getattr(d, "core_on_chip", 0) for d in devices})
-    return hbm // cores, peak / cores
 
 
 def _with_sharding(tree, shardings):
@@ -174,7 +138,7 @@ def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[st
         optimizer=optimizer, mesh=mesh, hidden_size=config.hidden_size,
         learning_rate_fn=optim.make_schedule(cfg.optimizer, steps))
     jitted = step_lib.jit_train_step(train_step, mesh=mesh, state_sharding=state_sharding, base_sharding=base_sharding)
-    seq_len = min(max(cfg.data.buckets), cfg.data.max_length) if cfg.data.buckets else cfg.data.max_length
+    seq_len = step_seq_len(cfg)
     accum = cfg.optimizer.grad_accum_steps
     train_batch = abstract_batch(cfg, mesh, accum, seq_len)
     train, train_s = _compile(jitted, state, base_state, train_batch)
@@ -184,6 +148,21 @@ def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[st
     if with_eval:
         result["eval"], result["eval_seconds"] = _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def)
     return result
+
+
+def step_seq_len(cfg: SGTConfig) -> int:
+    """The sequence length a configuration's steps are compiled for: its longest bucket (or max_length)."""
+    return min(max(cfg.data.buckets), cfg.data.max_length) if cfg.data.buckets else cfg.data.max_length
+
+
+def needed_bytes(result) -> int:
+    """Per-device bytes a configuration needs: the train step, or a validation — the eval step next to the
+    optimizer state, which is no argument of it. The full model that validation uses waits in host memory
+    while training (``Trainer.full_model_on_devices``): it is an argument of the eval step only."""
+    train = memory(result["train"])["total"]
+    if result["eval"] is None:
+        return train
+    return max(train, memory(result["eval"])["total"] + tree_bytes(result["state"].opt_state))
 
 
 def _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def):
@@ -276,11 +255,8 @@ def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> di
     train = step_report(result["train"], result["train_seconds"], chip=chip, devices=order)
     evaluate = step_report(result["eval"], result["eval_seconds"], chip=chip, devices=order) \
         if result["eval"] is not None else None
-    # While training, the full model that validation uses stays loaded next to the train step's buffers.
     full_bytes = tree_bytes(result["full_state"]) if result["full_state"] is not None else 0
-    opt_bytes = tree_bytes(result["state"].opt_state)
-    needed = max(train["memory"]["total"] + full_bytes,
-                 evaluate["memory"]["total"] + opt_bytes if evaluate else 0)
+    needed = needed_bytes(result)
     flops = model_flops(cfg, result["config"], result["truncate_at_layer"], result["seq_len"])
     tokens = cfg.data.batch_size * max(cfg.optimizer.grad_accum_steps, 1) * result["seq_len"]
     return {
@@ -291,7 +267,7 @@ def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> di
         "fits": needed <= (1 - HBM_MARGIN) * hbm,
         "base_argument_bytes_per_device": tree_bytes(result["base_state"]),
         "state_argument_bytes_per_device": tree_bytes(result["state"]),
-        "full_model_bytes_per_device": full_bytes,
+        "full_model_host_bytes_per_device": full_bytes,
         "model_flops_per_step": flops, "tokens_per_step": tokens,
         **roofline.step_figures(train["roofline"], tokens_per_step=tokens, model_flops=flops, chip=chip,
                                 num_devices=len(devices)),
@@ -350,16 +326,76 @@ def _roofline_rows(report: dict[str, Any]) -> list[str]:
     return rows
 
 
-def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path: Optional[str] = None) -> int:
+# The largest number of tokens per chip a configuration fits (--compile-only --max-tokens).
+#
+# A train step's memory grows with the rows of the micro-batch, close to linearly (XLA reuses more buffers at
+# large batches, so a line through small batches over-predicts). The search compiles the configuration's own
+# rows per device r0 and 2 r0 (train step only), then proposes the rows where the line through the two
+# latest points meets the budget (HBM less the margin) and, once a proposal has not fitted, the middle of the
+# gap; it compiles both steps there and keeps the largest row count that fitted and the smallest that did
+# not, until they are within 5% (or one row) of each other or four proposals are spent. The
+# answer is rows per device per micro-batch at the configuration's sequence length: tokens per chip are
+# ``rows * seq_len`` (gradient accumulation multiplies an optimizer step's tokens, not its memory).
+
+
+def _needed(cfg: SGTConfig, devices, rows: int, shards: int, *, with_eval: bool) -> int:
+    data = dataclasses.replace(cfg.data, batch_size=rows * shards)
+    result = compile_steps(dataclasses.replace(cfg, data=data), devices, with_eval=with_eval)
+    return needed_bytes(result)
+
+
+def largest_fitting_rows(cfg: SGTConfig, devices, *, max_checks: int = 4) -> dict[str, Any]:
+    """Rows per device per micro-batch (and tokens per device) that fit, searched as the comment above says;
+    ``rows_per_device`` is 0 when not even one row fits or no compile confirmed one."""
+    mesh = parallel.make_mesh(cfg.mesh, devices=devices)
+    shards = parallel.batch_shards(mesh)
+    budget = (1 - HBM_MARGIN) * chip_spec(devices)[0]
+    r0 = max(1, cfg.data.batch_size // shards)
+    points = [(r, _needed(cfg, devices, r, shards, with_eval=False)) for r in (r0, 2 * r0)]
+    fits, fails = 0, None
+    for _ in range(max_checks):
+        (ra, ma), (rb, mb) = points[-2:]
+        slope = max((mb - ma) / (rb - ra), 1.0) if rb != ra else max(mb / rb, 1.0)
+        # The line through the two latest points until a compile has not fitted; then halve the gap.
+        rows = int(rb + (budget - mb) // slope) if fails is None else (fits + fails) // 2
+        rows = max(fits + 1, rows)
+        if fails is not None and rows >= fails:
+            break
+        needed = _needed(cfg, devices, rows, shards, with_eval=True)
+        log.info("%d rows per device need %.2f GiB of %.2f GiB", rows, needed / 2**30, budget / 2**30)
+        points.append((rows, needed))
+        if needed <= budget:
+            fits = rows
+        else:
+            fails = rows
+        if fails is not None and fails - fits <= max(1, fits // 20):
+            break
+    (ra, ma), (rb, mb) = points[:2]
+    seq_len = step_seq_len(cfg)
+    return {"rows_per_device": fits, "tokens_per_device": fits * seq_len, "seq_len": seq_len,
+            "first_row_fails": fails, "bytes_per_row": int((mb - ma) / (rb - ra)), "budget_bytes": int(budget),
+            "compiles": len(points)}
+
+
+def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path: Optional[str] = None,
+                 max_tokens: bool = False) -> int:
     """The ``--compile-only`` entry point: compile, print the table and the JSON report, and return 0 when the
-    configuration fits (raises :class:`CompileFitError` otherwise)."""
+    configuration fits (raises :class:`CompileFitError` otherwise). ``max_tokens``: also find the largest number
+    of tokens per device that fits (:func:`largest_fitting_rows`, three to five more compiles)."""
     devices = topology_devices(topology)
     result = compile_steps(cfg, devices)
     report = build_report(cfg, topology, devices, result)
+    if max_tokens:
+        report["capacity"] = largest_fitting_rows(cfg, devices)
     text = json.dumps(report, indent=1, default=str)
     if report_path:
         Path(report_path).write_text(text)
     print(format_table(report), flush=True)
+    if max_tokens:
+        cap = report["capacity"]
+        print(f"largest micro-batch that fits: {cap['rows_per_device']} rows x {cap['seq_len']} tokens = "
+              f"{cap['tokens_per_device']:,} tokens per device ({cap['compiles']} compiles; "
+              f"{cap['bytes_per_row'] / GiB:.2f} GiB per row at small batches)", flush=True)
     print(text, flush=True)
     if not report["fits"]:
         raise CompileFitError(
@@ -370,6 +406,7 @@ def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path:
     return 0
 
 
-__all__ = ["CHIPS", "CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "chip_of", "compile_only",
-           "chip_spec", "compile_steps", "format_table", "model_flops", "step_report", "topology_devices",
+__all__ = ["CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "chip_of", "compile_only",
+           "chip_spec", "compile_steps", "format_table", "largest_fitting_rows", "model_flops", "needed_bytes",
+           "step_report", "step_seq_len", "topology_devices", "topology_platform",
            "tree_bytes"]

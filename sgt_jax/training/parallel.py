@@ -48,14 +48,14 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
 
 
-def _manual_names(entry, manual_axes) -> tuple[str, ...]:
+def manual_names(entry, manual_axes) -> tuple[str, ...]:
     names = entry if isinstance(entry, tuple) else () if entry is None else (entry,)
     return tuple(name for name in names if name in manual_axes)
 
 
 def manual_spec(spec: PartitionSpec, manual_axes) -> PartitionSpec:
     """The part of ``spec`` over the mesh axes a ``shard_map`` is manual in (the others stay automatic)."""
-    kept = [_manual_names(entry, manual_axes) for entry in spec]
+    kept = [manual_names(entry, manual_axes) for entry in spec]
     return PartitionSpec(*[None if not k else k[0] if len(k) == 1 else k for k in kept])
 
 
@@ -65,9 +65,16 @@ def gather_manual(tree, specs, manual_axes):
 
     def gather(x, spec):
         for dim, entry in enumerate(spec):
-            names = _manual_names(entry, manual_axes)
+            names = manual_names(entry, manual_axes)
             if names:
-                x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
+                # Leading size-1 dimensions (a one-layer stack) are dropped around the gather, so that its
+                # transpose (the gradient's reduce-scatter) runs along the major dimension: TPU lowers a
+                # reduce-scatter along any other as an all-reduce of the whole gradient plus a slice.
+                lead = x.shape[:dim]
+                if math.prod(lead) == 1:
+                    x = jax.lax.all_gather(x.reshape(x.shape[dim:]), names, axis=0, tiled=True).reshape(lead + (-1,) + x.shape[dim + 1:])
+                else:
+                    x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
         return x
 
     return jax.tree.map(gather, tree, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
@@ -156,6 +163,6 @@ def maybe_initialize_distributed(mesh_cfg) -> bool:
 
 
 __all__ = ["BATCH_AXES", "MESH_AXES", "MeshConfigError", "agree", "batch_sharding", "batch_shards",
-           "gather_manual", "host_batch_to_global", "logical_to_sharding", "logical_to_spec", "make_mesh",
+           "gather_manual", "host_batch_to_global", "manual_names", "logical_to_sharding", "logical_to_spec", "make_mesh",
            "manual_spec", "maybe_initialize_distributed", "param_shardings", "sharded_embedding_lookup",
            "train_state_shardings"]

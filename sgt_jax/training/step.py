@@ -4,11 +4,14 @@
 argument, never part of the trained state, never donated, never differentiated.
 
 Gradient accumulation follows MaxText: the global batch arrives as ``(accum_steps, micro_batch, ...)`` and a
-``lax.scan`` walks the micro-batches. To get exactly *one* cross-device gradient reduction per optimizer
-step, the scan runs inside a ``shard_map`` that is manual over the batch axes (data, fsdp): each device
-accumulates the gradient of its own rows, with the parameters cast to "device-varying" so that JAX does not
-insert a reduction per micro-batch, and a single ``psum`` after the scan combines them. The tensor axis
-stays automatic (GSPMD) inside.
+``lax.scan`` walks the micro-batches, inside a ``shard_map`` that is manual over the batch axes (data, fsdp).
+Both models enter it sharded as they are stored. The frozen base's layers are all-gathered one at a time
+inside the layer scan. The cloak's parameters are all-gathered for each micro-batch, and the transpose of
+that gather reduce-scatters the micro-batch's gradient over fsdp straight into an accumulator that holds one
+fsdp shard, like the optimizer state (ZeRO-2): accumulation costs a shard of memory, not a full fp32 copy of
+the cloak's gradient. The parameters are cast to "device-varying" over the other batch axes so that JAX
+inserts no other reduction in the loop, and the data axis (and the few parameters too small to shard) is
+reduced once, after the scan: with ``mesh.fsdp=1`` that is the step's single gradient all-reduce.
 
 Every loss is a token- (or element-) mean over the *whole* global batch: the denominators are counted
 from the masks before the scan, so a micro-batch contributes ``partial_sum / global_count`` and the sums
@@ -20,6 +23,7 @@ noise as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.struct
@@ -128,11 +132,49 @@ def _metric_zeros(grad_fn, params, base_state, batch, key, varying_axes):
     return jax.lax.pcast(metric_zeros, varying_axes, to="varying") if varying_axes else metric_zeros
 
 
+def _cloak_specs(params, mesh, axes):
+    """The manual part of each cloak parameter's sharding (its FSDP shard), as the train state holds it."""
+    shardings = parallel.train_state_shardings(params, mesh)
+    return jax.tree.map(lambda s: parallel.manual_spec(s.spec, axes), shardings)
+
+
+def _sharded_over(spec, axes) -> set:
+    return {name for entry in spec for name in parallel.manual_names(entry, axes)}
+
+
+def _to_varying(tree, specs, axes):
+    """Mark each leaf device-varying over the batch axes it is not sharded over (a shard already varies over its
+    own axes), so that JAX inserts no reduction of its gradient inside the loop."""
+    def vary(x, spec):
+        missing = tuple(a for a in axes if a not in _sharded_over(spec, axes))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(vary, tree, specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def _reduce_rest(tree, specs, axes):
+    """After the scan: sum each gradient over the batch axes its shard was not already reduced over (the
+    reduce-scatter that the gather's transpose emits covers the axes it is sharded over)."""
+    def reduce(x, spec):
+        rest = tuple(a for a in axes if a not in _sharded_over(spec, axes))
+        return jax.lax.psum(x, rest) if rest else x
+
+    return jax.tree.map(reduce, tree, specs, is_leaf=lambda s: isinstance(s, P))
+
+
 def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators, deterministic, mesh):
-    """Sum of micro-batch gradients and metrics, reduced across devices once."""
+    """Sum of micro-batch gradients and metrics over the global batch.
+
+    Both models enter the manual region sharded as the train state and the base's logical-axis rules place
+    them. The cloak's parameters are all-gathered for each micro-batch's computation (XLA may hoist that out
+    of the loop); the transpose of that gather reduce-scatters each micro-batch's gradient over FSDP, so the
+    accumulator holds one FSDP shard of the cloak's gradient, like its optimizer state, never a full copy.
+    What is left (the data axis, and the few parameters too small to shard) is reduced once, after the scan.
+    """
     cloak_def, base_def = graphdefs
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
     base_specs, outer_specs, layer_specs, lookup = _base_layout(base_state, mesh, axes) if axes else (P(),) * 3 + (0,)
+    cloak_specs = _cloak_specs(params, mesh, axes) if axes else P()
 
     def merged_base(local_base):
         base = nnx.merge(base_def, local_base)
@@ -143,26 +185,30 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
         return base
 
     def micro_loss(p, local_base, micro, keys):
-        return loss_fn(nnx.merge(cloak_def, p), merged_base(local_base), micro, keys, denominators, deterministic)
+        whole = _gather_leaves(p, cloak_specs, axes) if axes else p
+        return loss_fn(nnx.merge(cloak_def, whole), merged_base(local_base), micro, keys, denominators, deterministic)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    # The splash kernel's custom VJP does not carry the varying-manual-axes types, so with splash the region
-    # runs untyped: no automatic psum is inserted for the invariant parameters then (nothing to pcast), and the
-    # one psum after the scan is the reduction either way.
-    check_vma = nnx.merge(base_def, base_state).decoder.layers.attention.attention_impl != "splash"
+    # The splash and cuDNN kernels' custom VJPs do not carry the varying-manual-axes types, so with them the
+    # region runs untyped: no automatic psum is inserted for the invariant parameters then (nothing to pcast),
+    # and the reductions after the scan are the same either way.
+    check_vma = nnx.merge(base_def, base_state).decoder.layers.attention.attention_impl not in ("splash", "cudnn")
 
     def local(params, base_state, batch):
         if axes and check_vma:
-            # Without this, the gradient of a device-invariant parameter is psum'd inside the loop.
-            params = jax.lax.pcast(params, axes, to="varying")
+            params = _to_varying(params, cloak_specs, axes)
         if axes:
             base_state = _gather_leaves(base_state, outer_specs, axes)
 
         def body(carry, micro):
             grads_acc, metrics_acc = carry
             keys = example_keys(key, micro["example_index"])
-            (_, metrics), grads = grad_fn(params, base_state, micro, keys)
+            # Tied to the micro-batch, the cloak's gather cannot be hoisted out of the loop: the whole cloak
+            # then lives only while one micro-batch is computed, not through the scan.
+            shards, micro = jax.lax.optimization_barrier((params, micro))
+            (_, metrics), grads = grad_fn(shards, base_state, micro, keys)
+            grads = jax.lax.optimization_barrier(grads)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
@@ -171,18 +217,18 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
         metric_zeros = _metric_zeros(grad_fn, params, base_state, batch, key, axes if check_vma else ())
         (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), batch)
         if axes:
-            grads, metrics = jax.lax.psum((grads, metrics), axes)
+            grads, metrics = _reduce_rest(grads, cloak_specs, axes), jax.lax.psum(metrics, axes)
         return grads, metrics
 
     if not axes:
         return local(params, base_state, batch)
     # The base enters sharded over the batch axes as its logical-axis rules place it (FSDP), never gathered
-    # whole; the cloak (small next to the base) enters whole, so its gradient is reduced once, after the scan.
+    # whole: its layers are gathered one at a time inside the layer scan.
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), base_specs, P(None, axes)),
-        out_specs=(P(), P()),
+        in_specs=(cloak_specs, base_specs, P(None, axes)),
+        out_specs=(cloak_specs, P()),
         axis_names=set(axes),
         check_vma=check_vma,
     )(params, base_state, batch)
@@ -244,8 +290,14 @@ def make_train_step(
 def jit_train_step(train_step, *, mesh, state_sharding, base_sharding):
     batch_in = batch_sharding(mesh, accumulated=True)
     replicated = NamedSharding(mesh, P())
+
+    @functools.wraps(train_step)  # the compiled program keeps the name train_step
+    def under_mesh(state, base_state, batch):  # traced with the mesh in context (as the eval step): the
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # attention kernels' shard_map finds it
+            return train_step(state, base_state, batch)
+
     return jax.jit(
-        train_step,
+        under_mesh,
         in_shardings=(state_sharding, base_sharding, batch_in),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),

@@ -6,6 +6,7 @@ data, the cloak and its optimizer, the jitted train and eval steps, validation, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -68,7 +69,7 @@ class Trainer:
         )
         self.base_graphdef, self.base_state = nnx.split(self.base)
         self.base_sharding = jax.tree.map(lambda x: x.sharding, self.base_state)
-        self._full_model: Optional[CausalLM] = None
+        self._full_on_host = None  # (graphdef, state in host memory) of the untruncated model
 
         self.tokenizer = load_tokenizer(str(self.model_dir))
         # A training batch is one optimizer step's: data.batch_size (the global micro-batch) x grad_accum_steps.
@@ -155,20 +156,29 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- validation
 
-    @property
-    def full_model(self) -> Optional[CausalLM]:
-        """The untruncated base model for perplexity, agreement and generation (loaded once, only if the
-        training model is truncated and validation needs it)."""
+    @contextlib.contextmanager
+    def full_model_on_devices(self):
+        """The untruncated base model for perplexity, agreement and generation, on the devices only while a
+        validation runs. Training needs only layers 0..k; the whole model (3-4 GiB per chip for a 7B base on
+        4-way FSDP) waits in host memory (``pinned_host``) between validations and is copied in for each one:
+        a host-to-device copy, not a read from disk. Yields None when validation does not need it, and the
+        training model itself when that is not truncated."""
         if self.truncate_at_layer is None:
-            return self.base
+            yield self.base
+            return
         v = self.cfg.validation
         if not (v.perplexity or v.generation_examples > 0):
-            return None
-        if self._full_model is None:
-            self._full_model = CausalLM.from_pretrained(
-                self.model_dir, dtype=self.cfg.model.dtype, mesh=self.mesh, attention_impl=self.cfg.model.attention_impl
-            )
-        return self._full_model
+            yield None
+            return
+        if self._full_on_host is None:
+            kinds = {m.kind for m in self.mesh.devices.flat[0].addressable_memories()}
+            model = CausalLM.from_pretrained(
+                self.model_dir, dtype=self.cfg.model.dtype, mesh=self.mesh, attention_impl=self.cfg.model.attention_impl,
+                memory_kind="pinned_host" if "pinned_host" in kinds else None)
+            self._full_on_host = nnx.split(model)
+        graphdef, host_state = self._full_on_host
+        on_devices = jax.device_put(host_state, jax.tree.map(lambda x: x.sharding.with_memory_kind("device"), host_state))
+        yield nnx.merge(graphdef, on_devices)  # the device copy is freed with the last reference to it
 
     def _eval_batch_fn(self, params, base_state, full_state, batch, key):
         cloak = nnx.merge(self.cloak_graphdef, params)
@@ -201,17 +211,18 @@ class Trainer:
         # A fixed key folded with the step: every host, rerun and resumed run draws the same noise for a
         # validation at a given step; validations at different steps draw different noise.
         key = jax.random.fold_in(jax.random.key(0x5EED), step)
-        totals = self._forward_validation(state, key)
-        if totals.batches == 0:
-            return {}
-        result = totals.metrics(self.base.embedding_table, self.hidden_size)
-        # From the validation set itself, not this host's batches: every host generates the same prompts.
-        prompts = prompts_from_source(self.val_data.source, self.cfg.validation.generation_examples)
-        if prompts:
-            rouge, generations = self.generation_metrics(state, prompts, key)
-            result.update(rouge)
-            for row, gen in zip(totals.table_rows, generations):
-                row.update(gen)
+        with self.full_model_on_devices() as full:
+            totals = self._forward_validation(state, key, full if self.cfg.validation.perplexity else None)
+            if totals.batches == 0:
+                return {}
+            result = totals.metrics(self.base.embedding_table, self.hidden_size)
+            # From the validation set itself, not this host's batches: every host generates the same prompts.
+            prompts = prompts_from_source(self.val_data.source, self.cfg.validation.generation_examples)
+            if prompts:
+                rouge, generations = self.generation_metrics(state, prompts, key, full)
+                result.update(rouge)
+                for row, gen in zip(totals.table_rows, generations):
+                    row.update(gen)
         if tracker is not None:
             tracker.scalars(step, {f"val/{k}": v for k, v in result.items()})
             tracker.histograms(step, {**totals.histograms(), **self.weight_histograms(state)})
@@ -222,9 +233,9 @@ class Trainer:
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
         return result
 
-    def _forward_validation(self, state, key) -> "_ValidationTotals":
-        """The eval step over the validation batches (all hosts, in step), summed on the host."""
-        full = self.full_model if self.cfg.validation.perplexity else None
+    def _forward_validation(self, state, key, full: Optional[CausalLM]) -> "_ValidationTotals":
+        """The eval step over the validation batches (all hosts, in step), summed on the host; ``full``: the
+        untruncated model for perplexity and agreement, or None."""
         full_state = None
         if full is not None:
             self._full_graphdef, full_state = nnx.split(full)
@@ -244,13 +255,14 @@ class Trainer:
             totals.table_rows = self._reconstruction_rows(host_batch, nearest)
         return totals
 
-    def generation_metrics(self, state, prompts: list[dict[str, list[int]]], key) -> tuple[dict[str, float], list[dict[str, str]]]:
+    def generation_metrics(self, state, prompts: list[dict[str, list[int]]], key,
+                           full: CausalLM) -> tuple[dict[str, float], list[dict[str, str]]]:
         """ROUGE of generations from SGT-protected prompts against the base model's generations of the same
         prompts (computed once per run and cached in <run_dir>/base_generations.json)."""
         cloak = nnx.merge(self.cloak_graphdef, state.params)
         table = self.base.embedding_table
         rouge, references, candidates = generation_rouge(
-            self.full_model, lambda *batch: transform_embeddings(cloak, table, *batch)[0], self.tokenizer,
+            full, lambda *batch: transform_embeddings(cloak, table, *batch)[0], self.tokenizer,
             self.cfg.generation, prompts, key, cache_path=Path(self.cfg.tracking.run_dir) / "base_generations.json",
             fingerprint=self.saved_config["base_model_fingerprint"])
         return rouge, [{"base generation": r, "SGT generation": c} for r, c in zip(references, candidates)]
