@@ -10,6 +10,8 @@ Nothing is allocated and no weight is read: the models are built from ``config.j
 ``nnx.eval_shape``. The compiled executables' memory analysis says whether a configuration fits the chips
 before a slice or node is rented (the check MaxText's ``train_compile.py`` makes); XLA's GPU compiler
 compiles a program over its memory without complaint, so the fit is always judged from that analysis.
+:mod:`sgt_jax.training.roofline` estimates, from the compiled program, a lower bound on its step time, the
+tokens/s and the MFU it allows.
 
 Without ``--topology`` the steps are compiled for the local backend, which works anywhere.
 """
@@ -36,6 +38,7 @@ from sgt_jax.data.batching import BATCH_KEYS
 from sgt_jax.models import CausalLM, DecoderConfig
 from sgt_jax.models.attention import target_backend
 from sgt_jax.models.hf import resolve_model_path
+from sgt_jax.training import chips, roofline
 from sgt_jax.training import hlo as hlo_lib
 from sgt_jax.training import optim, parallel
 from sgt_jax.training import step as step_lib
@@ -220,31 +223,42 @@ def model_flops(cfg: SGTConfig, config, truncate_at_layer, seq_len: int) -> floa
     return float(base + cloak)
 
 
-def step_report(compiled, seconds: float) -> dict[str, Any]:
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    text = compiled.as_text()
-    comms = hlo_lib.collectives(text)
-    estimate = cost.get("optimal_seconds")
+def chip_of(devices) -> Optional[chips.Chip]:
+    """The chip table's entry for these devices, or None (a CPU, or a device the table does not know)."""
+    try:
+        return chips.chip_for_device(devices[0])
+    except chips.UnknownChipError:
+        return None
+
+
+def step_report(compiled, seconds: float, *, chip: Optional[chips.Chip], devices) -> dict[str, Any]:
+    """Memory, collectives and the roofline estimate (:mod:`sgt_jax.training.roofline`) of one compiled step;
+    ``devices`` in the program's device order (the mesh's), ``chip`` None for counts without times."""
+    comms = hlo_lib.collectives(compiled.as_text())
     return {"compile_seconds": round(seconds, 1), "memory": memory(compiled),
-            "xla_flops_per_device": float(cost.get("flops", 0.0)),
-            # XLA's roofline estimate; it reports a negative value when it cannot estimate (e.g. some loops).
-            "estimated_seconds": float(estimate) if estimate is not None and estimate > 0 else None,
+            "roofline": _roofline(compiled, chip, devices),
             "collectives": comms, "collectives_in_loops": sum(c["in_loop"] for c in comms)}
+
+
+def _roofline(compiled, chip, devices) -> dict[str, Any]:
+    try:
+        return roofline.estimate(compiled, chip, devices)
+    except Exception as exc:  # noqa: BLE001 - a program the estimate cannot read must not cost the memory report
+        log.warning("no roofline estimate for this program (%s: %s)", type(exc).__name__, exc)
+        return {"estimate": True, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> dict[str, Any]:
     mesh = result["mesh"]
-    hbm, peak = chip_spec(devices)
-    train = step_report(result["train"], result["train_seconds"])
-    evaluate = step_report(result["eval"], result["eval_seconds"]) if result["eval"] is not None else None
+    hbm, _ = chip_spec(devices)
+    chip, order = chip_of(devices), list(mesh.devices.flat)
+    train = step_report(result["train"], result["train_seconds"], chip=chip, devices=order)
+    evaluate = step_report(result["eval"], result["eval_seconds"], chip=chip, devices=order) \
+        if result["eval"] is not None else None
     full_bytes = tree_bytes(result["full_state"]) if result["full_state"] is not None else 0
     needed = needed_bytes(result)
     flops = model_flops(cfg, result["config"], result["truncate_at_layer"], result["seq_len"])
-    est = train["estimated_seconds"]
-    mfu = flops / (est * len(devices) * peak) if est and peak else None
-    if mfu is not None and mfu > 1:  # XLA's roofline cannot price this program (its loops): not an estimate
-        est, mfu = None, None
+    tokens = cfg.data.batch_size * max(cfg.optimizer.grad_accum_steps, 1) * result["seq_len"]
     return {
         "topology": topology or f"local {devices[0].platform}", "chip": devices[0].device_kind,
         "devices": len(devices), "mesh": dict(mesh.shape), "seq_len": result["seq_len"],
@@ -254,8 +268,10 @@ def build_report(cfg: SGTConfig, topology: Optional[str], devices, result) -> di
         "base_argument_bytes_per_device": tree_bytes(result["base_state"]),
         "state_argument_bytes_per_device": tree_bytes(result["state"]),
         "full_model_host_bytes_per_device": full_bytes,
-        "model_flops_per_step": flops, "estimated_step_seconds": est,
-        "estimated_mfu": mfu, "train_step": train, "eval_step": evaluate,
+        "model_flops_per_step": flops, "tokens_per_step": tokens,
+        **roofline.step_figures(train["roofline"], tokens_per_step=tokens, model_flops=flops, chip=chip,
+                                num_devices=len(devices)),
+        "train_step": train, "eval_step": evaluate,
     }
 
 
@@ -276,14 +292,38 @@ def format_table(report: dict[str, Any]) -> str:
     verdict = "fits" if report["fits"] else "does NOT fit"
     rows.append(f"needed {_gib(report['needed_bytes_per_device']).strip()} of {_gib(report['hbm_bytes_per_device']).strip()}"
                 f" per device (keeping {report['margin']:.0%} free): {verdict}")
-    est, mfu = report["estimated_step_seconds"], report["estimated_mfu"]
-    rows.append(f"model FLOPs/step {report['model_flops_per_step']:.3e}; XLA estimate (not a measurement): step "
-                + (f"{est:.3f} s, MFU {mfu:.1%}" if est and mfu else f"{est} s" if est else "n/a"))
+    rows.append(f"model FLOPs/step {report['model_flops_per_step']:.3e}, tokens/step {report['tokens_per_step']:,}")
+    rows += _roofline_rows(report)
     rows.append("collectives (train step): op, operand bytes, result bytes, in loop body")
     for c in report["train_step"]["collectives"]:
         rows.append(f"  {c['op']:<18}{c['operand_bytes']:>14,}{c['result_bytes']:>14,}  {'loop' if c['in_loop'] else '-'}"
                     f"  {c['source'][-70:]}")
     return "\n".join(rows)
+
+
+def _roofline_rows(report: dict[str, Any]) -> list[str]:
+    """The roofline estimate of each step: a lower bound on its time, not a measurement."""
+    rows = [f"roofline per device ({report['train_step']['roofline'].get('chip') or 'no chip figures: counts only'}; "
+            "an estimate, the step's lower bound, not a measurement):",
+            f"{'':<14}{'low-prec FLOP':>14}{'f32 FLOP':>11}{'HBM GB':>9}{'coll. GB':>9}{'compute s':>11}{'HBM s':>9}"
+            f"{'coll. s':>9}{'bound s':>9}{'sum s':>9}"]
+    for name in ("train_step", "eval_step"):
+        if report[name] is None:
+            continue
+        r = report[name]["roofline"]
+        if "error" in r:
+            rows.append(f"{name:<14}n/a: the estimate could not read this program ({r['error'][:80]})")
+            continue
+        wire = sum(c["wire_bytes"] for c in r["collectives"].values())
+        times = "".join(f"{r[k]:>9.4f}" if k in r else f"{'n/a':>9}" for k in
+                        ("t_compute_seconds", "t_hbm_seconds", "t_collectives_seconds", "bound_seconds",
+                         "no_overlap_seconds"))
+        rows.append(f"{name:<14}{r['flops']['low_precision']:>14.3e}{r['flops']['float32']:>11.3e}"
+                    f"{r['hbm_bytes'] / 1e9:>9.2f}{wire / 1e9:>9.2f}  {times}")
+    step, mfu = report["roofline_step_seconds"], report["roofline_mfu"]
+    rows.append("train step at the bound: " + (f"{step:.4f} s, {report['roofline_tokens_per_second']:,.0f} tokens/s, "
+                                               f"MFU {mfu:.1%} (estimates)" if step else "n/a"))
+    return rows
 
 
 # The largest number of tokens per chip a configuration fits (--compile-only --max-tokens).
@@ -378,7 +418,7 @@ def compile_only(cfg: SGTConfig, *, topology: Optional[str] = None, report_path:
     return 0
 
 
-__all__ = ["CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "compile_only",
+__all__ = ["CompileFitError", "FIT_EXIT_CODE", "HBM_MARGIN", "build_report", "chip_of", "compile_only",
            "chip_spec", "compile_steps", "format_table", "largest_fitting_rows", "model_flops", "needed_bytes",
-           "step_seq_len", "topology_devices", "topology_platform",
+           "step_report", "step_seq_len", "topology_devices", "topology_platform",
            "tree_bytes"]
