@@ -108,10 +108,9 @@ def next_token_loss(model: CausalLM, input_ids, chunk: int = 1024):
 def build(case: dict, devices):
     config = DecoderConfig.from_hf(MODELS[case["model"]])
     mesh = Mesh(np.asarray(devices, dtype=object).reshape(1, len(devices), 1), ("data", "fsdp", "tensor"))
-    with attention_lib.target_backend(devices[0].platform):
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: CausalLM(
-            config, dtype="bfloat16", param_dtype="float32", attention_impl=case["attention"],
-            remat_policy=case["remat"], rngs=nnx.Rngs(0))))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: CausalLM(
+        config, dtype="bfloat16", param_dtype="float32", attention_impl=case["attention"],
+        remat_policy=case["remat"], platform=devices[0].platform, rngs=nnx.Rngs(0))))
     optimizer = optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)  # MaxText's defaults
     params_sharding = param_shardings(params, mesh)
     opt_state = jax.eval_shape(optimizer.init, params)

@@ -19,7 +19,6 @@ b distill_chunk_4096 --shape small --vocab 32000 --batch 4 --seq 256 --base-laye
 for p in 0 2; do for d in 0 200; do b prefetch${p}_delay$d $SMALL --prefetch $p --host-delay-ms $d --steps 4; done; done
 T="--shape small --batch 4 --seq 512 --estimator-layers 1 --dtype bfloat16 --memory-only"
 b trunc_k12_of32 $T --base-layers 13 --model-layers 32
-b untrunc_ssl_at12_of32 $T --base-layers 13 --model-layers 32 --no-truncate
 b untrunc_lm_32 $T --base-layers 32 --objective lm
 b untrunc_lm_32_chunked $T --base-layers 32 --objective lm --vocab-chunk 512
 # prefetch when the loop reads the loss every step (no async-dispatch overlap of the host work otherwise)

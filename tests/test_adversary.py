@@ -63,6 +63,7 @@ def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
 
     from sgt_jax import config as config_lib
     from sgt_jax.transform import objective
+    from sgt_jax.training import builder
     from sgt_jax.training import step as step_lib
     from sgt_jax.training.trainer import Trainer
 
@@ -82,10 +83,13 @@ def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
     old = OldTrainState(**fields)
     assert jax.tree.leaves(state) == jax.tree.leaves(old)
     batch = trainer.global_batch(next(iter(trainer.train_data)), trainer.accum_steps)
+    config = trainer.experiment.model_config
     direct = step_lib.make_train_step(
         loss_fn=objective.make_loss_fn(cfg.objective), cloak_graphdef=trainer.cloak_graphdef,
         base_graphdef=trainer.base_graphdef, optimizer=trainer.optimizer, mesh=trainer.mesh,
-        hidden_size=trainer.hidden_size, learning_rate_fn=trainer.schedule)
+        hidden_size=trainer.hidden_size, learning_rate_fn=trainer.schedule,
+        base_step_graphdef=builder._step_graphdef(cfg, config, trainer.mesh, trainer.truncate_at_layer,
+                                                  trainer.base_state, "cpu"))
     hlo_trainer = trainer.jitted_train_step.lower(state, trainer.base_state, batch).as_text()
     hlo_old = jax.jit(direct).lower(old, trainer.base_state, batch).as_text()
     hlo_new = jax.jit(direct).lower(state, trainer.base_state, batch).as_text()

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.recipe_models import MODELS
 from conftest import cpu_heavy_lock
 
 import libtpu  # noqa: E402,F401  (the test extra installs it: its absence must fail, not skip the TPU compiles)
@@ -66,18 +67,24 @@ def test_base_enters_the_step_sharded_over_fsdp(fsdp4):
     assert per_device <= 0.3 * BASE_BYTES, (per_device, BASE_BYTES)
 
 
-def test_fsdp_collectives_per_layer_and_no_gradient_collective_in_loops(fsdp4):
+def test_fsdp_collectives_per_layer_and_the_cloak_gradient_reduced_once_per_micro_batch(fsdp4):
     """In the optimized TPU HLO: the base's layers are all-gathered inside the layer scan, no all-gather returns
-    more than one layer's parameters (no whole-model gather), and no all-reduce / reduce-scatter sits in a loop
-    body (the gradient is reduced once per step, after the accumulation scan)."""
+    more than one layer's parameters (no whole-model gather), and the reductions inside loop bodies (the cloak's
+    gradient, scattered over fsdp into its sharded accumulator once per micro-batch; the TPU compiler may lower
+    a scatter as an all-reduce it slices) add up to at most the cloak's float32 gradient: nothing is reduced
+    per layer, and no whole gradient is reduced twice."""
+    import jax
+
     from sgt_jax.training import hlo
 
     comms = hlo.collectives(fsdp4["train"].as_text())
     gathers = [c for c in comms if c["op"] == "all-gather"]
     assert any(c["in_loop"] for c in gathers), "no all-gather inside a loop: the layers are not gathered per layer"
     assert max(c["result_bytes"] for c in gathers) <= 2 * LAYER_PARAMS, max(c["result_bytes"] for c in gathers)
-    reductions_in_loops = [c for c in comms if c["op"] in ("all-reduce", "reduce-scatter") and c["in_loop"]]
-    assert reductions_in_loops == [], reductions_in_loops[:3]
+    cloak_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(fsdp4["state"].params))
+    reduced_in_loops = sum(c["operand_bytes"] for c in comms if c["op"] in ("all-reduce", "reduce-scatter")
+                           and c["in_loop"])
+    assert 0 < reduced_in_loops <= 1.1 * cloak_bytes, (reduced_in_loops, cloak_bytes)
 
 
 def test_cloak_dots_run_at_highest_precision_and_base_dots_do_not(fsdp4):
@@ -170,17 +177,7 @@ def test_splash_interpret_mode_equals_xla_on_8_simulated_devices():
 
 
 # The three 7B recipes, compiled for v5e:4x4 (16 chips of 16 GiB) from the models' published config.json shapes.
-_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, num_attention_heads=32,
-              num_hidden_layers=32, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
-RECIPE_MODELS = {
-    "llama2_7b": dict(_LLAMA, intermediate_size=11008, num_key_value_heads=32, vocab_size=32000, rope_theta=1e4,
-                      max_position_embeddings=4096),
-    "llama3_8b": dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
-                      max_position_embeddings=8192),
-    "mistral_7b_instruct": dict(_LLAMA, model_type="mistral", architectures=["MistralForCausalLM"],
-                                intermediate_size=14336, num_key_value_heads=8, vocab_size=32000, rope_theta=1e6,
-                                max_position_embeddings=32768, sliding_window=None),
-}
+RECIPE_MODELS = {name: MODELS[name] for name in ("llama2_7b", "llama3_8b", "mistral_7b_instruct")}
 
 
 def _base_bytes(model: dict, layers: int) -> tuple[int, int]:
@@ -227,11 +224,12 @@ def recipe(request, tmp_path_factory):
 
 @pytest.mark.tpu7b
 def test_7b_recipe_compiles_for_v5e_4x4_and_fits(recipe, tmp_path_factory):
-    """With its own mesh (data 4 x fsdp 4), batch, remat and splash settings the recipe's train and eval steps fit
-    a 16 GiB v5e chip with 10% free; the base enters the compiled step sharded four ways (<= 0.26x the whole
-    base, which is what every chip holds at fsdp=1: the base is replicated when no axis shards "embed"), so
-    raising fsdp from 1 to 4 cuts its bytes per chip in proportion; gradients are reduced once per step (no
-    all-reduce / reduce-scatter in a loop body) and no all-gather returns more than one base layer."""
+    """With its own mesh (data 4 x fsdp 4), batch, remat and splash settings the recipe's train and eval steps need
+    at most 75% of a 16 GiB v5e chip (12 GiB); the base enters the compiled step sharded four ways (<= 0.26x the
+    whole base, which is what every chip holds at fsdp=1: the base is replicated when no axis shards "embed"),
+    so raising fsdp from 1 to 4 cuts its bytes per chip in proportion; the reductions in loop bodies add up to
+    at most one cloak gradient (once per micro-batch, never per layer) and no all-gather returns more than one
+    base layer."""
     import jax
 
     from sgt_jax.training import hlo
@@ -241,24 +239,26 @@ def test_7b_recipe_compiles_for_v5e_4x4_and_fits(recipe, tmp_path_factory):
     assert report["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1} and report["devices"] == 16
     assert report["fits"], (name, report["needed_bytes_per_device"] / 2**30, report["train_step"]["memory"],
                             report["eval_step"]["memory"])
-    assert report["needed_bytes_per_device"] <= 0.9 * 16 * 2**30
+    assert report["needed_bytes_per_device"] <= 0.75 * 16 * 2**30, report["needed_bytes_per_device"] / 2**30
     whole, layer = _base_bytes(model, result["truncate_at_layer"] + 1)
     assert sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(result["base_state"])) == whole
     assert whole / 4 <= _compiled_base_bytes(result) <= 0.26 * whole, (_compiled_base_bytes(result), whole)
     # The same base laid out for mesh.fsdp=1 (data 16) is whole on every chip: fsdp 4 holds <= 0.3x of it.
-    from sgt_jax.models.attention import target_backend
-    from sgt_jax.training import compile as compile_lib, parallel
+    from sgt_jax.models import DecoderConfig
+    from sgt_jax.training import builder, compile as compile_lib, parallel
 
     cfg1 = _recipe_config(tmp_path_factory, name, "mesh.fsdp=1", "mesh.data=-1")
     mesh1 = parallel.make_mesh(cfg1.mesh, devices=compile_lib.topology_devices("v5e:4x4"))
-    with target_backend("tpu"):
-        base1 = compile_lib.abstract_models(cfg1, mesh1)[2][1]
+    base1 = builder.abstract_model(cfg1, DecoderConfig.from_hf(cfg1.model.path), mesh1,
+                                   truncate_at_layer=result["truncate_at_layer"], platform="tpu")[1]
     assert dict(mesh1.shape) == {"data": 16, "fsdp": 1, "tensor": 1}
     assert compile_lib.tree_bytes(base1) == whole
     assert _compiled_base_bytes(result) <= 0.3 * compile_lib.tree_bytes(base1)
     for step in ("train", "eval"):
         assert 'custom_call_target="tpu_custom_call"' in result[step].as_text(), step  # splash, partitioned
     comms = hlo.collectives(result["train"].as_text())
-    assert not [c for c in comms if c["op"] in ("all-reduce", "reduce-scatter") and c["in_loop"]]
+    cloak_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(result["state"].params))
+    assert sum(c["operand_bytes"] for c in comms if c["op"] in ("all-reduce", "reduce-scatter") and c["in_loop"]) \
+        <= 1.1 * cloak_bytes  # the cloak's gradient once per micro-batch, nothing per layer
     assert max(c["result_bytes"] for c in comms if c["op"] == "all-gather") <= layer
 

@@ -88,9 +88,9 @@ def test_heads_that_mesh_tensor_does_not_divide_are_refused_in_one_line(tmp_path
 
 @pytest.mark.slow
 def test_a_batch_that_cannot_fit_exits_3_with_one_line(small_dir, monkeypatch, capsys, tmp_path):
-    """1,024 rows of 2,048 tokens on 8 H100s (80 GB): the GPU compiler compiles it anyway; the report's fit
+    """4,096 rows of 2,048 tokens on 8 H100s (80 GB): the GPU compiler compiles it anyway; the report's fit
     check refuses it with exit 3 and one line giving the bytes."""
-    overrides = _small(small_dir, "data.batch_size=1024", "data.max_length=2048", "data.buckets=[2048]")
+    overrides = _small(small_dir, "data.batch_size=4096", "data.max_length=2048", "data.buckets=[2048]")
     code, report, _, errors = _compile_cli(monkeypatch, capsys, tmp_path, "h100:8", overrides)
     assert code == 3 and len(errors) == 1 and "does not fit" in errors[0], errors
     assert report["needed_bytes_per_device"] > 0.9 * report["hbm_bytes_per_device"] and not report["fits"]
@@ -171,16 +171,14 @@ def test_a_device_of_an_unknown_chip_is_a_one_line_user_error():
 
 
 @pytest.mark.slow
-def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_not(tmp_path_factory, monkeypatch,
-                                                                                  capsys, tmp_path):
-    """--max-tokens on a100-40g:8 at 2,048 tokens for a model whose float32 cloak is 1,024 wide: the rows per
-    device it reports, compiled again through the CLI, fit (exit 0), and the first row count it found not to fit
-    exits 3 — the answer is a compiled fact on both sides, not the line's prediction."""
-    wide = _model_dir(tmp_path_factory, "wide", hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
-                      num_key_value_heads=8)
+def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_not(small_dir, monkeypatch, capsys,
+                                                                                  tmp_path):
+    """--max-tokens on a100-40g:8 at 2,048 tokens: the rows per device it reports, compiled again through the CLI,
+    fit (exit 0), and the first row count it found not to fit exits 3 — the answer is a compiled fact on both
+    sides, not the line's prediction."""
     long = ["data.max_length=2048", "data.buckets=[2048]"]
     code, report, _, errors = _compile_cli(monkeypatch, capsys, tmp_path, "a100-40g:8",
-                                           _small(wide, "--max-tokens", *long, "data.batch_size=64"))
+                                           _small(small_dir, "--max-tokens", *long, "data.batch_size=64"))
     assert (code, errors) == (0, []), errors
     capacity = report["capacity"]
     rows, fails = capacity["rows_per_device"], capacity["first_row_fails"]
@@ -189,5 +187,5 @@ def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_no
     for count, expected in ((rows, 0), (fails, 3)):
         (tmp_path / str(count)).mkdir()
         code, _, _, errors = _compile_cli(monkeypatch, capsys, tmp_path / str(count), "a100-40g:8",
-                                          _small(wide, *long, f"data.batch_size={8 * count}"))
+                                          _small(small_dir, *long, f"data.batch_size={8 * count}"))
         assert code == expected, (count, errors)

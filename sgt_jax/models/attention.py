@@ -7,7 +7,6 @@ query at index i sees key j when ``j <= i`` and ``i - j < sliding_window``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -25,23 +24,11 @@ class AttentionConfigError(SGTError):
     """The requested attention kernel cannot run here; the message names model.attention_impl and the fix."""
 
 
-_TARGET_BACKEND: list[str] = []
-
-
-@contextlib.contextmanager
-def target_backend(platform: str):
-    """Build models for another backend than the local one (ahead-of-time compilation for a TPU topology)."""
-    _TARGET_BACKEND.append(platform)
-    try:
-        yield
-    finally:
-        _TARGET_BACKEND.pop()
-
-
-def check_attention_impl(attention_impl: str) -> None:
-    """Refuse, in one line, a kernel the current backend lacks (called at construction, outside jit)."""
+def check_attention_impl(attention_impl: str, platform: str | None = None) -> None:
+    """Refuse, in one line, a kernel the platform lacks (called at construction, outside jit). ``platform``: the
+    backend the model is built for (an ahead-of-time compile's target); None: the local one."""
     check_choice(attention_impl, ATTENTION_IMPLS, "model.attention_impl", AttentionConfigError)
-    backend = _TARGET_BACKEND[-1] if _TARGET_BACKEND else jax.default_backend()
+    backend = platform or jax.default_backend()
     needed = {"cudnn": "gpu", "splash": "tpu"}.get(attention_impl)
     if needed is not None and backend != needed:
         raise AttentionConfigError(

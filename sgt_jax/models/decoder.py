@@ -206,10 +206,15 @@ class DecoderStack(nnx.Module):
     SGT's estimators (fp32). Layer parameters are stacked on a leading ``layers`` axis."""
 
     def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla",
-                 remat_policy="none", final_norm=True, matmul_precision: str | None = None, rngs: nnx.Rngs):
-        check_attention_impl(attention_impl)
+                 remat_policy="none", final_norm=True, matmul_precision: str | None = None, platform: str | None = None,
+                 layer_gather=None, rngs: nnx.Rngs):
+        """``platform``: the backend the stack is built for (default: the local one), which must have the attention
+        kernel. ``layer_gather``: inside a ``shard_map`` that is manual over the FSDP axis the stacked parameters
+        arrive as shards, and this function (of one layer's parameters) gathers each layer as the scan reaches
+        it (and again in the backward under remat), never the whole stack at once."""
+        check_attention_impl(attention_impl, platform)
         check_choice(remat_policy, REMAT_POLICIES, "model.remat_policy")
-        self.config, self.remat_policy = config, remat_policy
+        self.config, self.remat_policy, self.layer_gather = config, remat_policy, layer_gather
         # None: the backend's default. Set for the float32 cloak: every dot of the stack, and (the precision is
         # fixed on each dot when traced) every dot of its backward, runs at this precision.
         self.matmul_precision = matmul_precision
@@ -252,10 +257,7 @@ class DecoderStack(nnx.Module):
         if last_layer is not None:
             layer_state = jax.tree.map(lambda x: x[: last_layer + 1], layer_state)
 
-        # Inside a shard_map that is manual over the FSDP axis the stacked parameters arrive as shards; the
-        # train step sets ``layer_gather`` so that each layer is gathered as the scan reaches it (and again in
-        # the backward under remat), never the whole stack at once.
-        gather = getattr(self, "layer_gather", None)
+        gather = self.layer_gather
         constrain = _batch_sharded_activations()
 
         def one_layer(carry, state):
@@ -304,7 +306,10 @@ class CausalLM(nnx.Module):
     """Embedding + DecoderStack + LM head; with truncate_at_layer=k only embeddings and layers 0..k exist."""
 
     def __init__(self, config: DecoderConfig, *, dtype="bfloat16", param_dtype=None, truncate_at_layer=None,
-                 attention_impl="xla", remat_policy="none", rngs: nnx.Rngs):
+                 attention_impl="xla", remat_policy="none", platform: str | None = None, layer_gather=None,
+                 embed_lookup=None, rngs: nnx.Rngs):
+        """``platform`` and ``layer_gather``: see :class:`DecoderStack`. ``embed_lookup(table, ids)``: the
+        embedding lookup when the table arrives sharded (see ``sgt_jax.training.parallel``); None: a gather."""
         if truncate_at_layer is not None and not 0 <= truncate_at_layer < config.num_hidden_layers:
             raise ModelLoadError(
                 f"model.truncate_at_layer={truncate_at_layer} is out of range for a {config.num_hidden_layers}-layer "
@@ -318,7 +323,8 @@ class CausalLM(nnx.Module):
         self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
         self.decoder = DecoderStack(stack_config, dtype=self.dtype, param_dtype=param_dtype,
                                     attention_impl=attention_impl, remat_policy=remat_policy, final_norm=not truncated,
-                                    rngs=rngs)
+                                    platform=platform, layer_gather=layer_gather, rngs=rngs)
+        self.embed_lookup = embed_lookup
         has_head = not truncated and not config.tie_word_embeddings
         self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype=self.dtype,
                               param_dtype=param_dtype, rngs=rngs) if has_head else None
@@ -342,10 +348,8 @@ class CausalLM(nnx.Module):
         return init_kv_cache(self.decoder.config, batch, max_len, self.dtype if dtype is None else dtype)
 
     def embed(self, input_ids) -> jax.Array:
-        # ``embed_lookup``: set by the train step when the table arrives sharded (see sgt_jax.training.parallel).
-        lookup = getattr(self, "embed_lookup", None)
-        if lookup is not None:
-            return lookup(self.embed_tokens[...], input_ids).astype(self.dtype)
+        if self.embed_lookup is not None:
+            return self.embed_lookup(self.embed_tokens[...], input_ids).astype(self.dtype)
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,

@@ -139,11 +139,12 @@ class Adversary:
         params = jax.tree.map(jnp.array, self._init_params)  # own buffers: the state is donated
         return AdversaryState(params, self.optimizer.init(params))
 
-    def make_train_step(self, *, loss_fn, base_graphdef, optimizer, mesh, hidden_size, learning_rate_fn=None):
+    def make_train_step(self, *, loss_fn, base_graphdef, optimizer, mesh, hidden_size, learning_rate_fn=None,
+                        base_step_graphdef=None):
         pair_step = step_lib.make_train_step(
             loss_fn=adversarial_loss_fn(loss_fn, self.cfg), cloak_graphdef=self.pair_graphdef,
             base_graphdef=base_graphdef, optimizer=_pair_optimizer(optimizer, self.optimizer), mesh=mesh,
-            hidden_size=hidden_size, learning_rate_fn=learning_rate_fn)
+            hidden_size=hidden_size, learning_rate_fn=learning_rate_fn, base_step_graphdef=base_step_graphdef)
         extra_steps = int(self.cfg.adversary_steps) - 1
 
         def train_step(state, base_state, batch):

@@ -27,17 +27,15 @@ import grain
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from sgt_jax.config import (ATTENTION_IMPLS, OBJECTIVE_MODES, REMAT_POLICIES, MeshConfig, ObjectiveConfig,
-                            OptimizerConfig)
+from sgt_jax.config import ATTENTION_IMPLS, OBJECTIVE_MODES, REMAT_POLICIES, SGTConfig, load_config
 from sgt_jax.models.decoder import CausalLM, DecoderConfig
-from sgt_jax.training import optim
+from sgt_jax.training import builder
 from sgt_jax.training import step as step_lib
 from sgt_jax.models.hf import hf_config_dict
 from sgt_jax.training.flops import flop_model, peak_flops
 from sgt_jax.training.parallel import batch_sharding, make_mesh
-from sgt_jax.transform import objective as objective_lib
 from sgt_jax.transform.cloak import TransformerCloak
 
 SHAPES = {
@@ -111,7 +109,6 @@ class BenchArgs:
     donate: bool = True
     valid_tokens: int | None = None
     model_layers: int | None = None
-    no_truncate: bool = False
     memory_only: bool = False
     prefetch: int = -1
     host_delay_ms: float = 0.0
@@ -186,33 +183,44 @@ class _Step(NamedTuple):
     batch: Mapping[str, jax.Array]
 
 
-def _build_step(args: BenchArgs, shape: dict[str, int], device: jax.Device) -> _Step:
-    """Random-weight base and cloak of the requested shape, and the production train step over them."""
-    truncated = args.objective == "ssl" and not args.no_truncate
+def bench_config(args: BenchArgs, shape: dict[str, int], model_dir: Path) -> SGTConfig:
+    """The run configuration the benchmark's flags describe, over a model directory holding only the
+    ``config.json`` of the requested shape: ssl keeps ``--base-layers`` layers (truncated at K-1, as a loaded
+    ``truncate_at_layer=K-1`` model), lm/distill runs a K-layer model with its LM head."""
     config = decoder_config(hidden=shape["hidden"], heads=shape["heads"], kv_heads=shape["kv_heads"],
                             intermediate=shape["intermediate"], vocab=shape["vocab"],
                             layers=args.model_layers or args.base_layers, max_positions=max(4096, args.seq))
-    base = CausalLM(config, dtype=args.dtype, truncate_at_layer=args.base_layers - 1 if truncated else None,
-                    attention_impl=args.attention, remat_policy=args.remat, rngs=nnx.Rngs(0))
-    cloak = build_cloak(config, estimator_layers=args.estimator_layers, seed=0, remat_policy=args.cloak_remat)
-    ssl_layer = args.base_layers - 1 if (args.objective == "ssl" and not truncated) else None
+    (model_dir / "config.json").write_text(json.dumps(hf_config_dict(config)))
+    truncate = args.base_layers - 1 if args.objective == "ssl" else None
+    return load_config(None, [
+        f"model.path={model_dir}", f"model.dtype={args.dtype}", f"model.attention_impl={args.attention}",
+        f"model.remat_policy={args.remat}", f"model.truncate_at_layer={'null' if truncate is None else truncate}",
+        f"objective.mode={args.objective}", f"objective.vocab_chunk_size={args.vocab_chunk}",
+        f"cloak.remat_policy={args.cloak_remat}", f"cloak.estimator_kwargs.num_hidden_layers={args.estimator_layers}",
+        "cloak.seed=0", f"optimizer.grad_accum_steps={args.accum}", f"data.batch_size={args.batch // args.accum}",
+        "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "validation.perplexity=false",
+        "validation.generation_examples=0"])
 
-    mesh = make_mesh(MeshConfig(data=1), devices=[device])
-    optimizer = optim.make_optimizer(OptimizerConfig(), total_steps=1000)
-    cloak_graphdef, params = nnx.split(cloak)
-    base_graphdef, base_state = nnx.split(base)
-    loss_fn = objective_lib.make_loss_fn(ObjectiveConfig(mode=args.objective, vocab_chunk_size=args.vocab_chunk),
-                                         ssl_layer=ssl_layer)
-    train_step = step_lib.make_train_step(loss_fn=loss_fn, cloak_graphdef=cloak_graphdef, base_graphdef=base_graphdef,
-                                          optimizer=optimizer, mesh=mesh, hidden_size=config.hidden_size)
-    replicated = NamedSharding(mesh, P())
+
+def _build_step(args: BenchArgs, shape: dict[str, int], device: jax.Device) -> _Step:
+    """Random-weight base and cloak of the requested shape, and the train step the experiment builder makes of
+    them (the one training and --compile-only run)."""
+    with tempfile.TemporaryDirectory(prefix="sgt_bench_") as tmp:
+        cfg = bench_config(args, shape, Path(tmp))
+        config = DecoderConfig.from_hf(tmp)
+        mesh = make_mesh(cfg.mesh, devices=[device])
+        base = CausalLM(config, dtype=args.dtype, truncate_at_layer=cfg.model.truncate_at_layer,
+                        attention_impl=args.attention, remat_policy=args.remat, rngs=nnx.Rngs(0))
+        cloak = TransformerCloak.from_config(cfg.cloak, tmp, rngs=nnx.Rngs(0))
+        experiment = builder.build(cfg, mesh, total_steps=1000, base=base, cloak=cloak)
+    state = jax.device_put(experiment.fresh_state(jax.random.key_data(jax.random.key(0))), experiment.state_sharding)
+    jitted = step_lib.jit_train_step(experiment.train_step, mesh=mesh, state_sharding=experiment.state_sharding,
+                                     base_sharding=experiment.base_sharding, donate=args.donate)
     batch_in = batch_sharding(mesh, accumulated=True)
-    state = jax.device_put(step_lib.init_train_state(params, optimizer, jax.random.key(0)), replicated)
-    jitted = jax.jit(train_step, in_shardings=(replicated, replicated, batch_in), out_shardings=(replicated, replicated),
-                     donate_argnums=(0,) if args.donate else ())
     raw = host_batch(args.batch, args.seq, shape["vocab"], valid=args.valid_tokens)
     batch = jax.device_put(step_lib.split_micro_batches(raw, args.accum), batch_in)
-    return _Step(config, jitted, state, jax.device_put(base_state, replicated), params, batch_in, batch)
+    base_state = jax.device_put(experiment.base_state, experiment.base_sharding)
+    return _Step(config, jitted, state, base_state, experiment.cloak_params, batch_in, batch)
 
 
 def _time_steps(args: BenchArgs, compiled, state, base_state, batch):
@@ -325,8 +333,6 @@ def parse_args(argv=None) -> BenchArgs:
     p.add_argument("--no-donate", dest="donate", action="store_false", help="do not donate the train state")
     p.add_argument("--valid-tokens", type=int, default=None, help="real tokens per row (left padding to --seq)")
     p.add_argument("--model-layers", type=int, default=None, help="layers of the full model (default K)")
-    p.add_argument("--no-truncate", action="store_true",
-                   help="ssl on the untruncated --model-layers model (hidden state at layer K-1)")
     p.add_argument("--memory-only", action="store_true", help="compile and report memory, do not run")
     p.add_argument("--prefetch", type=int, default=-1,
                    help="also time a step loop fed from a host iterator; N>0 prefetches N batches (Grain's "

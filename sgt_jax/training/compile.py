@@ -24,28 +24,18 @@ import logging
 import re
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgt_jax.config import ConfigError, SGTConfig
 from sgt_jax.data.batching import BATCH_KEYS
-from sgt_jax.models import CausalLM, DecoderConfig
-from sgt_jax.models.attention import target_backend
-from sgt_jax.models.hf import resolve_model_path
 from sgt_jax.training import chips, roofline
 from sgt_jax.training import hlo as hlo_lib
-from sgt_jax.training import optim, parallel
-from sgt_jax.training import step as step_lib
+from sgt_jax.training import builder, parallel
 from sgt_jax.training.topology import chip_spec, topology_devices, topology_platform
-from sgt_jax.training.trainer import Trainer, default_truncation_layer
-from sgt_jax.transform import objective
-from sgt_jax.transform.cloak import TransformerCloak
 
 log = logging.getLogger("sgt_jax.training.compile")
 
@@ -57,35 +47,6 @@ FIT_EXIT_CODE = 3
 
 class CompileFitError(Exception):
     """The configuration does not fit the chips' memory; the one-line message gives the bytes."""
-
-
-def _with_sharding(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def abstract_models(cfg: SGTConfig, mesh):
-    """Abstract base (truncated as in training), full model for validation (or None) and cloak, from
-    ``config.json`` alone: (base graphdef, base state, full graphdef, full state, cloak graphdef, cloak params)."""
-    model_dir = resolve_model_path(cfg.model.path)
-    config = DecoderConfig.from_hf(model_dir)
-    k = None
-    if cfg.objective.mode == "ssl":
-        k = default_truncation_layer(config.num_hidden_layers) if cfg.model.truncate_at_layer is None \
-            else cfg.model.truncate_at_layer
-
-    def model(truncate):
-        kw = dict(dtype=cfg.model.dtype, attention_impl=cfg.model.attention_impl, remat_policy=cfg.model.remat_policy)
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, truncate_at_layer=truncate,
-                                                                    rngs=nnx.Rngs(0), **kw)))
-        return graphdef, _with_sharding(state, parallel.param_shardings(state, mesh))
-
-    base_def, base_state = model(k)
-    full_def, full_state = (None, None)
-    if cfg.validation.perplexity:
-        full_def, full_state = (base_def, base_state) if k is None else model(None)
-    cloak_def, cloak_params = nnx.split(nnx.eval_shape(
-        lambda: TransformerCloak.from_config(cfg.cloak, str(model_dir), rngs=nnx.Rngs(0))))
-    return config, k, (base_def, base_state), (full_def, full_state), (cloak_def, cloak_params)
 
 
 def abstract_batch(cfg: SGTConfig, mesh, accum_steps: int, seq_len: int):
@@ -109,6 +70,9 @@ def _compile(jitted, *args):
         compiled = lowered.compile()
     except Exception as exc:  # noqa: BLE001 - the TPU compiler refuses a program that cannot fit its HBM
         message = str(exc)
+        if "Couldn't find output tile sizes" in message:  # XLA's GPU compiler, on a batch far beyond any GPU
+            raise CompileFitError("does not fit: the GPU compiler cannot even tile a matmul of this size; lower "
+                                  "data.batch_size or data.max_length.") from None
         if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
             raise
         used = re.search(r"Used ([\d.]+[KMGT]?i?B?) of ([\d.]+[KMGT]?i?B?) hbm", message)
@@ -119,34 +83,30 @@ def _compile(jitted, *args):
 
 
 def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[str, Any]:
-    """Lower and compile the train step and the eval step exactly as :class:`sgt_jax.training.trainer.Trainer` builds
-    them, over abstract inputs; returns the executables and the pieces the report needs."""
-
+    """Lower and compile the train step and the eval step of the experiment ``cfg`` describes, built by the same
+    builder as a training run (:func:`sgt_jax.training.builder.build`), over abstract inputs; returns the
+    executables and the pieces the report needs."""
     mesh = parallel.make_mesh(cfg.mesh, devices=devices)
-    with target_backend(devices[0].platform):
-        config, k, (base_def, base_state), (full_def, full_state), (cloak_def, cloak_params) = \
-            abstract_models(cfg, mesh)
     steps = int(cfg.train.max_steps or 1000)  # the schedule is baked into the step; its length changes nothing
-    optimizer = optim.make_optimizer(cfg.optimizer, steps)
-    run_key = jax.random.key_data(jax.random.key(0))
-    abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, optimizer, run_key), cloak_params)
-    state_sharding = parallel.train_state_shardings(abstract_state, mesh)
-    state = _with_sharding(abstract_state, state_sharding)
-    base_sharding = jax.tree.map(lambda x: x.sharding, base_state)
-    train_step = step_lib.make_train_step(
-        loss_fn=objective.make_loss_fn(cfg.objective), cloak_graphdef=cloak_def, base_graphdef=base_def,
-        optimizer=optimizer, mesh=mesh, hidden_size=config.hidden_size,
-        learning_rate_fn=optim.make_schedule(cfg.optimizer, steps))
-    jitted = step_lib.jit_train_step(train_step, mesh=mesh, state_sharding=state_sharding, base_sharding=base_sharding)
+    experiment = builder.build(cfg, mesh, total_steps=steps, platform=devices[0].platform)
+    state = experiment.abstract_state(jax.random.key_data(jax.random.key(0)))
     seq_len = step_seq_len(cfg)
-    accum = cfg.optimizer.grad_accum_steps
-    train_batch = abstract_batch(cfg, mesh, accum, seq_len)
-    train, train_s = _compile(jitted, state, base_state, train_batch)
-    result = dict(mesh=mesh, config=config, truncate_at_layer=k, train=train, train_seconds=train_s, eval=None,
-                  eval_seconds=0.0, seq_len=seq_len, state=state, base_state=base_state,
-                  full_state=full_state if k is not None else None)
+    train_batch = abstract_batch(cfg, mesh, cfg.optimizer.grad_accum_steps, seq_len)
+    train, train_s = _compile(experiment.jit_train_step(), state, experiment.base_state, train_batch)
+    full_state = None  # what validation's eval step reads for perplexity (Trainer.full_model_on_devices)
+    if cfg.validation.perplexity:
+        full_state = experiment.base_state if experiment.truncate_at_layer is None else builder.abstract_model(
+            cfg, experiment.model_config, mesh, truncate_at_layer=None, platform=devices[0].platform)[1]
+    result = dict(mesh=mesh, config=experiment.model_config, truncate_at_layer=experiment.truncate_at_layer,
+                  train=train, train_seconds=train_s, eval=None, eval_seconds=0.0, seq_len=seq_len, state=state,
+                  base_state=experiment.base_state,
+                  full_state=full_state if experiment.truncate_at_layer is not None else None)
     if with_eval:
-        result["eval"], result["eval_seconds"] = _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def)
+        eval_batch = abstract_batch(cfg, mesh, 0, seq_len)
+        key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype)
+        with jax.set_mesh(mesh):  # as the Trainer validates: activations stay batch-sharded (FSDP, not TP)
+            result["eval"], result["eval_seconds"] = _compile(experiment.jit_eval_step(), state.params,
+                                                              experiment.base_state, full_state, eval_batch, key)
     return result
 
 
@@ -163,22 +123,6 @@ def needed_bytes(result) -> int:
     if result["eval"] is None:
         return train
     return max(train, memory(result["eval"])["total"] + tree_bytes(result["state"].opt_state))
-
-
-def _compile_eval(cfg, mesh, result, cloak_def, base_def, full_def):
-
-
-    # The Trainer's own eval function, bound to the abstract pieces it reads.
-    holder = SimpleNamespace(cloak_graphdef=cloak_def, base_graphdef=base_def, _full_graphdef=full_def, cfg=cfg,
-                             hidden_size=result["config"].hidden_size)
-    full_state = result["full_state"] if result["full_state"] is not None else (
-        result["base_state"] if full_def is not None else None)
-    eval_fn = lambda *a: Trainer._eval_batch_fn(holder, *a)  # noqa: E731
-    eval_jit = jax.jit(eval_fn, out_shardings=NamedSharding(mesh, P()))
-    eval_batch = abstract_batch(cfg, mesh, 0, result["seq_len"])
-    key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype)
-    with jax.set_mesh(mesh):  # as the Trainer validates: activations stay batch-sharded (FSDP, not TP)
-        return _compile(eval_jit, result["state"].params, result["base_state"], full_state, eval_batch, key)
 
 
 def tree_bytes(tree) -> int:

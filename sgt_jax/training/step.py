@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from sgt_jax.training import parallel
 from sgt_jax.training.parallel import BATCH_AXES, batch_sharding, batch_shards
+from sgt_jax.transform.entropy import example_keys
 from sgt_jax.transform.objective import local_denominators
 
 
@@ -66,11 +67,6 @@ def step_key(run_key_data: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(run_key_data), step)
 
 
-def example_keys(key: jax.Array, example_index: jax.Array) -> jax.Array:
-    """Per-example keys, independent of how the batch is split or sharded."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_index.reshape(-1)).reshape(example_index.shape)
-
-
 def split_micro_batches(batch: Mapping[str, np.ndarray], accum_steps: int, first_index: int = 0,
                         index_stride: int = 1) -> dict[str, np.ndarray]:
     """Host arrays (B, ...) → (accum_steps, B // accum_steps, ...), in contiguous blocks, plus each row's
@@ -92,6 +88,11 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], accum_steps: int, first
 
 def _path_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def manual_batch_axes(mesh) -> tuple[str, ...]:
+    """The batch axes (data, fsdp) larger than 1: what the accumulation's ``shard_map`` is manual over."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
 def _base_layout(base_state, mesh, axes):
@@ -116,6 +117,14 @@ def _base_layout(base_state, mesh, axes):
     outer = jax.tree_util.tree_map_with_path(before_scan, in_specs, is_leaf=is_spec)
     layers = jax.tree.map(lambda spec: P(*spec[1:]), in_specs["decoder"]["layers"], is_leaf=is_spec)
     return in_specs, outer, layers, lookup
+
+
+def sharded_base_access(base_state, mesh, axes):
+    """(layer_gather, embed_lookup) the base needs inside the train step's region, where its parameters arrive
+    as FSDP shards: constructor arguments of the model the step merges (:func:`sgt_jax.training.builder.build`)."""
+    _, _, layer_specs, lookup = _base_layout(base_state, mesh, axes)
+    layer_gather = functools.partial(_gather_leaves, specs=layer_specs, axes=axes)
+    return layer_gather, parallel.sharded_embedding_lookup("fsdp") if lookup else None
 
 
 def _gather_leaves(tree, specs, axes):
@@ -171,22 +180,15 @@ def _accumulate(loss_fn, graphdefs, params, base_state, batch, key, denominators
     accumulator holds one FSDP shard of the cloak's gradient, like its optimizer state, never a full copy.
     What is left (the data axis, and the few parameters too small to shard) is reduced once, after the scan.
     """
-    cloak_def, base_def = graphdefs
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    base_specs, outer_specs, layer_specs, lookup = _base_layout(base_state, mesh, axes) if axes else (P(),) * 3 + (0,)
+    cloak_def, base_def, base_step_def = graphdefs
+    axes = manual_batch_axes(mesh)
+    base_specs, outer_specs, _, _ = _base_layout(base_state, mesh, axes) if axes else (P(),) * 3 + (0,)
     cloak_specs = _cloak_specs(params, mesh, axes) if axes else P()
-
-    def merged_base(local_base):
-        base = nnx.merge(base_def, local_base)
-        if axes:
-            base.decoder.layer_gather = lambda layer: _gather_leaves(layer, layer_specs, axes)
-            if lookup:
-                base.embed_lookup = parallel.sharded_embedding_lookup("fsdp")
-        return base
 
     def micro_loss(p, local_base, micro, keys):
         whole = _gather_leaves(p, cloak_specs, axes) if axes else p
-        return loss_fn(nnx.merge(cloak_def, whole), merged_base(local_base), micro, keys, denominators, deterministic)
+        base = nnx.merge(base_step_def if axes else base_def, local_base)
+        return loss_fn(nnx.merge(cloak_def, whole), base, micro, keys, denominators, deterministic)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -251,14 +253,19 @@ def make_train_step(
     mesh: jax.sharding.Mesh,
     hidden_size: int,
     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    base_step_graphdef: Any = None,
 ) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step; jit it with :func:`jit_train_step`."""
+    """The pure train step; jit it with :func:`jit_train_step`. ``base_step_graphdef``: the base as the step's
+    ``shard_map`` merges it, built with :func:`sharded_base_access` (required when the mesh shards the batch)."""
+    if base_step_graphdef is None and manual_batch_axes(mesh):
+        raise ValueError("a mesh that shards the batch needs base_step_graphdef (see sgt_jax.training.builder).")
 
     def train_step(state: TrainState, base_state: Any, batch: Mapping[str, jax.Array]):
         key = step_key(state.run_key, state.step)
         denominators = loss_denominators(batch, hidden_size, batch_shards(mesh))
         grads, metrics = _accumulate(
-            loss_fn, (cloak_graphdef, base_graphdef), state.params, base_state, batch, key, denominators, False, mesh
+            loss_fn, (cloak_graphdef, base_graphdef, base_step_graphdef), state.params, base_state, batch, key,
+            denominators, False, mesh
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -286,7 +293,7 @@ def make_train_step(
     return train_step
 
 
-def jit_train_step(train_step, *, mesh, state_sharding, base_sharding):
+def jit_train_step(train_step, *, mesh, state_sharding, base_sharding, donate: bool = True):
     batch_in = batch_sharding(mesh, accumulated=True)
     replicated = NamedSharding(mesh, P())
 
@@ -299,5 +306,5 @@ def jit_train_step(train_step, *, mesh, state_sharding, base_sharding):
         under_mesh,
         in_shardings=(state_sharding, base_sharding, batch_in),
         out_shardings=(state_sharding, replicated),
-        donate_argnums=(0,),
+        donate_argnums=(0,) if donate else (),
     )

@@ -7,14 +7,11 @@ data, the cloak and its optimizer, the jitted train and eval steps, validation, 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -23,28 +20,21 @@ from jax.sharding import PartitionSpec as P
 from sgt_jax import config as config_lib
 from sgt_jax.config import SGTConfig
 from sgt_jax.data import build_datasets, load_tokenizer
-from sgt_jax.evaluation import metrics as metrics_lib
 from sgt_jax.evaluation.rouge import generation_rouge
+from sgt_jax.evaluation.validation import ValidationTotals
 from sgt_jax.inference import artifact
 from sgt_jax.inference.artifact import transform_embeddings
 from sgt_jax.inference.generate import prompts_from_source
 from sgt_jax.models import CausalLM, DecoderConfig
 from sgt_jax.models.fingerprint import model_fingerprint
 from sgt_jax.models.hf import resolve_model_path
-from sgt_jax.training import adversary as adversary_lib
-from sgt_jax.training import optim, parallel
+from sgt_jax.training import builder, parallel
 from sgt_jax.training import step as step_lib
 from sgt_jax.training.checkpoint import check_compatible
-from sgt_jax.transform import noise_spacing, objective
 from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.transform.entropy import fresh_key
 
 log = logging.getLogger("sgt_jax.train")
-
-
-def default_truncation_layer(num_layers: int) -> int:
-    """The recommendations' truncation layer index: 12 for a 32-layer model (13 layers kept), scaled for other depths."""
-    return int(min(num_layers - 1, max(0, round(num_layers * 12 / 32))))
 
 
 def fresh_run_key_data(seed: Optional[int]) -> np.ndarray:
@@ -53,58 +43,40 @@ def fresh_run_key_data(seed: Optional[int]) -> np.ndarray:
 
 
 class Trainer:
+    """A training run's wiring: the data, the loaded base and initial cloak handed to the one experiment builder
+    (:func:`sgt_jax.training.builder.build`, which ``--compile-only`` and the benchmark call too), validation,
+    and the artifact."""
+
     def __init__(self, cfg: SGTConfig):
         self.cfg = cfg
         self.model_dir = resolve_model_path(cfg.model.path)
         self.mesh = parallel.make_mesh(cfg.mesh)
-        hf_config = DecoderConfig.from_hf(self.model_dir)
-        self.num_base_layers = hf_config.num_hidden_layers
-        self.truncate_at_layer = None
-        if cfg.objective.mode == "ssl":
-            k = cfg.model.truncate_at_layer
-            self.truncate_at_layer = default_truncation_layer(self.num_base_layers) if k is None else k
-        self.base = CausalLM.from_pretrained(
-            self.model_dir, dtype=cfg.model.dtype, truncate_at_layer=self.truncate_at_layer, mesh=self.mesh,
-            attention_impl=cfg.model.attention_impl, remat_policy=cfg.model.remat_policy,
-        )
-        self.base_graphdef, self.base_state = nnx.split(self.base)
-        self.base_sharding = jax.tree.map(lambda x: x.sharding, self.base_state)
-        self._full_on_host = None  # (graphdef, state in host memory) of the untruncated model
-
         self.tokenizer = load_tokenizer(str(self.model_dir))
         # A training batch is one optimizer step's: data.batch_size (the global micro-batch) x grad_accum_steps.
         self.accum_steps = cfg.optimizer.grad_accum_steps
         self.train_data, self.val_data = build_datasets(cfg.data, self.tokenizer, grad_accum_steps=self.accum_steps)
         self.total_steps = self._total_steps()
 
+        config = DecoderConfig.from_hf(self.model_dir)
+        self.truncate_at_layer = builder.truncation_layer(cfg, config.num_hidden_layers)
+        self.base = CausalLM.from_pretrained(
+            self.model_dir, dtype=cfg.model.dtype, truncate_at_layer=self.truncate_at_layer, mesh=self.mesh,
+            attention_impl=cfg.model.attention_impl, remat_policy=cfg.model.remat_policy,
+        )
         cloak = TransformerCloak.from_config(cfg.cloak, str(self.model_dir), rngs=nnx.Rngs(cfg.train.seed))
-        self.cloak_graphdef, self._init_params = nnx.split(cloak)
+        self.experiment = builder.build(cfg, self.mesh, total_steps=self.total_steps, base=self.base, cloak=cloak)
+        e = self.experiment
+        self.base_graphdef, self.base_state, self.base_sharding = e.base_graphdef, e.base_state, e.base_sharding
+        self.cloak_graphdef, self.hidden_size, self.adversary = e.cloak_graphdef, e.hidden_size, e.adversary
+        self.optimizer, self.schedule, self.state_sharding = e.optimizer, e.schedule, e.state_sharding
+        self.jitted_train_step = e.jit_train_step()
+        self._eval_batch = e.jit_eval_step()
+        self._full_on_host = None  # the untruncated model's state in host memory, loaded at the first validation
         self._run_key_data = fresh_run_key_data(cfg.cloak.seed)  # replaced by the saved one on resume
-        self.hidden_size = hf_config.hidden_size
-        self.optimizer = optim.make_optimizer(cfg.optimizer, self.total_steps)
-        self.schedule = optim.make_schedule(cfg.optimizer, self.total_steps)
+        self._untransformed_batches = 0
 
         self.saved_config = config_lib.to_dict(cfg)
         self.saved_config["base_model_fingerprint"] = model_fingerprint(self.model_dir)
-
-        loss_fn = objective.make_loss_fn(cfg.objective)
-        self.adversary = adversary_lib.from_trainer_config(cfg, cloak, hf_config)  # None when off
-        make_step = (functools.partial(step_lib.make_train_step, cloak_graphdef=self.cloak_graphdef)
-                     if self.adversary is None else self.adversary.make_train_step)
-        train_step = make_step(
-            loss_fn=loss_fn, base_graphdef=self.base_graphdef,
-            optimizer=self.optimizer, mesh=self.mesh, hidden_size=self.hidden_size, learning_rate_fn=self.schedule,
-        )
-        replicated = NamedSharding(self.mesh, P())
-        abstract = jax.eval_shape(self._fresh_state)
-        self.state_sharding = parallel.train_state_shardings(abstract, self.mesh)
-        self.jitted_train_step = step_lib.jit_train_step(
-            train_step, mesh=self.mesh, state_sharding=self.state_sharding, base_sharding=self.base_sharding
-        )
-        self._untransformed_batches = 0
-        # Replicated outputs: the per-row/per-token results are read back on every host (device_get of a
-        # batch-sharded array fails when it spans another process's devices).
-        self._eval_batch = jax.jit(self._eval_batch_fn, out_shardings=replicated)
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -116,15 +88,10 @@ class Trainer:
         # One pipeline batch per optimizer step (it holds all the step's micro-batches): num_epochs of data.
         return max(1, self.train_data.num_batches)
 
-    def _fresh_state(self) -> step_lib.TrainState:
-        run_key = jnp.asarray(self._run_key_data)
-        state = step_lib.init_train_state(self._init_params, self.optimizer, run_key)
-        return state if self.adversary is None else state.replace(adversary=self.adversary.init_state())
-
     def init_state(self) -> step_lib.TrainState:
-        # Fresh buffers: on one device device_put would alias self._init_params, and the train step donates
+        # Fresh buffers: on one device device_put would alias the initial parameters, and the train step donates
         # the state, which would delete them (a second init_state() would then fail).
-        return jax.device_put(self._fresh_state(), self.state_sharding, may_alias=False)
+        return jax.device_put(self.experiment.fresh_state(self._run_key_data), self.state_sharding, may_alias=False)
 
     def restore(self, checkpointer, state: step_lib.TrainState):
         step = checkpointer.latest_step()
@@ -175,33 +142,10 @@ class Trainer:
             model = CausalLM.from_pretrained(
                 self.model_dir, dtype=self.cfg.model.dtype, mesh=self.mesh, attention_impl=self.cfg.model.attention_impl,
                 memory_kind="pinned_host" if "pinned_host" in kinds else None)
-            self._full_on_host = nnx.split(model)
-        graphdef, host_state = self._full_on_host
-        on_devices = jax.device_put(host_state, jax.tree.map(lambda x: x.sharding.with_memory_kind("device"), host_state))
-        yield nnx.merge(graphdef, on_devices)  # the device copy is freed with the last reference to it
-
-    def _eval_batch_fn(self, params, base_state, full_state, batch, key):
-        cloak = nnx.merge(self.cloak_graphdef, params)
-        base = nnx.merge(self.base_graphdef, base_state)
-        keys = step_lib.example_keys(key, batch["example_index"])
-        denominators = objective.local_denominators(batch, self.hidden_size)
-        _, losses = objective.make_loss_fn(self.cfg.objective)(cloak, base, batch, keys, denominators, True)
-        full = None if full_state is None else nnx.merge(self._full_graphdef, full_state)
-        out = metrics_lib.forward_eval(cloak, full, base.embedding_table, batch, keys)
-        obf = out["obfuscation"]["cosine"]
-        # The positions the transform adds noise to: real tokens the batch marks for noise.
-        noise_mask = batch["attention_mask"].astype(bool) & batch["noise_mask"].astype(bool)
-        spacing = noise_spacing.spacing_sums(out["sigma"], batch["input_ids"], noise_mask, base.embedding_table)
-        return {
-            "losses": losses,
-            "sums": {**out["sums"], **spacing},
-            "percent_changed": obf["percent_changed"],
-            "mean_rank": obf["mean_rank"],
-            "nearest": obf["nearest"],
-            "sigma": out["sigma"],
-            "mu": out["mu"],
-            "real_rows": jnp.any(batch["attention_mask"].astype(bool), axis=-1),
-        }
+            self._full_on_host = nnx.state(model)
+        host = self._full_on_host
+        on_devices = jax.device_put(host, jax.tree.map(lambda x: x.sharding.with_memory_kind("device"), host))
+        yield nnx.merge(self.experiment.full_graphdef, on_devices)  # freed with the last reference to it
 
     def validate(self, state, *, step: int, tracker=None, label: Optional[str] = None) -> dict[str, float]:
         """Forward metrics on (up to validation.max_batches of) the validation set, then generation metrics on
@@ -233,13 +177,11 @@ class Trainer:
                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
         return result
 
-    def _forward_validation(self, state, key, full: Optional[CausalLM]) -> "_ValidationTotals":
+    def _forward_validation(self, state, key, full: Optional[CausalLM]) -> "ValidationTotals":
         """The eval step over the validation batches (all hosts, in step), summed on the host; ``full``: the
         untruncated model for perplexity and agreement, or None."""
-        full_state = None
-        if full is not None:
-            self._full_graphdef, full_state = nnx.split(full)
-        totals = _ValidationTotals()
+        full_state = None if full is None else nnx.state(full)
+        totals = ValidationTotals()
         for i, host_batch in enumerate(iter(self.val_data)):
             if self.cfg.validation.max_batches is not None and i >= self.cfg.validation.max_batches:
                 break
@@ -319,48 +261,3 @@ class Trainer:
         if bound is not None and "utility_loss" in after:
             out["utility_within_bound"] = bool(after["utility_loss"] <= bound)
         return out
-
-
-@dataclasses.dataclass
-class _ValidationTotals:
-    """Sums over the validation batches of the eval step's outputs, and the per-row / per-token values the
-    summaries and histograms need; batches without a real row (padding on this host) are skipped."""
-
-    batches: int = 0
-    loss_sums: dict[str, float] = dataclasses.field(default_factory=dict)
-    sums: dict[str, float] = dataclasses.field(default_factory=dict)
-    changed: list[np.ndarray] = dataclasses.field(default_factory=list)
-    ranks: list[np.ndarray] = dataclasses.field(default_factory=list)
-    sigmas: list[np.ndarray] = dataclasses.field(default_factory=list)
-    mus: list[np.ndarray] = dataclasses.field(default_factory=list)
-    table_rows: list[dict[str, str]] = dataclasses.field(default_factory=list)
-
-    def add(self, out: Mapping[str, Any]) -> bool:
-        """Adds one eval-step output; False (nothing added) when the batch has no real row."""
-        real = np.asarray(out["real_rows"])
-        if not real.any():
-            return False
-        self.batches += 1
-        for totals, values in ((self.loss_sums, out["losses"]), (self.sums, out["sums"])):
-            for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        self.changed.append(np.asarray(out["percent_changed"])[real])
-        self.ranks.append(np.asarray(out["mean_rank"])[real])
-        self.sigmas.append(np.asarray(out["sigma"]).ravel())
-        self.mus.append(np.asarray(out["mu"]).ravel())
-        return True
-
-    def metrics(self, embedding_table, hidden_size: int) -> dict[str, float]:
-        result = {k: v / self.batches for k, v in self.loss_sums.items()}
-        result.update(metrics_lib.finalize_forward_metrics(self.sums))
-        result.update(noise_spacing.finalize_spacing(self.sums))
-        result.update(noise_spacing.mi_estimate(embedding_table, np.concatenate(self.sigmas).reshape(-1, hidden_size)))
-        obf = metrics_lib.summarize(np.concatenate(self.changed))
-        result.update({f"obfuscation_{k}": v for k, v in obf.items()})
-        rank = metrics_lib.summarize(np.concatenate(self.ranks))
-        if rank:
-            result["reconstruction_rank_mean"] = rank["mean"]
-        return result
-
-    def histograms(self) -> dict[str, np.ndarray]:
-        return {"val/sigma": np.concatenate(self.sigmas), "val/mu": np.concatenate(self.mus)}

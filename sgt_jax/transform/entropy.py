@@ -13,7 +13,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-__all__ = ["fresh_key"]
+__all__ = ["example_keys", "fresh_key"]
 
 
 def fresh_key(seed: Optional[int] = None) -> jax.Array:
@@ -24,3 +24,9 @@ def fresh_key(seed: Optional[int] = None) -> jax.Array:
     template = np.asarray(jax.random.key_data(jax.random.key(0)))
     data = np.frombuffer(secrets.token_bytes(template.nbytes), dtype=template.dtype).reshape(template.shape)
     return jax.random.wrap_key_data(data)
+
+
+def example_keys(key: jax.Array, example_index: jax.Array) -> jax.Array:
+    """Per-example keys ``fold_in(key, example_index)``: an example's noise and dropout depend on its place in
+    the global batch, not on how the batch is split into micro-batches, devices or hosts."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_index.reshape(-1)).reshape(example_index.shape)
