@@ -157,3 +157,27 @@ def test_a_bad_platform_block_is_refused_on_every_platform(tmp_path, block, need
         with pytest.raises(ConfigError) as info:
             load_config(path, platform=platform)
         assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_base_file_applies_under_the_file_with_its_own_platform_block(tmp_path):
+    """`base:` (relative to the file) layers: base, the base's block for the platform, the file, the file's block,
+    overrides. A value the file sets beats the base's platform block; one it leaves keeps the base's."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "common.yaml").write_text(PLATFORM_YAML)
+    (tmp_path / "recipe.yaml").write_text("base: sub/common.yaml\nmesh:\n  fsdp: 2\ngpu:\n  mesh:\n    tensor: 2\n")
+    gpu = load_config(tmp_path / "recipe.yaml", platform="gpu")
+    assert (gpu.model.attention_impl, gpu.mesh.fsdp, gpu.mesh.tensor, gpu.optimizer.learning_rate) == ("cudnn", 2, 2,
+                                                                                                       1e-4)
+    tpu = load_config(tmp_path / "recipe.yaml", ["mesh.fsdp=8"], platform="tpu")
+    assert (tpu.model.attention_impl, tpu.mesh.fsdp, tpu.mesh.tensor) == ("splash", 8, 1)
+
+
+@pytest.mark.parametrize("files, needle", [({"a.yaml": "base: missing.yaml\n"}, "missing.yaml"),
+                                           ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "itself"),
+                                           ({"a.yaml": "base: [x]\n"}, "base:")])
+def test_a_bad_base_is_one_line(tmp_path, files, needle):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "a.yaml", platform="tpu")
+    assert needle in str(info.value) and "\n" not in str(info.value)

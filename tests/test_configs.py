@@ -13,7 +13,7 @@ from flax import nnx
 from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import load_config
 from sgt_jax.models import CausalLM, DecoderConfig
-from sgt_jax.training.trainer import default_truncation_layer
+from sgt_jax.training.builder import default_truncation_layer
 from tiny_checkpoints import make_tiny_checkpoint
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -23,12 +23,30 @@ LARGE = {
     "llama2_7b.yaml": dict(model_type="llama", rope_theta=10000.0),
     "llama3_8b.yaml": dict(model_type="llama", rope_theta=500000.0),
     "mistral_7b_instruct.yaml": dict(model_type="mistral", rope_theta=1000000.0, sliding_window=None),
+    "llama3_70b.yaml": dict(model_type="llama", rope_theta=500000.0),
 }
-LARGE_NUM_LAYERS = 32  # all three
+NUM_LAYERS = {"llama3_70b.yaml": 80}  # the others: 32
+FSDP = {"llama3_70b.yaml": 8}  # on its 8 TPU chips and on 8 GPUs; the 7B recipes: 4 on TPU, 1 on GPU (data-parallel)
 
 
 def test_every_yaml_in_configs_is_covered():
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*LARGE, "tiny.yaml"])
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*LARGE, "base.yaml", "tiny.yaml"])
+
+
+@pytest.mark.parametrize("name", sorted([*LARGE, "tiny.yaml"]))
+def test_recipes_are_short_deltas_that_resolve_to_the_full_configurations_they_replaced(name):
+    """Each recipe is its model's delta over configs/base.yaml (configs/tiny.yaml loads the packaged default):
+    30 lines or fewer, and on every platform it resolves to the configuration the full 120-130-line recipe
+    resolved to before (tests/data/recipes_resolved.json, written from those files)."""
+    import json
+
+    from sgt_jax.config import to_dict
+
+    assert len((CONFIGS / name).read_text().splitlines()) <= 30
+    want = json.loads((Path(__file__).parent / "data" / "recipes_resolved.json").read_text())[name[:-5]]
+    for platform in ("tpu", "gpu", "cpu"):
+        got = json.loads(json.dumps(to_dict(load_config(CONFIGS / name, platform=platform)), sort_keys=True))
+        assert got == want[platform], (platform, {k for k in got if got[k] != want[platform].get(k)})
 
 
 # The recommendations, stated once: the schema's defaults (the configuration reference calls them recommended).
@@ -54,7 +72,7 @@ def test_large_model_config_follows_the_recommendations(name):
     assert _recommended(cfg) == _recommended(load_config(None))
     assert cfg.cloak.transformer_type == LARGE[name]["model_type"]
     # Truncation as the recommendations' rule gives it for the model's depth.
-    assert cfg.model.truncate_at_layer == default_truncation_layer(LARGE_NUM_LAYERS)
+    assert cfg.model.truncate_at_layer == default_truncation_layer(NUM_LAYERS.get(name, 32))
     # OpenOrca data; the instruct model's data goes through its own chat template (format chat), the base
     # models' through the OpenOrca scaffold.
     want_format = "chat" if name.startswith("mistral") else "openorca"
@@ -66,17 +84,20 @@ def test_large_model_config_follows_the_recommendations(name):
     text = (CONFIGS / name).read_text()
     assert "tpu_pod.sh" in text and "gpu_single_node.sh" in text
     tpu, gpu = load_config(CONFIGS / name, platform="tpu"), load_config(CONFIGS / name, platform="gpu")
-    assert (tpu.mesh.data, tpu.mesh.fsdp, tpu.mesh.tensor, tpu.model.attention_impl) == (-1, 4, 1, "splash")
-    assert (gpu.mesh.data, gpu.mesh.fsdp, gpu.mesh.tensor, gpu.model.attention_impl) == (-1, 1, 1, "cudnn")
+    assert (tpu.mesh.data, tpu.mesh.fsdp, tpu.mesh.tensor, tpu.model.attention_impl) == (-1, FSDP.get(name, 4), 1,
+                                                                                          "splash")
+    assert (gpu.mesh.data, gpu.mesh.fsdp, gpu.mesh.tensor, gpu.model.attention_impl) == (-1, FSDP.get(name, 1), 1,
+                                                                                          "cudnn")
     assert _recommended(gpu) == _recommended(tpu)
 
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
-    """A tiny checkpoint per large config, with 14 layers so truncate_at_layer=12 is exactly as configured."""
+    """A tiny checkpoint per large config, with two layers more than the configured truncation keeps."""
     out = {}
     for name, family in LARGE.items():
-        out[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name.split(".")[0]), num_hidden_layers=14,
+        layers = default_truncation_layer(NUM_LAYERS.get(name, 32)) + 2
+        out[name] = make_tiny_checkpoint(tmp_path_factory.mktemp(name.split(".")[0]), num_hidden_layers=layers,
                                          hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                          num_key_value_heads=2, **family)
     return out
@@ -94,7 +115,7 @@ def test_large_model_config_builds_its_family(name, stand_ins):
     assert decoder_config.sliding_window is None
     base = CausalLM.from_pretrained(path, dtype=cfg.model.dtype, truncate_at_layer=cfg.model.truncate_at_layer,
                                     attention_impl="xla", remat_policy=cfg.model.remat_policy)
-    assert base.num_layers == 13 and base.embedding_table.dtype == jnp.bfloat16
+    assert base.num_layers == cfg.model.truncate_at_layer + 1 and base.embedding_table.dtype == jnp.bfloat16
     ids = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6) % decoder_config.vocab_size)
     hidden = base(ids)
     assert hidden.shape == (2, 6, decoder_config.hidden_size) and bool(jnp.isfinite(hidden.astype(jnp.float32)).all())

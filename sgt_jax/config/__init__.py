@@ -286,6 +286,31 @@ class SGTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def _file_with_bases(path: Path, schema, platform: Optional[str], seen: tuple) -> list:
+    """A config file's layers over those of the file its top-level ``base:`` names (a path relative to it, itself
+    possibly with a base): a recipe is written as the delta over a shared base."""
+    if not path.is_file():
+        where = f" (the base of {str(seen[-1])!r})" if seen else ""
+        raise ConfigError(f"config file {str(path)!r}{where} does not exist; pass --config with a YAML file from "
+                          "configs/.")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {str(path)!r}: its `base:` chain comes back to itself.")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as exc:  # yaml parse errors
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, DictConfig):
+        return [data]  # the schema merge names what is wrong
+    layers = []
+    if "base" in data:
+        base = data.pop("base")
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"config file {str(path)!r}: `base:` must be the path of another config file, "
+                              "relative to this one (e.g. `base: base.yaml`).")
+        layers = _file_with_bases(path.parent / base, schema, platform, (*seen, path.resolve()))
+    return layers + file_layers(data, str(path), schema, platform)
+
+
 def load_config(
     path: Optional[str | os.PathLike] = None,
     overrides: Sequence[str] = (),
@@ -293,8 +318,8 @@ def load_config(
     saved: Optional[Mapping[str, Any]] = None,
     platform: Optional[str] = None,
 ) -> SGTConfig:
-    """Defaults ← ``saved`` (a config written by :func:`to_dict`, e.g. an artifact's) ← YAML file ← the file's
-    block for ``platform`` (``tpu:``, ``gpu:`` or ``cpu:``; None: the platform a run here uses, see
+    """Defaults ← ``saved`` (a config written by :func:`to_dict`, e.g. an artifact's) ← the file's ``base:`` (and
+    its block for ``platform``), recursively ← YAML file ← the file's block for ``platform`` (``tpu:``, ``gpu:`` or ``cpu:``; None: the platform a run here uses, see
     :func:`sgt_jax.platforms.local_platform`) ← ``key=value`` overrides, type-checked, then validated.
 
     Returns a plain :class:`SGTConfig` dataclass instance (not an OmegaConf node).
@@ -305,14 +330,7 @@ def load_config(
     schema = OmegaConf.structured(SGTConfig)
     layers = [OmegaConf.create(dict(saved))] if saved else []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file from configs/.")
-        try:
-            data = OmegaConf.load(path)
-        except Exception as exc:  # yaml parse errors
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        layers += file_layers(data, str(path), schema, platform) if isinstance(data, DictConfig) else [data]
+        layers += _file_with_bases(Path(path), schema, platform, ())
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.learning_rate=1e-4).")
