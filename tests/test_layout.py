@@ -196,7 +196,7 @@ def words_in(paths) -> set[str]:
     return {w for f in files for w in re.findall(r"[A-Za-z_]\w*", f.read_text(errors="ignore"))}
 
 
-def test_only_names(package: Path, tests: Path, users) -> list[str]:
+def names_only_tests_use(package: Path, tests: Path, users) -> list[str]:
     """``path:line label`` of every name ``package`` defines that its own code never reads (outside the
     definition itself) and no user names, but the tests use."""
     trees = {path: ast.parse(path.read_text()) for path in sorted(package.rglob("*.py"))}
@@ -218,7 +218,7 @@ def test_only_names(package: Path, tests: Path, users) -> list[str]:
 def test_the_package_defines_nothing_only_tests_use():
     """Test doubles, test-only hooks and helpers live in tests/ (a seam the runtime itself honours, such as an
     injectable clock, is a parameter of the runtime code, not a name of its own)."""
-    found = test_only_names(PACKAGE, REPO / "tests", [REPO / p for p in USER_PATHS])
+    found = names_only_tests_use(PACKAGE, REPO / "tests", [REPO / p for p in USER_PATHS])
     assert found == [], f"used only by tests/, move them there: {found}"
 
 
@@ -235,5 +235,5 @@ def test_the_boundary_check_fires(tmp_path):
         "from sgt_jax.runtime import PROBE_ENV, Guard, documented, step\n\n\ndef test():\n"
         "    assert step(9) and Guard().probe() and Guard().requested() is False and PROBE_ENV and documented\n")
     docs.write_text("Call `documented()`.\n")
-    assert test_only_names(package, tests, [docs]) == [
+    assert names_only_tests_use(package, tests, [docs]) == [
         "sgt_jax/runtime.py:2 PROBE_ENV", "sgt_jax/runtime.py:5 step", "sgt_jax/runtime.py:16 Guard.probe"]
