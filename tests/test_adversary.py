@@ -203,3 +203,41 @@ def test_validation_mi_drops_unnoised_rows_and_spans_0_to_log2_v():
     rows[:4] = 100.0
     assert mi_estimate(table, rows)["mi_bits"] < 0.05
     assert mi_estimate(table, np.full((3, 8), np.nan)) == {}
+
+
+def test_a_non_finite_inverter_step_leaves_the_inverter_as_it_was(tmp_path):
+    """An inverter-only step on a cloak whose output is NaN (so NaN gradients) keeps the inverter's
+    parameters and Adam moments, twice in a row; the same step on the real cloak moves them. Fails if a NaN
+    update gets through or a skipped step still advances Adam."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sgt_jax.config import CloakConfig, ObjectiveConfig
+    from sgt_jax.models import CausalLM
+    from sgt_jax.training.adversary import Adversary
+    from sgt_jax.transform.cloak import TransformerCloak
+    from tiny_checkpoints import make_tiny_checkpoint
+
+    model_dir = make_tiny_checkpoint(tmp_path / "model", "llama")
+    cloak = TransformerCloak.from_config(CloakConfig(), str(model_dir), rngs=nnx.Rngs(0))
+    base_graphdef, base_state = nnx.split(CausalLM.from_pretrained(model_dir, dtype="float32"))
+    config = CausalLM.from_pretrained(model_dir).config
+    adversary = Adversary(ObjectiveConfig(adversary="mlp"), cloak=cloak, hidden_size=config.hidden_size,
+                          vocab_size=config.vocab_size, seed=0)
+    ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, 2, 8))
+    ones = np.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": ones, "noise_mask": ones, "loss_mask": ones,
+             "example_index": np.arange(2).reshape(1, 2)}
+    cloak_params = nnx.state(cloak, nnx.Param)
+    nan_cloak = jax.tree.map(lambda p: p * jnp.nan, cloak_params)
+
+    def step(adv, params):
+        return adversary._inverter_step(adv, params, base_state, base_graphdef, batch, jax.random.key(1))
+
+    before = adversary.init_state()
+    skipped = step(step(before, nan_cloak), nan_cloak)
+    moved = step(before, cloak_params)
+    leaves = lambda adv: jax.tree.leaves((adv.params, adv.opt_state.inner_state))  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(skipped), leaves(before), strict=True))
+    assert int(skipped.opt_state.total_notfinite) == 2
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(moved), leaves(before), strict=True))
