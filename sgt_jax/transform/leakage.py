@@ -62,8 +62,9 @@ def barber_agakov(log_q_true, token_ids, reference_ids=None) -> dict[str, float]
 
     ``log_q_true`` (N,): the attacker's natural-log probability of the true token at each scored position;
     ``token_ids`` (N,): the true tokens. ``reference_ids``: the sample whose empirical distribution is p(T)
-    (default: ``token_ids``; pass all noised tokens of the same prompts when only some positions are scored).
-    Returns ``bits`` (H(T) - CE), ``stderr_bits`` (standard error of the mean of the per-position terms),
+    (default: ``token_ids``; pass all noised tokens of the same prompts when only some positions are scored, so
+    that the figure is H(T) of them all minus the sample's CE). Returns ``bits`` (H(T) - CE), ``stderr_bits``
+    (standard error of the mean of the per-position terms log2 q - log2 p),
     ``entropy_bits`` (H(T) of the reference), ``cross_entropy_bits`` and ``positions``."""
     ids = np.asarray(token_ids).ravel().astype(np.int64)
     log_q = np.asarray(log_q_true, np.float64).ravel()
@@ -73,8 +74,12 @@ def barber_agakov(log_q_true, token_ids, reference_ids=None) -> dict[str, float]
     terms = (log_q - np.log(p)) / LN2
     n = ids.size
     entropy = token_entropy_bits(ids if reference_ids is None else reference_ids)
-    return {"bits": float(terms.mean()), "stderr_bits": float(terms.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
-            "entropy_bits": entropy, "cross_entropy_bits": float(-log_q.mean() / LN2), "positions": int(n)}
+    cross_entropy = float(-log_q.mean() / LN2)
+    # H(reference) - CE: with the scored tokens as the reference it is the mean of the per-position terms; with a
+    # larger reference, every attacker scored on a sample of the same prompts is held against the same H(T).
+    return {"bits": entropy - cross_entropy,
+            "stderr_bits": float(terms.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+            "entropy_bits": entropy, "cross_entropy_bits": cross_entropy, "positions": int(n)}
 
 
 def gaussian_log_likelihood(x: jax.Array, mean: jax.Array, sigma: jax.Array) -> jax.Array:
