@@ -198,7 +198,6 @@ def test_a_cloak_whose_mean_depends_on_the_token_the_exact_channel_figure_is_at_
                                            jnp.broadcast_to(out.sigma[rows, cols][:, None], (len(rows),) + table.shape))
     truth = ids[rows, cols]
     shared = leakage.barber_agakov(np.asarray(post[jnp.arange(len(rows)), truth]), np.asarray(truth))
-    print("learned", learned, "figure", figure, "shared", shared)
     assert learned["bits"] > 1.0, learned
     assert figure["bits"] >= learned["bits"], (figure, learned)
     assert shared["bits"] < learned["bits"], (shared, learned)
