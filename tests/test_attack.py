@@ -206,7 +206,10 @@ def test_bad_paths_and_empty_data_are_one_line_errors(tiny_runs, tmp_path, capsy
     for argv in (["--sgt", str(tmp_path / "missing")], ["--frontier", str(tmp_path)],
                  ["--sgt", str(runs[0]), "--threat-model", "lookup", "--eval-data", str(empty)],
                  ["--sgt", str(runs[0]), "--threat-model", "lookup", "--attacks", "nn,mlp"],
-                 ["--sgt", str(runs[0]), "--threat-model", "lookup,oracle"]):
+                 ["--sgt", str(runs[0]), "--threat-model", "lookup,oracle"],
+                 ["--sgt", str(runs[0]), "--threat-model", "white-box", "--attacks", ""],
+                 ["--sgt", str(runs[0]), "--threat-model", "server", "--server-attacks", "transfer",
+                  "--transfer-sgt", str(tmp_path / "no_sgt")]):
         assert main(argv) == 2, argv
         # Progress logging (INFO) may precede the failure; the error itself is one last line, no traceback.
         err = capsys.readouterr().err.strip()

@@ -132,7 +132,13 @@ def attack(sgt_path, *, threat_models: Sequence[str] = THREAT_MODELS, train_data
                         f"{', '.join(INVERTER_KINDS)}, server attacks {', '.join(SERVER_ATTACKS)}.")
     if steps < 1:
         raise DataError(f"--steps {steps} must be at least 1.")
+    empty = [t for t, chosen in (("white-box", attacks), ("server", server_attacks)) if t in threat_models and not chosen]
+    if empty:
+        raise DataError(f"the {empty[0]} threat model has no attack to run; name at least one (--attacks, "
+                        "--server-attacks) or leave the threat model out.")
     artifact_dir, run_dir = resolve_sgt_path(sgt_path)
+    if transfer_sgt is not None and "server" in threat_models and "transfer" in server_attacks:
+        transfer_sgt = _transfer_artifact(transfer_sgt)
     sgt = StainedGlassTransform.load(artifact_dir)
     train, held_out = load_prompt_sets(sgt, train_data=train_data, eval_data=eval_data, overrides=overrides,
                                        max_train=max_train, max_eval=max_eval)
@@ -148,18 +154,21 @@ def attack(sgt_path, *, threat_models: Sequence[str] = THREAT_MODELS, train_data
 
     ctx = _Context(sgt, train, held_out, key, attacks, steps, batch_size, ceiling, on_step)
     sections = {}
-    for threat in threat_models:
-        log.info("threat model %s", threat)
-        if threat == "lookup":
-            sections[threat] = lookup(ctx.transform, sgt.embedding_table, train, held_out, key=key, ceiling=ceiling)
-        elif threat == "white-box":
-            sections[threat] = white_box(ctx.transform, sgt.cloak, sgt.embedding_table, train, held_out,
-                                         inverters=attacks, steps=steps, batch_size=batch_size, key=key,
-                                         ceiling=ceiling, on_step=on_step, exact_positions=exact_positions,
-                                         exact_candidates=exact_candidates)
-        else:
-            sections[threat] = _server(ctx, server_attacks, transfer_sgt, overrides)
-    bar.close()
+    try:
+        for threat in threat_models:
+            log.info("threat model %s", threat)
+            if threat == "lookup":
+                sections[threat] = lookup(ctx.transform, sgt.embedding_table, train, held_out, key=key,
+                                          ceiling=ceiling)
+            elif threat == "white-box":
+                sections[threat] = white_box(ctx.transform, sgt.cloak, sgt.embedding_table, train, held_out,
+                                             inverters=attacks, steps=steps, batch_size=batch_size, key=key,
+                                             ceiling=ceiling, on_step=on_step, exact_positions=exact_positions,
+                                             exact_candidates=exact_candidates)
+            else:
+                sections[threat] = _server(ctx, server_attacks, transfer_sgt, overrides)
+    finally:
+        bar.close()
     training = sgt.meta.get("training_config") or {}
     report = {
         "sgt": str(artifact_dir), "run_dir": str(run_dir) if run_dir else None, "seed": seed,
@@ -202,7 +211,7 @@ def _server(ctx: _Context, server_attacks, transfer_sgt, overrides) -> dict:
         if transfer_sgt is None:
             raise DataError("the server's transfer attack needs the attacker's own SGT: pass --transfer-sgt DIR, or "
                             "run python -m sgt_jax.attack, which trains one with the same recipe.")
-        attacker = StainedGlassTransform.load(resolve_sgt_path(transfer_sgt)[0])
+        attacker = StainedGlassTransform.load(transfer_sgt)
         attacker_train, _ = load_prompt_sets(attacker, max_eval=1)
         victim_train, _ = load_prompt_sets(sgt, max_eval=1)
         overlap = len(attacker_train.keys() & victim_train.keys())
@@ -218,6 +227,14 @@ def _server(ctx: _Context, server_attacks, transfer_sgt, overrides) -> dict:
         out["transfer_sgt"] = {"path": str(attacker.directory), "train_prompts": len(attacker_train),
                                "overlap_with_victim_training_prompts": overlap}
     return out
+
+
+def _transfer_artifact(path) -> Path:
+    try:
+        return resolve_sgt_path(path)[0]
+    except SGTError:
+        raise DataError(f"--transfer-sgt {str(path)!r} is neither an SGT artifact nor a run directory with one; "
+                        "pass the server's own SGT, or leave the flag out to train it.") from None
 
 
 def strongest_leakage(sections: Mapping[str, Any]) -> Optional[dict]:
