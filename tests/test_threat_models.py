@@ -169,3 +169,42 @@ def test_sections_name_the_strongest_attack_and_the_largest_bound():
     exact = {"bits": 2.0, "stderr_bits": 0.2, "entropy_bits": 5.0}
     best = strongest_leakage({"white-box": {**sec, "exact_channel": exact}, "lookup": section({"n": {"top1": 5.0}})})
     assert best["attack"] == "white-box/exact_channel" and best["bits"] == 2.0
+
+
+@pytest.mark.slow
+def test_transfer_against_a_trained_sgt_with_the_attackers_own_sgt_on_disjoint_data(tmp_path):
+    """A trained victim (the embedded corpus); python -m sgt_jax.attack trains the server's own SGT with the
+    victim's recipe on a corpus from which every example of the victim's corpus is removed, and reports the
+    transfer attack's recovery with the overlap of the two SGTs' training prompts (0, checked on tokens too)."""
+    import json
+
+    from sgt_jax.config import load_config
+    from sgt_jax.data.synthetic import generate_corpus
+    from sgt_jax.train import train
+    from sgt_jax.training.attack_run import main
+    from tiny_checkpoints import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "model", hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                    num_key_value_heads=2, num_hidden_layers=2, corpus_examples=100)
+    run = tmp_path / "victim"
+    cfg = load_config(None, [
+        f"model.path={model_dir}", "model.dtype=float32", f"tracking.run_dir={run}", "train.max_steps=6",
+        "data.synthetic_num_examples=120", "data.validation_fraction=0.2", "data.batch_size=8",
+        "data.max_length=96", "data.buckets=[96]", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
+        "optimizer.learning_rate=1e-3", "validation.every_steps=null", "validation.max_batches=1",
+        "validation.generation_examples=0", "validation.attack_steps=0", "validation.leakage_positions=8",
+        "tracking.progress_bar=false", "checkpoint.every_minutes=null", "cloak.scale=[1e-4,1.0]",
+    ])
+    assert train(cfg)["stopped_by"] == "finished"
+    assert main(["--sgt", str(run), "--threat-model", "server", "--server-attacks", "transfer", "--attacks", "mlp",
+                 "--steps", "60", "--batch-size", "8", "--no-ceiling", "--transfer-steps", "4"]) == 0
+    report = json.loads((run / "attack_report.json").read_text())
+    sec = report["threat_models"]["server"]
+    assert 0.0 <= sec["attacks"]["transfer_mlp"]["top1"] <= 100.0 and sec["strongest"] == "transfer_mlp"
+    assert sec["transfer_sgt"]["overlap_with_victim_training_prompts"] == 0 and sec["transfer_sgt"]["train_prompts"] > 0
+    attacker = [json.loads(line) for line in (run / "transfer_sgt" / "attacker_public.jsonl").read_text().splitlines()]
+    victim = {(e["instruction"], e["input"]) for e in generate_corpus(120, cfg.data.synthetic_seed)}
+    assert len(attacker) >= 60 and not victim & {(e["instruction"], e["input"]) for e in attacker}
+    attacker_cfg = json.loads((run / "transfer_sgt" / "sgt" / "sgt_config.json").read_text())["training_config"]
+    assert attacker_cfg["train"]["max_steps"] == 4 and attacker_cfg["train"]["seed"] != cfg.train.seed
+    assert attacker_cfg["data"]["source"].endswith("attacker_public.jsonl")

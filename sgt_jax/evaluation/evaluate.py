@@ -8,6 +8,8 @@ On a dataset (default: the run's validation set; ``--data``: a whole file/direct
 - obfuscation: for each transformed token the nearest vocabulary token of ``x_t`` by cosine and by L2, the
   per-sequence % of tokens whose nearest token is not the true one (mean, min, quantiles) and the mean
   reconstruction rank of the true token; the mean sigma;
+- privacy: one line per threat model (lookup, white box, server) with quick settings (``--attack-steps`` of the
+  white box's inverter; the server's reader and LM-prior decoding; ``python -m sgt_jax.attack`` runs them all);
 - generation metrics: ROUGE-1/2/L (P/R/F, and the standard error of each mean F) of generations from
   SGT-protected prompts against the base model's generations of the same prompts, computed once and cached in
   ``base_generations.json`` beside the report (prompts = the first ``--generation-examples`` examples up to
