@@ -190,7 +190,7 @@ def test_transfer_against_a_trained_sgt_with_the_attackers_own_sgt_on_disjoint_d
     cfg = load_config(None, [
         f"model.path={model_dir}", "model.dtype=float32", f"tracking.run_dir={run}", "train.max_steps=6",
         "data.synthetic_num_examples=120", "data.validation_fraction=0.2", "data.batch_size=8",
-        "data.max_length=96", "data.buckets=[96]", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_length=256", "data.buckets=[256]", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
         "optimizer.learning_rate=1e-3", "validation.every_steps=null", "validation.max_batches=1",
         "validation.generation_examples=0", "validation.attack_steps=0", "validation.leakage_positions=8",
         "tracking.progress_bar=false", "checkpoint.every_minutes=null", "cloak.scale=[1e-4,1.0]",
