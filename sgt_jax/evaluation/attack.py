@@ -320,8 +320,8 @@ def quick_attack_summary(sgt_path, *, steps: int = 300, eval_data: Optional[str]
     sections = report["threat_models"]
     out: dict[str, Any] = {f"recovery_{t.replace('-', '_')}": sec["recovery_top1"] for t, sec in sections.items()}
     out["majority_baseline_top1"] = report["majority_baseline"]["top1"]
-    if report.get("leakage"):
-        out["leakage_bits"] = report["leakage"]["bits"]
+    if report.get("leakage"):  # the largest learned attacker's Barber–Agakov bound (no exact-channel figure here)
+        out["learned_leakage_bits"] = report["leakage"]["bits"]
     out.update(threat_model_lines(report))
     return out
 
