@@ -1,8 +1,8 @@
-"""``python -m sgt_jax.attack``: Inversion attacks on an SGT and the privacy-utility frontier (``sgt_jax.evaluation.attack``)."""
+"""``python -m sgt_jax.attack``: Attacks on an SGT under each threat model and the privacy-utility frontier (``sgt_jax.training.attack_run``)."""
 
 import sys
 
-from sgt_jax.evaluation.attack import main
+from sgt_jax.training.attack_run import main
 
 if __name__ == "__main__":
     sys.exit(main())

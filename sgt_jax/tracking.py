@@ -289,7 +289,7 @@ def summary_table(rows: Mapping[str, Any], title: str = "Run summary", max_value
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading event files back (tests, notebooks): TFRecord framing + tensorboardX's Event proto.
+# Reading event files back (the privacy frontier, tests): TFRecord framing + tensorboardX's Event proto.
 # ----------------------------------------------------------------------------------------------------
 
 

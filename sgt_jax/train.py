@@ -52,11 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> SGTConfig:
-    return _parse(argv)[0]
-
-
-def _parse(argv: Optional[Sequence[str]] = None) -> tuple[SGTConfig, argparse.Namespace]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[SGTConfig, argparse.Namespace]:
+    """The run's configuration and the command's flags."""
     parser = _parser()
     args = parser.parse_intermixed_args(argv)  # flags may come after key=value overrides
     if (args.topology or args.compile_report or args.max_tokens) and not args.compile_only:
@@ -70,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exit_code = {"code": 0}
 
     def body():
-        cfg, args = _parse(argv)
+        cfg, args = parse_args(argv)
         if args.compile_only:
             exit_code["code"] = _compile_only(cfg, args)
         else:

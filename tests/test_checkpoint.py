@@ -71,24 +71,24 @@ CONFIG = to_dict(SGTConfig())
 def test_step_interval_policy(tmp_path):
     clock = FakeClock()
     ckpt = Checkpointer(tmp_path, every_minutes=30.0, every_steps=5, async_save=False, clock=clock)
-    assert [s for s in range(1, 16) if ckpt.should_save(s)] == [5, 10, 15]
+    assert [s for s in range(1, 16) if ckpt.save_due(s)] == [5, 10, 15]
     ckpt.close()
 
 
 def test_time_interval_policy(tmp_path):
     clock = FakeClock()
     ckpt = Checkpointer(tmp_path, every_minutes=2.0, every_steps=None, async_save=False, clock=clock)
-    assert not ckpt.should_save(1)
+    assert not ckpt.save_due(1)
     clock.t += 119.0
-    assert not ckpt.should_save(2)
+    assert not ckpt.save_due(2)
     clock.t += 1.0  # 2 minutes since start
-    assert ckpt.should_save(3)
+    assert ckpt.save_due(3)
     ckpt.save(3, make_state(), data_state={"pos": 3}, config=CONFIG)
-    assert not ckpt.should_save(4)  # the interval restarts at the save
+    assert not ckpt.save_due(4)  # the interval restarts at the save
     clock.t += 100.0
-    assert not ckpt.should_save(5)
+    assert not ckpt.save_due(5)
     clock.t += 20.0
-    assert ckpt.should_save(6)
+    assert ckpt.save_due(6)
     ckpt.close()
 
 
@@ -376,9 +376,9 @@ def test_preemption_guard_catches_sigterm_and_restores_handlers():
     previous_term = signal.getsignal(signal.SIGTERM)
     previous_int = signal.getsignal(signal.SIGINT)
     with PreemptionGuard() as guard:
-        assert not guard.requested and not guard.should_stop(0)
+        assert not guard.requested and not guard.stop_requested(0)
         os.kill(os.getpid(), signal.SIGTERM)  # would kill the test process without the guard
-        assert guard.requested and guard.should_stop(1)
+        assert guard.requested and guard.stop_requested(1)
         assert guard.signal_received == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is previous_term
     assert signal.getsignal(signal.SIGINT) is previous_int

@@ -90,9 +90,9 @@ def test_fsdp_collectives_per_layer_and_the_cloak_gradient_reduced_once_per_micr
 def test_cloak_dots_run_at_highest_precision_and_base_dots_do_not(fsdp4):
     """Every float32 dot (the cloak: estimators, heads, their backward) carries HIGHEST; every bfloat16 dot (the
     frozen base) keeps the default. Fails if cloak.matmul_precision stops reaching a dot, or leaks into the base."""
-    from sgt_jax.training import hlo
+    from readback import dot_precisions
 
-    dots = hlo.dot_precisions(fsdp4["train"].as_text())
+    dots = dot_precisions(fsdp4["train"].as_text())
     cloak = [d for d in dots if d["operand_dtypes"] and set(d["operand_dtypes"]) == {"f32"}]
     base = [d for d in dots if "bf16" in d["operand_dtypes"]]
     assert cloak and base, (len(cloak), len(base))

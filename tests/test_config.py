@@ -84,10 +84,10 @@ def test_no_arguments_means_the_embedded_tiny_run():
 
     from sgt_jax.train import parse_args
 
-    cfg = parse_args([])
+    cfg, _ = parse_args([])
     assert cfg.model.path == "embedded:tiny-llama"
     assert cfg == load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml")
-    assert parse_args(["train.max_steps=3"]).train.max_steps == 3
+    assert parse_args(["train.max_steps=3"])[0].train.max_steps == 3
 
 
 def test_readme_configuration_reference_is_generated_from_the_schema():

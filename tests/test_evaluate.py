@@ -135,9 +135,10 @@ def test_evaluate_end_to_end_identity_like(tiny_run, capsys):
         assert obf["percent_changed"]["mean"] == pytest.approx(0.0, abs=1e-9)
         assert set(obf["percent_changed"]) >= {"mean", "min", "max", "q10", "q50", "q90"}
         assert obf["reconstruction_rank_mean"] == pytest.approx(0.0, abs=1e-9)
-    learned = report["obfuscation"]["learned_attack"]  # the learned attack next to nearest-neighbour
-    assert 0.0 <= learned["attack_mlp_top1_recovery"] <= learned["attack_mlp_top5_recovery"] <= 100.0
-    assert learned["attack_nn_cosine_top1_recovery"] == pytest.approx(100.0)  # identity-like SGT
+    privacy = report["privacy"]  # every threat model next to nearest-neighbour obfuscation, one line each
+    assert {"privacy (lookup)", "privacy (white-box)", "privacy (server)"} <= set(privacy)
+    assert privacy["recovery_lookup"] == pytest.approx(100.0)  # identity-like SGT
+    assert 0.0 <= privacy["recovery_white_box"] <= 100.0 and 0.0 <= privacy["recovery_server"] <= 100.0
     gen = report["generation"]
     assert gen["num_examples"] == 8 and report["data"]["batches"] == 1
     # The SGT generations draw the base generations' sampling keys: an identity-like SGT reproduces them.

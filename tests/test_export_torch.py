@@ -16,7 +16,8 @@ from flax import nnx
 from sgt_jax.inference.artifact import ArtifactError, save_artifact
 from sgt_jax.transform.cloak import TransformerCloak
 from sgt_jax.config import CloakConfig
-from sgt_jax.export.torch_export import export_torch, load_torch_sgt
+from sgt_jax.export.torch_export import export_torch
+from readback import load_torch_sgt
 from tiny_checkpoints import make_tiny_checkpoint
 
 TINY_CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"

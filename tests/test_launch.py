@@ -94,7 +94,7 @@ def _training_config(argv, monkeypatch=None, platform=None):
         from sgt_jax import platforms
 
         monkeypatch.setattr(platforms, "local_platform", lambda: platform)
-    return parse_args(argv[2:])
+    return parse_args(argv[2:])[0]
 
 
 def test_gpu_single_node_runs_one_process_over_all_local_gpus(stubs, monkeypatch):

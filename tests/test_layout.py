@@ -1,8 +1,9 @@
 """The package's shape: imports point one way (down the layer order below), no import cycle, no module over
-400 lines and no function over 60 (docstrings aside). Parsed from the source, function-local imports included,
-so a dependency cannot hide inside a function."""
+400 lines and no function over 60 (docstrings aside), and nothing in it that only the tests use. Parsed from
+the source, function-local imports included, so a dependency cannot hide inside a function."""
 
 import ast
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,96 @@ def test_module_and_function_sizes(name):
     path = modules()[name]
     assert module_lines(path) <= MAX_MODULE_LINES, f"{path.name}: {module_lines(path)} lines; split it by concern"
     assert long_functions(path) == [], f"{path.name}: functions over {MAX_FUNCTION_LINES} lines"
+
+
+# -- The package boundary: sgt_jax/ defines nothing that only tests/ use ----------------------------------
+
+REPO = PACKAGE.parent
+# The package's users besides itself: scripts, recipes and documentation (naming a name there is a use).
+USER_PATHS = ("README.md", "setup.cfg", "tools", "benchmarks", "notebooks", "docs", "launch", "configs")
+USER_SUFFIXES = {".py", ".md", ".ipynb", ".sh", ".sbatch", ".yaml", ".yml", ".cfg", ".toml"}
+# Methods a library calls on our subclass of its class, so our code never names them.
+CALLED_BY_LIBRARIES = {"SGTLM.loglikelihood_rolling": "lm-evaluation-harness", "SGTLM.generate_until": "lm-evaluation-harness"}
+# Copied out by the exporter and run without sgt_jax: its names are for the users of the exported directory.
+TEMPLATES = {"sgt_jax/export/sgt_torch.py"}
+
+
+def definitions(tree: ast.Module):
+    """(name, label, node) of a module's functions, classes and constants, and of its classes' methods
+    (dunders aside: Python calls those)."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node.name, node.name, node
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and not item.name.startswith("__"):
+                    yield item.name, f"{node.name}.{item.name}", item
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name) and not target.id.startswith("__"):
+                    yield target.id, target.id, node
+
+
+def names_read(tree: ast.AST, *, imports: bool = False) -> Counter:
+    """How often each name is read (a variable loaded, an attribute taken) in ``tree``, and imported when
+    ``imports``. By name alone: a method shares its count with every same-named method and library call."""
+    found = Counter()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            found[node.id] += 1
+        elif isinstance(node, ast.Attribute):
+            found[node.attr] += 1
+        elif imports and isinstance(node, ast.ImportFrom):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def words_in(paths) -> set[str]:
+    import re
+
+    files = [f for p in paths if p.exists() for f in ([p] if p.is_file() else sorted(p.rglob("*")))
+             if f.is_file() and f.suffix in USER_SUFFIXES]
+    return {w for f in files for w in re.findall(r"[A-Za-z_]\w*", f.read_text(errors="ignore"))}
+
+
+def names_only_tests_use(package: Path, tests: Path, users) -> list[str]:
+    """``path:line label`` of every name ``package`` defines that its own code never reads (outside the
+    definition itself) and no user names, but the tests use."""
+    trees = {path: ast.parse(path.read_text()) for path in sorted(package.rglob("*.py"))}
+    read = sum((names_read(tree) for tree in trees.values()), Counter())
+    tested = sum((names_read(ast.parse(p.read_text()), imports=True) for p in sorted(tests.rglob("*.py"))), Counter())
+    named_by_users = words_in(users)
+    found = []
+    for path, tree in trees.items():
+        where = path.relative_to(package.parent).as_posix()
+        if where in TEMPLATES:
+            continue
+        for name, label, node in definitions(tree):
+            if (read[name] == names_read(node)[name] and tested[name] and name not in named_by_users
+                    and label not in CALLED_BY_LIBRARIES):
+                found.append(f"{where}:{node.lineno} {label}")
+    return found
+
+
+def test_the_package_defines_nothing_only_tests_use():
+    """Test doubles, test-only hooks and helpers live in tests/ (a seam the runtime itself honours, such as an
+    injectable clock, is a parameter of the runtime code, not a name of its own)."""
+    found = names_only_tests_use(PACKAGE, REPO / "tests", [REPO / p for p in USER_PATHS])
+    assert found == [], f"used only by tests/, move them there: {found}"
+
+
+def test_the_boundary_check_fires(tmp_path):
+    package, tests, docs = tmp_path / "sgt_jax", tmp_path / "tests", tmp_path / "README.md"
+    package.mkdir()
+    tests.mkdir()
+    (package / "runtime.py").write_text(
+        "LIMIT = 3\nPROBE_ENV = 'X'\n\n\ndef step(n):\n    return step(n - 1) if n > LIMIT else n\n\n\n"
+        "class Guard:\n    def stop(self):\n        return self.requested()\n\n    def requested(self):\n"
+        "        return False\n\n    def probe(self):\n        return True\n\n\ndef documented():\n    pass\n")
+    (package / "user.py").write_text("from sgt_jax.runtime import Guard\n\nGuard().stop()\n")
+    (tests / "test_runtime.py").write_text(
+        "from sgt_jax.runtime import PROBE_ENV, Guard, documented, step\n\n\ndef test():\n"
+        "    assert step(9) and Guard().probe() and Guard().requested() is False and PROBE_ENV and documented\n")
+    docs.write_text("Call `documented()`.\n")
+    assert names_only_tests_use(package, tests, [docs]) == [
+        "sgt_jax/runtime.py:2 PROBE_ENV", "sgt_jax/runtime.py:5 step", "sgt_jax/runtime.py:16 Guard.probe"]

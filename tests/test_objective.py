@@ -17,8 +17,8 @@ from sgt_jax.transform.objective import (
     lm_loss,
     local_denominators,
     make_loss_fn,
+    objective_terms,
     semantic_similarity_loss,
-    sgt_objective,
     ssl_loss,
     stochasticity_loss,
 )
@@ -156,8 +156,8 @@ def _objective_fn(cloak, base, cfg, deterministic=True, **kw):
 
     @jax.jit
     def run(cloak_state, batch, key):
-        return sgt_objective(nnx.merge(cloak_def, cloak_state), nnx.merge(base_def, base_state), batch, key=key,
-                             objective_cfg=cfg, deterministic=deterministic, **kw)
+        return objective_terms(nnx.merge(cloak_def, cloak_state), nnx.merge(base_def, base_state), batch, key=key,
+                              objective_cfg=cfg, deterministic=deterministic, **kw)
 
     return lambda batch, key: run(cloak_state, batch, key)
 
@@ -216,8 +216,8 @@ def test_gradient_reaches_only_the_cloak(checkpoint, base_full):
     @jax.jit
     def grads(cp, bs, batch):
         def f(cp, bs):
-            return sgt_objective(nnx.merge(cloak_def, cp), nnx.merge(base_def, bs), batch, key=jax.random.key(0),
-                                 objective_cfg=cfg, ssl_layer=1)[0]
+            return objective_terms(nnx.merge(cloak_def, cp), nnx.merge(base_def, bs), batch, key=jax.random.key(0),
+                                  objective_cfg=cfg, ssl_layer=1)[0]
         return jax.grad(f, argnums=(0, 1))(cp, bs)
 
     g_cloak, g_base = grads(cloak_params, base_state, _batch())
@@ -238,8 +238,8 @@ def test_micro_batch_partial_sums_add_up_to_the_full_batch_loss(checkpoint, base
 
     @jax.jit
     def full(batch, keys):
-        return sgt_objective(nnx.merge(cloak_def, cloak_state), nnx.merge(base_def, base_state), batch, key=keys,
-                             objective_cfg=cfg, ssl_layer=1)
+        return objective_terms(nnx.merge(cloak_def, cloak_state), nnx.merge(base_def, base_state), batch, key=keys,
+                              objective_cfg=cfg, ssl_layer=1)
 
     @jax.jit
     def part(micro, keys, den):
@@ -280,8 +280,8 @@ def test_short_training_run_lowers_the_loss_and_raises_sigma(checkpoint):
     @jax.jit
     def step(params, opt_state, batch, key):
         def f(p):
-            return sgt_objective(nnx.merge(cloak_def, p), nnx.merge(base_def, base_state), batch, key=key,
-                                 objective_cfg=cfg)
+            return objective_terms(nnx.merge(cloak_def, p), nnx.merge(base_def, base_state), batch, key=key,
+                                  objective_cfg=cfg)
 
         (loss, m), g = jax.value_and_grad(f, has_aux=True)(params)
         updates, opt_state = optimizer.update(g, opt_state, params)

@@ -58,15 +58,19 @@ def test_chunked_distill_loss_matches_full_logits_with_gradients(chunk):
     assert float(jnp.abs(g_clean).max()) == 0.0
 
 
-def _setup(tied=False):
-    from sgt_jax.training.benchmark import build_cloak
+def _setup(tmp_path, tied=False):
+    import json
+
+    from sgt_jax.models.hf import hf_config_dict
+    from sgt_jax.transform.cloak import TransformerCloak
 
     config = DecoderConfig(model_type="llama", vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-6,
                            rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64, sliding_window=None,
                            attention_bias=False, tie_word_embeddings=tied)
     base = CausalLM(config, dtype="float32", rngs=nnx.Rngs(0))
-    cloak = build_cloak(config, estimator_layers=1, seed=0)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(config)))
+    cloak = TransformerCloak(config_path=str(tmp_path), num_hidden_layers=1, seed=0, rngs=nnx.Rngs(0))
     _, _, _, ids, attn, loss_mask = _data(2)
     batch = dict(input_ids=ids, attention_mask=attn, noise_mask=jnp.ones_like(attn), loss_mask=loss_mask)
     return base, cloak, batch
@@ -74,8 +78,8 @@ def _setup(tied=False):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,tied", [("lm", False), ("distill", False), ("lm", True)])
-def test_objective_with_vocab_chunks_equals_unchunked_including_cloak_gradients(mode, tied):
-    base, cloak, batch = _setup(tied)
+def test_objective_with_vocab_chunks_equals_unchunked_including_cloak_gradients(mode, tied, tmp_path):
+    base, cloak, batch = _setup(tmp_path, tied)
     graphdef, params = nnx.split(cloak)
     keys = jax.random.split(jax.random.key(3), B)
     den = local_denominators(batch, D)
@@ -101,8 +105,8 @@ def _vocab_arrays(hlo: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lm", "distill"])
-def test_chunked_objective_never_materialises_full_logits(mode):
-    base, cloak, batch = _setup()
+def test_chunked_objective_never_materialises_full_logits(mode, tmp_path):
+    base, cloak, batch = _setup(tmp_path)
     graphdef, params = nnx.split(cloak)
     keys = jax.random.split(jax.random.key(3), B)
     den = local_denominators(batch, D)

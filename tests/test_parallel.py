@@ -45,6 +45,37 @@ def test_make_mesh_fills_and_refuses():
     assert batch["input_ids"].sharding.spec == PartitionSpec(("data", "fsdp"))
 
 
+def test_mesh_follows_the_tpu_torus_and_puts_slices_on_the_data_axis():
+    """On a v5e:4x4 slice (4 hosts of 2x2 chips), as compile-only sees it, each tensor group of 4 is one row of
+    the torus (a ring on ICI), where the device list's own order would group a host's 2x2 square; over 2 such
+    slices each data index holds one slice, laid out inside as mesh_utils lays out one slice. Fails if the
+    mesh goes back to the device list's order, or lets fsdp or tensor cross the slices (DCN)."""
+    import libtpu  # noqa: F401  (the test extra installs it: its absence must fail, not skip)
+    from jax.experimental import mesh_utils, topologies
+
+    from sgt_jax.training.compile import topology_devices
+
+    def on_one_torus_row(group):
+        return len({d.coords[1] for d in group}) == 1 and sorted(d.coords[0] for d in group) == [0, 1, 2, 3]
+
+    devices = topology_devices("v5e:4x4")
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=4), devices)
+    assert all(on_one_torus_row(group) for group in mesh.devices[0]), mesh.devices
+    assert not all(on_one_torus_row(group) for group in np.asarray(devices).reshape(4, 4))  # the list's order
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3
+
+    two_slices = list(topologies.get_topology_desc(platform="tpu", topology_name="v5e:4x4", num_slices=2).devices)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=-1), two_slices)
+    for index in (0, 1):
+        in_slice = [d for d in two_slices if d.slice_index == index]
+        expected = mesh_utils.create_device_mesh((4, 4), in_slice)
+        assert [d.id for d in mesh.devices[index].flat] == [d.id for d in expected.flat]
+        assert all(on_one_torus_row(group) for group in mesh.devices[index])
+    with pytest.raises(MeshConfigError, match="mesh.data a multiple of 2") as err:
+        make_mesh(MeshConfig(data=1, fsdp=8, tensor=4), two_slices)
+    assert "\n" not in str(err.value)
+
+
 def test_batch_sharding_splits_rows_and_keeps_micro_batches_whole():
     mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     assert batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"))

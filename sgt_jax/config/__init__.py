@@ -242,6 +242,11 @@ class ValidationConfig:
     # Adam steps of the learned per-position (mlp) inversion attack reported at the end of training and by
     # sgt_jax.evaluate next to nearest-neighbour obfuscation (0: off; python -m sgt_jax.attack for the full set).
     attack_steps: int = 300
+    # The leakage figure of every validation (bits per noised token): at this many transformed positions of the
+    # validation prompts, each of leakage_candidates tokens is read with its own transformed mean (the cloak run
+    # with that token substituted: positions x candidates extra cloak passes per validation). 0: off.
+    leakage_positions: int = 64
+    leakage_candidates: int = 16  # candidate tokens per position (the true one and the nearest under a shared mean)
 
 
 @dataclass

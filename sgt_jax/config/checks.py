@@ -85,6 +85,9 @@ def validate(cfg) -> None:
     check(max(d.buckets) >= d.max_length, f"data.buckets' largest ({max(d.buckets)}) must be >= data.max_length ({d.max_length}).")
     check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction must be in [0, 1).")
     check(cfg.validation.attack_steps >= 0, "validation.attack_steps must be >= 0 (0 turns the learned attack off).")
+    check(cfg.validation.leakage_positions >= 0, "validation.leakage_positions must be >= 0 (0 turns the figure off).")
+    check(cfg.validation.leakage_candidates >= 2, "validation.leakage_candidates must be >= 2 (the true token and "
+          "at least one other).")
     m = cfg.mesh
     sizes = [m.data, m.fsdp, m.tensor]
     check(sum(1 for s in sizes if s == -1) <= 1, "mesh: at most one of data, fsdp, tensor may be -1.")

@@ -100,19 +100,6 @@ def collate_left_padded(examples: Sequence[Mapping[str, Sequence[int]]], length:
     return out
 
 
-class LeftPadCollator:
-    """Stack examples left-padded to the longest in the batch rounded up to a bucket (one host's view:
-    for a share of a multi-host global batch use :class:`GlobalBatchCollator`). Picklable."""
-
-    def __init__(self, pad_id: int, buckets: Sequence[int]):
-        self.pad_id = int(pad_id)
-        self.buckets = list(buckets)
-
-    def __call__(self, examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-        longest = max((len(e["input_ids"]) for e in examples), default=0)
-        return collate_left_padded(examples, bucket_length(max(longest, 1), self.buckets), self.pad_id)
-
-
 class GlobalBatchCollator:
     """Batch function over the *source indices* of a whole global batch: collates this host's share
     (positions ``process_index::process_count``) left-padded to the bucket of the longest example of the

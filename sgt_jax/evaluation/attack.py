@@ -1,27 +1,17 @@
-"""``python -m sgt_jax.attack --sgt RUN_OR_ARTIFACT [--train-data SRC] [--eval-data SRC] [--attacks nn,mlp,transformer]
-[--steps N] [--out report.json]`` and ``python -m sgt_jax.attack --frontier RUN_DIR [RUN_DIR ...]``.
+"""Privacy of a trained SGT against the attackers of :mod:`sgt_jax.evaluation.threat_models` (lookup, white box,
+server): the report behind ``python -m sgt_jax.attack``, the end-of-training summary and ``sgt_jax.evaluate``.
 
-Privacy of a trained SGT measured against attackers who hold the artifact and the base model's embedding
-table and can transform any public text as often as they like (so they train on (x_t, token) pairs):
-
-- ``nn``: the nearest vocabulary embedding by cosine and by L2 (no training; the weakest attacker);
-- ``mlp``: a per-position classifier from x_t to the token (one hidden layer of 512);
-- ``transformer``: a small bidirectional transformer over the whole transformed prompt (uses context).
-
-Learned attackers train on the transformed prompts of a public split (the run's training split, or
+Attackers that learn train on the transformed prompts of a public split (the run's training split, or
 ``--train-data``) with fresh noise per example and epoch, and are scored on held-out prompts (the run's
-validation split, or ``--eval-data``) that never occur in their training data. Reported per attack:
-top-1 / top-5 token recovery over noised positions, per-sequence recovery quantiles, and the same attack on
-clean embeddings (the ceiling); next to them the majority-token baseline and the Monte-Carlo mutual
-information of the SGT's Gaussian-mixture view (bits per noised token, against log2 of the vocabulary).
-Writes a JSON report (default ``<run or artifact>/attack_report.json``), TensorBoard scalars ``attack/...``,
-and prints a table. ``--frontier`` plots the privacy–utility frontier of several runs (see
-:mod:`sgt_jax.evaluation.frontier`).
+validation split, or ``--eval-data``) that never occur in their training data. The report has one section per
+threat model (every attack's top-1 / top-5 recovery of the noised tokens, per-prompt quantiles, the
+clean-embedding ceiling, the strongest attack and the largest Barber–Agakov leakage bound), the majority-token
+baseline and the report's largest leakage figure in bits per noised token. Written as JSON (default
+``<run or artifact>/attack_report.json``), TensorBoard scalars ``attack/...`` and a printed table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -31,20 +21,23 @@ from typing import Mapping, Any, Optional, Sequence
 import jax
 import numpy as np
 
-from sgt_jax.data.errors import DataError
-from sgt_jax.inference.artifact import StainedGlassTransform, resolve_sgt_path, transform_embeddings
-from sgt_jax.evaluation.inversion import ATTACKS, PromptSet, run_attacks, sigma_at_targets
 from sgt_jax import tracking
 from sgt_jax.data import build_datasets
-from sgt_jax.errors import SGTError, run_cli
-from sgt_jax.evaluation.frontier import frontier
+from sgt_jax.data.errors import DataError
+from sgt_jax.errors import SGTError
+from sgt_jax.evaluation.inversion import PromptSet, majority_baseline
+from sgt_jax.evaluation.threat_models import SERVER_ATTACKS, THREAT_MODELS, lookup, server, white_box
+from sgt_jax.inference.artifact import StainedGlassTransform, resolve_sgt_path, transform_embeddings
 from sgt_jax.inference.generate import prompts_from_batch
-from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
+from sgt_jax.models import CausalLM
+from sgt_jax.models.hf import resolve_model_path
+from sgt_jax.transform.inverters import INVERTER_KINDS
 
 log = logging.getLogger("sgt_jax.attack")
 
-__all__ = ["HIGH_RECOVERY", "privacy_verdict", "summary_verdict", "sgt_transform", "load_prompt_sets", "attack",
-           "report_scalars", "quick_attack_summary", "summary_attack_lines", "main"]
+__all__ = ["HIGH_RECOVERY", "REPORT_NAME", "privacy_verdict", "summary_verdict", "sgt_transform", "load_prompt_sets",
+           "attack", "strongest_leakage", "report_scalars", "threat_model_lines", "quick_attack_summary",
+           "summary_attack_lines"]
 
 REPORT_NAME = "attack_report.json"
 
@@ -65,12 +58,12 @@ def privacy_verdict(recovery_percent: Optional[float], threshold: float = HIGH_R
     return f"a learned attacker recovers {recovery_percent:.1f}% of transformed tokens (below {threshold:.0f}%)"
 
 
-RECOVERY_KEYS = ("attack_mlp_top1_recovery", "mlp_recovery")
+RECOVERY_KEYS = ("recovery_white_box",)
 
 
 def summary_verdict(summary: Mapping[str, Any], threshold: float = HIGH_RECOVERY) -> Optional[str]:
-    """:func:`privacy_verdict` of the learned-attack recovery an end-of-training summary carries (the
-    attack module's quick ``mlp`` attack), or None when it carries none."""
+    """:func:`privacy_verdict` of the white-box learned-attack recovery an end-of-training summary carries (the
+    quick ``mlp`` attack), or None when it carries none."""
     for key in RECOVERY_KEYS:
         for name in (key, f"{key} (after)"):
             if summary.get(name) is not None:
@@ -120,87 +113,216 @@ def load_prompt_sets(sgt, *, train_data: Optional[str] = None, eval_data: Option
     return train, held_out
 
 
-def attack(sgt_path, *, train_data: Optional[str] = None, eval_data: Optional[str] = None,
-           attacks: Sequence[str] = ATTACKS, steps: int = 1500, batch_size: int = 32, seed: int = 0,
-           ceiling: bool = True, mi_samples: int = 2048, max_eval: Optional[int] = 256,
-           max_train: Optional[int] = None, out: Optional[str] = None, overrides: Sequence[str] = (),
-           progress: bool = True, print_table: bool = True) -> dict[str, Any]:
-    """Attack the SGT at ``sgt_path`` (run dir or artifact); returns the report (also written to ``out``)."""
-    artifact_dir, run_dir = resolve_sgt_path(sgt_path)
-    sgt = StainedGlassTransform.load(artifact_dir)
+def attack(sgt_path, *, threat_models: Sequence[str] = THREAT_MODELS, train_data: Optional[str] = None,
+           eval_data: Optional[str] = None, attacks: Sequence[str] = INVERTER_KINDS,
+           server_attacks: Sequence[str] = SERVER_ATTACKS, transfer_sgt=None, steps: int = 1500,
+           batch_size: int = 32, seed: int = 0, ceiling: bool = True, exact_positions: int = 256,
+           exact_candidates: int = 32, max_eval: Optional[int] = 256, max_train: Optional[int] = None,
+           out: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = True,
+           print_table: bool = True) -> dict[str, Any]:
+    """Attack the SGT at ``sgt_path`` (run dir or artifact) under ``threat_models``; returns the report (also
+    written to ``out``). ``attacks``: the learned inverters (white box, and the server's transfer attack);
+    ``transfer_sgt``: the attacker's own SGT for the transfer attack (trained by ``python -m sgt_jax.attack``
+    when it runs the server threat model without one)."""
+    unknown = [t for t in threat_models if t not in THREAT_MODELS] + [
+        a for a in attacks if a not in INVERTER_KINDS] + [a for a in server_attacks if a not in SERVER_ATTACKS]
+    if unknown:
+        raise DataError(f"{unknown[0]!r} is unknown: threat models are {', '.join(THREAT_MODELS)}, inverters "
+                        f"{', '.join(INVERTER_KINDS)}, server attacks {', '.join(SERVER_ATTACKS)}.")
     if steps < 1:
         raise DataError(f"--steps {steps} must be at least 1.")
+    empty = [t for t, chosen in (("white-box", attacks), ("server", server_attacks)) if t in threat_models and not chosen]
+    if empty:
+        raise DataError(f"the {empty[0]} threat model has no attack to run; name at least one (--attacks, "
+                        "--server-attacks) or leave the threat model out.")
+    artifact_dir, run_dir = resolve_sgt_path(sgt_path)
+    if transfer_sgt is not None and "server" in threat_models and "transfer" in server_attacks:
+        transfer_sgt = _transfer_artifact(transfer_sgt)
+    sgt = StainedGlassTransform.load(artifact_dir)
     train, held_out = load_prompt_sets(sgt, train_data=train_data, eval_data=eval_data, overrides=overrides,
                                        max_train=max_train, max_eval=max_eval)
-    transform = sgt_transform(sgt)
     key = jax.random.key(seed)
-    learned = [a for a in attacks if a != "nn"]
-    bar = tracking.ProgressBar(steps * len(learned) * (2 if ceiling else 1), enabled=progress and bool(learned),
-                               desc="attack")
+    learned = len(attacks) * ((2 if ceiling else 1) * ("white-box" in threat_models)
+                              + ("transfer" in server_attacks and "server" in threat_models))
+    bar = tracking.ProgressBar(steps * learned, enabled=progress and learned > 0, desc="attack")
     done = {"steps": 0}
 
     def on_step(name, step, loss):
         done["steps"] += 1
         bar.update(done["steps"], loss=float(loss) if step % 50 == 0 else None)
 
-    results = run_attacks(transform, sgt.embedding_table, train, held_out, attacks=attacks, steps=steps,
-                          batch_size=batch_size, key=key, ceiling=ceiling, on_step=on_step)
-    bar.close()
-    sigmas = sigma_at_targets(transform, held_out, sgt.embedding_table, jax.random.fold_in(key, 7))
-    mi = (gaussian_mixture_mi(sgt.embedding_table, sigmas, key=jax.random.fold_in(key, 11), samples=mi_samples)
-          if mi_samples > 0 and len(sigmas) else None)
+    ctx = _Context(sgt, train, held_out, key, attacks, steps, batch_size, ceiling, on_step)
+    sections = {}
+    try:
+        for threat in threat_models:
+            log.info("threat model %s", threat)
+            if threat == "lookup":
+                sections[threat] = lookup(ctx.transform, sgt.embedding_table, train, held_out, key=key,
+                                          ceiling=ceiling)
+            elif threat == "white-box":
+                sections[threat] = white_box(ctx.transform, sgt.cloak, sgt.embedding_table, train, held_out,
+                                             inverters=attacks, steps=steps, batch_size=batch_size, key=key,
+                                             ceiling=ceiling, on_step=on_step, exact_positions=exact_positions,
+                                             exact_candidates=exact_candidates)
+            else:
+                sections[threat] = _server(ctx, server_attacks, transfer_sgt, overrides)
+    finally:
+        bar.close()
     training = sgt.meta.get("training_config") or {}
     report = {
         "sgt": str(artifact_dir), "run_dir": str(run_dir) if run_dir else None, "seed": seed,
-        "settings": {"attacks": list(attacks), "steps": steps, "batch_size": batch_size, "ceiling": ceiling,
-                     "train_data": train_data or "the run's training split",
+        "settings": {"threat_models": list(threat_models), "attacks": list(attacks),
+                     "server_attacks": list(server_attacks), "steps": steps, "batch_size": batch_size,
+                     "ceiling": ceiling, "train_data": train_data or "the run's training split",
                      "eval_data": eval_data or "the run's validation split"},
-        "objective": {"alpha": (training.get("objective") or {}).get("alpha")},
+        "training": {**{k: (training.get("objective") or {}).get(k) for k in ("alpha", "transform_variance_priority")},
+                     "max_steps": (training.get("train") or {}).get("max_steps")},
         "data": {"train_prompts": len(train), "eval_prompts": len(held_out), "train_eval_overlap": 0},
-        "attacks": results, "mutual_information": mi,
+        "majority_baseline": majority_baseline(train, held_out), "threat_models": sections,
+        "leakage": strongest_leakage(sections),
     }
     out_path = Path(out) if out else (run_dir or artifact_dir) / REPORT_NAME
+    _publish(report, out_path, run_dir, int((training.get("train") or {}).get("max_steps") or 0), print_table)
+    return report
+
+
+class _Context:
+    """What every threat model reads: the victim's SGT and transform, the prompt sets, the attack settings."""
+
+    def __init__(self, sgt, train, held_out, key, inverters, steps, batch_size, ceiling, on_step):
+        self.sgt, self.train, self.held_out, self.key = sgt, train, held_out, key
+        self.transform = sgt_transform(sgt)
+        self.inverters, self.steps, self.batch_size, self.ceiling, self.on_step = (
+            inverters, steps, batch_size, ceiling, on_step)
+
+
+def _server(ctx: _Context, server_attacks, transfer_sgt, overrides) -> dict:
+    sgt = ctx.sgt
+    cfg = sgt.run_config(list(overrides))
+    model_dir = resolve_model_path(cfg.model.path)
+    base = None
+    if {"reader", "lm_prior"} & set(server_attacks):
+        sgt.check_base(model_dir)
+        base = CausalLM.from_pretrained(model_dir, dtype=cfg.model.dtype, attention_impl=cfg.model.attention_impl)
+    attacker = attacker_train = None
+    overlap = None
+    if "transfer" in server_attacks:
+        if transfer_sgt is None:
+            raise DataError("the server's transfer attack needs the attacker's own SGT: pass --transfer-sgt DIR, or "
+                            "run python -m sgt_jax.attack, which trains one with the same recipe.")
+        attacker = StainedGlassTransform.load(transfer_sgt)
+        attacker_train, _ = load_prompt_sets(attacker, max_eval=1)
+        victim_train, _ = load_prompt_sets(sgt, max_eval=1)
+        overlap = len(attacker_train.keys() & victim_train.keys())
+        if overlap:
+            raise DataError(f"the attacker's SGT at {transfer_sgt} was trained on {overlap} prompt(s) of the "
+                            "victim's training data; train it on disjoint public data.")
+    out = server(ctx.transform, sgt.embedding_table, ctx.train, ctx.held_out, key=jax.random.fold_in(ctx.key, 3),
+                 attacks=server_attacks, base_model=base, tokenizer=sgt.tokenizer, data_format=cfg.data.format,
+                 attacker_transform=None if attacker is None else sgt_transform(attacker),
+                 attacker_train=attacker_train, inverters=ctx.inverters, steps=ctx.steps,
+                 batch_size=ctx.batch_size, ceiling=ctx.ceiling, on_step=ctx.on_step)
+    if attacker is not None:
+        out["transfer_sgt"] = {"path": str(attacker.directory), "train_prompts": len(attacker_train),
+                               "overlap_with_victim_training_prompts": overlap}
+    return out
+
+
+def _transfer_artifact(path) -> Path:
+    try:
+        return resolve_sgt_path(path)[0]
+    except SGTError:
+        raise DataError(f"--transfer-sgt {str(path)!r} is neither an SGT artifact nor a run directory with one; "
+                        "pass the server's own SGT, or leave the flag out to train it.") from None
+
+
+def strongest_leakage(sections: Mapping[str, Any]) -> Optional[dict]:
+    """The largest leakage figure of the report: learned attackers' Barber–Agakov bounds (what an attacker
+    actually extracts) and the white box's exact-channel figure (which errs high), with where it comes from."""
+    figures = []
+    for threat, sec in sections.items():
+        if sec.get("leakage"):
+            figures.append({**sec["leakage"], "attack": f"{threat}/{sec['leakage']['attack']}"})
+        if sec.get("exact_channel"):
+            figures.append({**sec["exact_channel"], "attack": f"{threat}/exact_channel"})
+    return max(figures, key=lambda f: f["bits"]) if figures else None
+
+
+def _publish(report, out_path: Path, run_dir, step: int, print_table: bool) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2))
     scalars = report_scalars(report)
-    step = int((training.get("train") or {}).get("max_steps") or 0)
     with tracking.Tracker(run_dir or out_path.parent, tensorboard=True) as tracker:
         tracker.scalars(step, {f"attack/{k}": v for k, v in scalars.items()})
     if print_table:
-        print(tracking.summary_table({**scalars, "report": str(out_path)}, title="SGT attacks (token recovery %)"),
-              flush=True)
-    return report
+        print(tracking.summary_table({**scalars, **threat_model_lines(report), "report": str(out_path)},
+                                     title="SGT attacks (recovery %, leakage bits per noised token)"), flush=True)
 
 
 def report_scalars(report: dict) -> dict[str, float]:
     """Flat ``name: value`` of the headline numbers of an attack report (table and TensorBoard)."""
-    out: dict[str, float] = {}
-    for name, res in report["attacks"].items():
-        for k in ("top1", "top5"):
-            out[f"{name}/{k}"] = res[k]
-        if "clean" in res:
-            out[f"{name}/clean_top1"] = res["clean"]["top1"]
-        for q in ("q10", "q50", "q90"):
-            if q in res.get("per_sequence_top1", {}):
-                out[f"{name}/per_sequence_top1_{q}"] = res["per_sequence_top1"][q]
-    mi = report.get("mutual_information")
-    if mi:
-        out["mi/bits"], out["mi/stderr_bits"], out["mi/max_bits"] = mi["bits"], mi["stderr_bits"], mi["max_bits"]
+    out: dict[str, float] = {"majority_baseline/top1": report["majority_baseline"]["top1"]}
+    for threat, sec in report["threat_models"].items():
+        out[f"{threat}/recovery_top1"] = sec["recovery_top1"]
+        for name, res in sec["attacks"].items():
+            out[f"{threat}/{name}/top1"] = res["top1"]
+            if "clean" in res:
+                out[f"{threat}/{name}/clean_top1"] = res["clean"]["top1"]
+            if res.get("leakage"):
+                out[f"{threat}/{name}/leakage_bits"] = res["leakage"]["bits"]
+        if sec.get("exact_channel"):
+            out[f"{threat}/exact_channel_bits"] = sec["exact_channel"]["bits"]
+    if report.get("leakage"):
+        out["leakage_bits"], out["leakage_stderr_bits"] = report["leakage"]["bits"], report["leakage"]["stderr_bits"]
+        out["token_entropy_bits"] = report["leakage"]["entropy_bits"]
     return out
 
 
+_NAMES = {"nn_cosine": "nearest neighbour (cosine)", "nn_l2": "nearest neighbour (L2)", "mlp": "learned MLP",
+          "transformer": "learned transformer", "transfer_mlp": "transfer MLP", "transfer_transformer":
+          "transfer transformer", "reader": "base model as reader", "lm_prior": "LM-prior decoding"}
+
+
+def _attack_phrase(name: str, res: Mapping[str, Any]) -> str:
+    unit = " of words" if res.get("unit") == "word" else ""
+    text = f"{_NAMES.get(name, name)} {res['top1']:.1f}%{unit}"
+    if res.get("language_model_alone"):
+        text += f" (the language model alone {res['language_model_alone']['top1']:.1f}%)"
+    return text
+
+
+def threat_model_lines(report: Mapping[str, Any]) -> dict[str, str]:
+    """One line per threat model: every attack's recovery of noised tokens, strongest first, and the
+    leakage bound where there is one."""
+    lines = {}
+    for threat, sec in report["threat_models"].items():
+        attacks = sorted(sec["attacks"].items(), key=lambda item: -item[1]["top1"])
+        text = ", ".join(_attack_phrase(name, res) for name, res in attacks)
+        if sec.get("leakage"):
+            leak = sec["leakage"]
+            text += (f"; leakage >= {leak['bits']:.2f} ± {leak['stderr_bits']:.2f} of {leak['entropy_bits']:.2f} "
+                     "bits per token")
+        if threat == "server" and "transfer_mlp" not in sec["attacks"] and "transfer_transformer" not in sec["attacks"]:
+            text += "; transfer attack not run (python -m sgt_jax.attack --threat-model server)"
+        lines[f"privacy ({threat})"] = text
+    return lines
+
+
 def quick_attack_summary(sgt_path, *, steps: int = 300, eval_data: Optional[str] = None,
-                         overrides: Sequence[str] = (), seed: int = 0) -> dict[str, float]:
-    """The learned ``mlp`` attack with quick settings (``steps`` Adam steps, no ceiling, no MI) next to
-    nearest-neighbour recovery: the privacy lines of the training summary and of ``sgt_jax.evaluate``."""
-    report = attack(sgt_path, attacks=("nn", "mlp"), steps=steps, ceiling=False, mi_samples=0, seed=seed,
-                    eval_data=eval_data,
-                    max_eval=128, max_train=1024, overrides=overrides, progress=False, print_table=False,
-                    out=str(_quick_report_path(sgt_path)))
-    res = report["attacks"]
-    return {"attack_mlp_top1_recovery": res["mlp"]["top1"], "attack_mlp_top5_recovery": res["mlp"]["top5"],
-            "attack_nn_cosine_top1_recovery": res["nn_cosine"]["top1"],
-            "attack_majority_baseline_top1": res["majority_baseline"]["top1"]}
+                         overrides: Sequence[str] = (), seed: int = 0) -> dict[str, Any]:
+    """Every threat model with quick settings: lookup, the white box's ``mlp`` inverter (``steps`` Adam steps,
+    no ceiling) and the server's reader and LM-prior decoding (its transfer attack needs a second SGT:
+    ``python -m sgt_jax.attack``). The privacy lines of the training summary and of ``sgt_jax.evaluate``."""
+    report = attack(sgt_path, attacks=("mlp",), server_attacks=("reader", "lm_prior"), steps=steps, ceiling=False,
+                    exact_positions=0, seed=seed, eval_data=eval_data, max_eval=128, max_train=1024,
+                    overrides=overrides, progress=False, print_table=False, out=str(_quick_report_path(sgt_path)))
+    sections = report["threat_models"]
+    out: dict[str, Any] = {f"recovery_{t.replace('-', '_')}": sec["recovery_top1"] for t, sec in sections.items()}
+    out["majority_baseline_top1"] = report["majority_baseline"]["top1"]
+    if report.get("leakage"):  # the largest learned attacker's Barber–Agakov bound (no exact-channel figure here)
+        out["learned_leakage_bits"] = report["leakage"]["bits"]
+    out.update(threat_model_lines(report))
+    return out
 
 
 def summary_attack_lines(sgt_path, *, steps: int, **kwargs) -> dict[str, Any]:
@@ -209,46 +331,13 @@ def summary_attack_lines(sgt_path, *, steps: int, **kwargs) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         lines = quick_attack_summary(sgt_path, steps=steps, **kwargs)
-        log.info("learned attack (%d mlp steps): %.1f s", steps, time.perf_counter() - start)
+        log.info("quick attacks (%d mlp steps): %.1f s", steps, time.perf_counter() - start)
         return lines
     except SGTError as exc:
-        log.warning("learned attack skipped: %s", exc)
+        log.warning("attacks skipped: %s", exc)
         return {"attack": f"skipped: {exc}"}
 
 
 def _quick_report_path(sgt_path) -> Path:
     artifact_dir, run_dir = resolve_sgt_path(sgt_path)
     return (run_dir or artifact_dir) / "attack_quick.json"
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sgt_jax.attack", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--sgt", help="a training run directory (with sgt/) or an SGT artifact")
-    parser.add_argument("--frontier", nargs="+", metavar="RUN_DIR", help="plot the privacy–utility frontier of "
-                        "these runs (each attacked before with --sgt) instead of attacking")
-    parser.add_argument("--train-data", help="public data the attackers train on (default: the run's training split)")
-    parser.add_argument("--eval-data", help="held-out prompts to attack (default: the run's validation split)")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {','.join(ATTACKS)}")
-    parser.add_argument("--steps", type=int, default=1500, help="Adam steps per learned attacker (default 1500)")
-    parser.add_argument("--batch-size", type=int, default=32, help="attacker batch size in prompts (default 32)")
-    parser.add_argument("--max-eval", type=int, default=256, help="held-out prompts to attack (default 256)")
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the clean-embedding ceiling (halves the time)")
-    parser.add_argument("--mi-samples", type=int, default=2048, help="Monte-Carlo samples of the MI estimate (0: off)")
-    parser.add_argument("--seed", type=int, default=0, help="attacker initialisation and noise seed (default 0)")
-    parser.add_argument("--out", help=f"report path (default <run or artifact dir>/{REPORT_NAME}; with --frontier: "
-                        "the PNG, default frontier.png in the current directory)")
-    parser.add_argument("overrides", nargs="*",
-                        help="key=value overrides of the saved config (e.g. data.max_length=64)")
-    args = parser.parse_args(argv)
-
-    def body():
-        if args.frontier:
-            return frontier(args.frontier, out=args.out or "frontier.png")
-        if not args.sgt:
-            raise DataError("pass --sgt RUN_OR_ARTIFACT to attack an SGT, or --frontier RUN_DIR ... to plot runs.")
-        attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-        return attack(args.sgt, train_data=args.train_data, eval_data=args.eval_data, attacks=attacks,
-                      steps=args.steps, batch_size=args.batch_size, seed=args.seed, ceiling=not args.no_ceiling,
-                      mi_samples=args.mi_samples, max_eval=args.max_eval, out=args.out, overrides=args.overrides)
-
-    return run_cli(body)

@@ -8,6 +8,8 @@ On a dataset (default: the run's validation set; ``--data``: a whole file/direct
 - obfuscation: for each transformed token the nearest vocabulary token of ``x_t`` by cosine and by L2, the
   per-sequence % of tokens whose nearest token is not the true one (mean, min, quantiles) and the mean
   reconstruction rank of the true token; the mean sigma;
+- privacy: one line per threat model (lookup, white box, server) with quick settings (``--attack-steps`` of the
+  white box's inverter; the server's reader and LM-prior decoding; ``python -m sgt_jax.attack`` runs them all);
 - generation metrics: ROUGE-1/2/L (P/R/F, and the standard error of each mean F) of generations from
   SGT-protected prompts against the base model's generations of the same prompts, computed once and cached in
   ``base_generations.json`` beside the report (prompts = the first ``--generation-examples`` examples up to
@@ -152,13 +154,15 @@ def _publish(report: dict[str, Any], out_path: Path, report_dir: Path, step: int
     out_path.write_text(json.dumps(report, indent=2, default=str))
     generation = {k: v for k, v in report["generation"].items() if k not in ("settings", "examples")}
     scalars = _flatten("", {"forward": report["forward"], "obfuscation": report["obfuscation"],
-                            "generation": generation}, {})
+                            "privacy": report["privacy"], "generation": generation}, {})
     with tracking.Tracker(report_dir, tensorboard=True) as tracker:
         tracker.scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
         if rows:
             tracker.text_table(step, "eval/generations", rows)
     if print_table:
-        print(tracking.summary_table({**scalars, "report": str(out_path)}, title="SGT evaluation"), flush=True)
+        lines = {k: v for k, v in report["privacy"].items() if isinstance(v, str)}
+        print(tracking.summary_table({**scalars, **lines, "report": str(out_path)}, title="SGT evaluation"),
+              flush=True)
 
 
 def _data_overrides(data: Optional[str], data_format: Optional[str]) -> list[str]:
@@ -188,16 +192,16 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
                           cfg.validation.max_batches if max_batches is None else max_batches, generation_examples)
     forward, obfuscation = _forward_and_obfuscation(gathered)
     attack_steps = cfg.validation.attack_steps if attack_steps is None else attack_steps
-    if attack_steps:  # a learned attacker next to the nearest-neighbour numbers (python -m sgt_jax.attack: all)
-        obfuscation["learned_attack"] = summary_attack_lines(artifact_dir, steps=attack_steps, eval_data=data,
-                                                             overrides=overrides, seed=seed)
+    # Every threat model next to the nearest-neighbour numbers, quick settings (python -m sgt_jax.attack: all).
+    privacy = summary_attack_lines(artifact_dir, steps=attack_steps, eval_data=data, overrides=overrides,
+                                   seed=seed) if attack_steps else {}
     generation, rows = _generation(sgt, base, tokenizer, cfg, gathered.prompts, jax.random.fold_in(key, 1_000_000),
                                    report_dir / "base_generations.json", fingerprint)
     report = {
         "sgt": str(artifact_dir), "base_model": str(model_dir), "base_model_fingerprint": fingerprint,
         "data": {"source": cfg.data.validation_source or cfg.data.source, "format": cfg.data.format,
                  "batches": gathered.batches, "sequences": int(sum(len(c) for c in gathered.changed["cosine"]))},
-        "seed": seed, "forward": forward, "obfuscation": obfuscation, "generation": generation,
+        "seed": seed, "forward": forward, "obfuscation": obfuscation, "privacy": privacy, "generation": generation,
     }
     step = int((sgt.meta.get("training_config") or {}).get("train", {}).get("max_steps") or 0)
     _publish(report, out_path, report_dir, step, rows, print_table)
@@ -217,8 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "standard error of 0.15 over 4 prompts, 0.04 over 64; the report gives it; 0: none)")
     parser.add_argument("--out", help="report JSON path (default <run or artifact dir>/eval_report.json)")
     parser.add_argument("--seed", type=int, default=0, help="noise / sampling seed (default 0)")
-    parser.add_argument("--attack-steps", type=int, help="Adam steps of the learned mlp attack reported next to "
-                        "obfuscation (default validation.attack_steps; 0: off)")
+    parser.add_argument("--attack-steps", type=int, help="Adam steps of the white box's mlp inverter in the "
+                        "quick attacks of every threat model (default validation.attack_steps; 0: no attacks)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the saved config")
     args = parser.parse_args(argv)
     return run_cli(lambda: evaluate(args.sgt, data=args.data, data_format=args.data_format,

@@ -1,12 +1,13 @@
-"""The privacy–utility frontier of several trained SGTs: ``python -m sgt_jax.attack --frontier RUN_DIR ...``.
+"""The privacy–utility frontier of several trained SGTs: ``python -m sgt_jax.attack --frontier RUN_DIR ...`` and
+``python -m sgt_jax.privacy_sweep``.
 
-One point per run. Privacy comes from the run's attack report (``python -m sgt_jax.attack --sgt RUN_DIR``):
-the strongest learned attack's top-1 recovery (lower = more private), and the mutual-information estimate.
-Utility comes from the run's evaluation report (``python -m sgt_jax.evaluate``) when there is one, else from
-the last validation of training in its TensorBoard logs: top-1 next-token agreement, the utility loss and
-ROUGE-L. Writes the PNG (two panels: recovery vs top-1 agreement, MI vs utility loss), the plotted
-coordinates as JSON beside it (``<png>.json``), and TensorBoard scalars ``frontier/...`` under
-``<png's folder>/tensorboard`` (one step per point, in order of alpha).
+One point per run. Privacy comes from the run's attack report (``python -m sgt_jax.attack --sgt RUN_DIR``): each
+threat model's strongest attack (top-1 recovery of the noised tokens; lower = more private) and the report's
+leakage figure. Utility comes from the run's evaluation report (``python -m sgt_jax.evaluate``) when there is one,
+else from the last validation of training in its TensorBoard logs: top-1 next-token agreement, the utility loss
+and ROUGE-L. Writes the PNG (recovery against top-1 agreement and against the utility loss, one colour per threat
+model, one marker per training length), the points with their plotted coordinates as JSON beside it
+(``<png>.json``), and TensorBoard scalars ``frontier/...`` under ``<png's folder>/tensorboard``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any, Sequence
 from sgt_jax import tracking
 from sgt_jax.inference.artifact import ArtifactError
 
-__all__ = ["frontier_point", "frontier"]
+__all__ = ["frontier_point", "plot_frontier", "frontier"]
 
 _UTILITY_TAGS = {"top1_agreement": "val/top1_agreement", "utility_loss": "val/utility_loss",
-                 "rougeL_fmeasure": "val/rougeL_fmeasure"}
+                 "rougeL_fmeasure": "val/rougeL_fmeasure", "sigma_over_spacing": "val/sigma_over_spacing"}
+COLOURS = {"lookup": "tab:gray", "white-box": "tab:red", "server": "tab:blue"}
+MARKERS = ("o", "s", "^", "D", "v")
 
 
 def _utility(run_dir: Path) -> dict[str, float]:
@@ -49,55 +52,73 @@ def frontier_point(run_dir) -> dict[str, Any]:
         raise ArtifactError(f"--frontier {str(run_dir)!r} has no attack_report.json; run "
                             f"`python -m sgt_jax.attack --sgt {run_dir}` first.")
     report = json.loads(report_path.read_text())
-    attacks = report["attacks"]
-    learned = [a for a in ("mlp", "transformer") if a in attacks]
-    best = max(learned, key=lambda a: attacks[a]["top1"]) if learned else None
-    mi = report.get("mutual_information") or {}
+    sections = report["threat_models"]
+    leak = report.get("leakage") or {}
     return {
-        "run": str(run_dir), "alpha": (report.get("objective") or {}).get("alpha"),
-        "attack": best, "recovery_top1": attacks[best]["top1"] if best else math.nan,
-        "nn_cosine_top1": attacks.get("nn_cosine", {}).get("top1", math.nan),
-        "mi_bits": mi.get("bits", math.nan), "mi_max_bits": mi.get("max_bits", math.nan),
+        "run": str(run_dir), "training": report.get("training", {}), "attack_report": str(report_path),
+        "recovery": {t: sec["recovery_top1"] for t, sec in sections.items()},
+        "strongest": {t: sec["strongest"] for t, sec in sections.items()},
+        "majority_baseline": report["majority_baseline"]["top1"],
+        "leakage_bits": leak.get("bits", math.nan), "leakage_attack": leak.get("attack"),
         **_utility(run_dir),
     }
 
 
-def _plot(points: list[dict[str, Any]], out: Path) -> None:
+def _label(point) -> str:
+    t = point.get("training") or {}
+    return f"v{t.get('transform_variance_priority')} a{t.get('alpha')}" if t else Path(point["run"]).name
+
+
+def plot_frontier(points: Sequence[dict[str, Any]], path) -> None:
+    """The PNG at ``path``; stores each point's plotted coordinates in ``point["plotted"]``:
+    ``{threat model: [recovery, top-1 agreement (%), utility loss]}``."""
     import matplotlib  # imported here: slow to import, and only plotting needs it
 
     matplotlib.use("Agg")  # writes a file; no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    panels = (("recovery_top1", "top1_agreement", "learned-attack top-1 recovery (%)", "top-1 agreement"),
-              ("mi_bits", "utility_loss", "mutual information (bits / token)", "utility loss"))
-    for ax, (x, y, xlabel, ylabel) in zip(axes, panels):
-        xs, ys = [p[x] for p in points], [p[y] for p in points]
-        ax.plot(xs, ys, "o-", color="tab:blue")
-        for p, xv, yv in zip(points, xs, ys):
-            ax.annotate(f"alpha={p['alpha']}" if p["alpha"] is not None else Path(p["run"]).name, (xv, yv),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(xlabel)
+    steps = sorted({(p.get("training") or {}).get("max_steps") or 0 for p in points})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    for p in points:
+        p["plotted"] = {}
+    for threat, colour in COLOURS.items():
+        for j, n in enumerate(steps):
+            chosen = [p for p in points if threat in p["recovery"] and ((p.get("training") or {}).get("max_steps")
+                                                                        or 0) == n]
+            for ax, column in zip(axes, ("top1_agreement", "utility_loss")):
+                scale = 100.0 if column == "top1_agreement" else 1.0
+                xy = [(p["recovery"][threat], scale * p[column]) for p in chosen]
+                if not xy:
+                    continue
+                coll = ax.scatter(*zip(*xy), c=colour, marker=MARKERS[j % len(MARKERS)], s=28, alpha=0.85,
+                                  label=f"{threat}, {n} steps" if n else threat)
+                for p, (x, y) in zip(chosen, coll.get_offsets()):
+                    p["plotted"].setdefault(threat, [float(x)]).append(float(y))
+                    if threat == "white-box":
+                        ax.annotate(_label(p), (x, y), xytext=(3, 2), textcoords="offset points", fontsize=5)
+    for ax, ylabel in zip(axes, ("top-1 next-token agreement (%)", "utility loss (1 - cos at the truncation layer)")):
+        ax.set_xlabel("strongest attack of the threat model: recovery of noised tokens (%)")
         ax.set_ylabel(ylabel)
+        ax.set_xlim(0, 102)
         ax.grid(alpha=0.3)
-    fig.suptitle("SGT privacy–utility frontier (one point per run)")
-    fig.savefig(out, dpi=120)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("SGT privacy–utility frontier (one point per run and threat model; left: up and left is better)")
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
 def frontier(run_dirs: Sequence[str], *, out="frontier.png") -> list[dict[str, Any]]:
     """Plot the frontier of ``run_dirs`` to ``out`` (PNG) and ``out + '.json'``; returns the points."""
-    points = sorted((frontier_point(r) for r in run_dirs), key=lambda p: (p["alpha"] is None, p["alpha"] or 0.0))
+    points = [frontier_point(r) for r in run_dirs]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _plot(points, out)
+    plot_frontier(points, out)
     Path(f"{out}.json").write_text(json.dumps({"png": str(out), "points": points}, indent=2))
     with tracking.Tracker(out.parent, tensorboard=True) as tracker:
         for i, p in enumerate(points):
-            tracker.scalars(i, {f"frontier/{k}": v for k, v in p.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None})
-    print(tracking.summary_table({f"{Path(p['run']).name} (alpha={p['alpha']})":
-                                  f"recovery {p['recovery_top1']:.1f}%  MI {p['mi_bits']:.2f} bits  "
-                                  f"top-1 agreement {p['top1_agreement']:.4f}" for p in points},
+            tracker.scalars(i, {f"frontier/{t}/recovery": v for t, v in p["recovery"].items()}
+                            | {f"frontier/{k}": p[k] for k in ("top1_agreement", "utility_loss", "leakage_bits")})
+    print(tracking.summary_table({Path(p["run"]).name: "  ".join(f"{t} {v:.1f}%" for t, v in p["recovery"].items())
+                                  + f"  top-1 agreement {p['top1_agreement']:.4f}" for p in points},
                                  title=f"privacy–utility frontier -> {out}"), flush=True)
     return points

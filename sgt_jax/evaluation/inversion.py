@@ -26,9 +26,10 @@ from sgt_jax.evaluation import metrics as metrics_lib
 from sgt_jax.data.errors import DataError
 from sgt_jax.transform.inverters import INVERTER_KINDS, inverter_logits, inverter_train_step, make_inverter
 from sgt_jax.inference.generate import left_pad
+from sgt_jax.transform.leakage import barber_agakov
 
-__all__ = ["ATTACKS", "PromptSet", "assert_disjoint", "gaussian_transform", "noised_batches", "train_inverter",
-           "run_attacks"]
+__all__ = ["ATTACKS", "PromptSet", "assert_disjoint", "transform_from", "gaussian_transform", "noised_batches", "train_inverter",
+           "learned_attack", "run_attacks", "majority_baseline"]
 
 ATTACKS = ("nn",) + INVERTER_KINDS
 Transform = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple]
@@ -76,18 +77,26 @@ def assert_disjoint(train: PromptSet, held_out: PromptSet) -> None:
         raise AssertionError(f"{len(shared)} evaluation prompt(s) are also in the attacker's training data.")
 
 
-def gaussian_transform(table: jax.Array, *, mu: float = 0.0, sigma: float = 0.0) -> Transform:
-    """x_t = e + mu + sigma * eps at noised positions (clean elsewhere): identity for mu = sigma = 0."""
+def transform_from(table: jax.Array, mu_sigma_fn) -> Transform:
+    """The transform x_t = x + mu(x) + sigma(x) * eps at noised positions (clean elsewhere) of a deterministic
+    part ``mu_sigma_fn(x, attention_mask, noise_mask) -> (mu, sigma)`` on embeddings x (B, S, D)."""
     table = jnp.asarray(table, jnp.float32)
 
     @jax.jit
     def apply(ids, attention_mask, noise_mask, key):
         x = table[ids]
+        mu, sigma = mu_sigma_fn(x, attention_mask, noise_mask)
         noisy = x + mu + sigma * jax.random.normal(key, x.shape, jnp.float32)
         sel = (attention_mask.astype(bool) & noise_mask.astype(bool))[..., None]
-        return jnp.where(sel, noisy, x), jnp.full(x.shape, sigma, jnp.float32)
+        return jnp.where(sel, noisy, x), sigma
 
     return apply
+
+
+def gaussian_transform(table: jax.Array, *, mu: float = 0.0, sigma: float = 0.0) -> Transform:
+    """x_t = e + mu + sigma * eps at noised positions (clean elsewhere): identity for mu = sigma = 0."""
+    return transform_from(table, lambda x, am, nm: (jnp.full(x.shape, mu, jnp.float32),
+                                                    jnp.full(x.shape, sigma, jnp.float32)))
 
 
 def noised_batches(data: PromptSet, transform: Transform, key: jax.Array, *, batch_size: int, steps: int,
@@ -158,9 +167,11 @@ def _gather(x_t, rows, cols):
 
 @nnx.jit
 def _inverter_ranks(model, x_t, ids, attention_mask):
+    """(rank of the true token, its log-probability) under the inverter, per position."""
     logits = inverter_logits(model, x_t, attention_mask)
     true = jnp.take_along_axis(logits, ids[..., None], axis=-1)
-    return jnp.sum(logits > true, axis=-1)
+    log_q = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[..., None], axis=-1)[..., 0]
+    return jnp.sum(logits > true, axis=-1), log_q
 
 
 def _nn_ranks(table, metric):
@@ -187,18 +198,27 @@ def _eval_batches(data: PromptSet, transform: Optional[Transform], table, key, b
 
 
 def score(rank_fn, data: PromptSet, transform: Optional[Transform], table, key, batch_size: int = 64) -> dict:
-    """top-1 / top-5 recovery (%) over the noised positions and per-sequence top-1 recovery quantiles."""
-    hit1, hit5, count, per_seq = 0.0, 0.0, 0.0, []
+    """top-1 / top-5 recovery (%) over the noised positions and per-sequence top-1 recovery quantiles; when
+    ``rank_fn`` also returns the attacker's log-probability of the true token, its Barber–Agakov bound
+    (``leakage``: bits per noised token, see :mod:`sgt_jax.transform.leakage`)."""
+    hit1, hit5, count, per_seq, log_q, truth = 0.0, 0.0, 0.0, [], [], []
     for real, ids, am, targets, x_t, _ in _eval_batches(data, transform, table, key, batch_size):
-        rank = np.asarray(rank_fn(x_t, ids, am))
+        out = rank_fn(x_t, ids, am)
+        rank = np.asarray(out[0] if isinstance(out, tuple) else out)
+        if isinstance(out, tuple):
+            log_q.append(np.asarray(out[1])[targets])
+            truth.append(np.asarray(ids)[targets])
         hit1 += float(((rank == 0) & targets).sum())
         hit5 += float(((rank < 5) & targets).sum())
         count += float(targets.sum())
         with np.errstate(invalid="ignore", divide="ignore"):
             seq = 100.0 * ((rank == 0) & targets).sum(-1) / targets.sum(-1)
         per_seq.append(seq[real])
-    return {"top1": 100.0 * hit1 / count, "top5": 100.0 * hit5 / count, "positions": int(count),
-            "per_sequence_top1": metrics_lib.summarize(np.concatenate(per_seq))}
+    out = {"top1": 100.0 * hit1 / count, "top5": 100.0 * hit5 / count, "positions": int(count),
+           "per_sequence_top1": metrics_lib.summarize(np.concatenate(per_seq))}
+    if log_q:
+        out["leakage"] = barber_agakov(np.concatenate(log_q), np.concatenate(truth))
+    return out
 
 
 def majority_baseline(train: PromptSet, held_out: PromptSet) -> dict:
@@ -239,15 +259,32 @@ def run_attacks(transform: Transform, table, train: PromptSet, held_out: PromptS
         models = {"x_t": transform, "clean": identity} if ceiling else {"x_t": transform}
         for j, (which, tf) in enumerate(models.items()):
             report = None if on_step is None else (lambda s, loss, name=f"{attack}/{which}": on_step(name, s, loss))
-            model = train_inverter(attack, tf, train, hidden_size=dim, vocab_size=vocab, steps=steps,
-                                   key=jax.random.fold_in(key, 2 * index + j), max_length=max_length,
-                                   batch_size=batch_size, learning_rate=lrs[attack], on_step=report)
-            rank_fn = lambda x_t, ids, am, m=model: _inverter_ranks(m, x_t, ids, am)  # noqa: E731
+            res = learned_attack(attack, tf, tf if which == "x_t" else None, table, train, held_out, steps=steps,
+                                 key=jax.random.fold_in(key, 2 * index + j), eval_key=eval_key,
+                                 max_length=max_length, batch_size=batch_size, learning_rate=lrs[attack],
+                                 on_step=report)
             if which == "x_t":
-                out[attack] = score(rank_fn, held_out, transform, table, eval_key)
+                out[attack] = res
             else:
-                out[attack]["clean"] = _brief(score(rank_fn, held_out, None, table, eval_key))
+                out[attack]["clean"] = _brief(res)
     return out
+
+
+def learned_attack(kind: str, train_transform: Transform, eval_transform: Optional[Transform], table,
+                   train: PromptSet, held_out: PromptSet, *, steps: int, key, eval_key, batch_size: int = 32,
+                   learning_rate: float = 1e-3, max_length: Optional[int] = None,
+                   on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+    """A ``kind`` inverter trained on ``train`` under ``train_transform`` and scored on ``held_out`` under
+    ``eval_transform`` (None: clean embeddings). The white-box attack uses the victim's transform for both;
+    the server's transfer attack trains on its own SGT and reads the victim's."""
+    assert_disjoint(train, held_out)
+    table = jnp.asarray(table, jnp.float32)
+    vocab, dim = table.shape
+    model = train_inverter(kind, train_transform, train, hidden_size=dim, vocab_size=vocab, steps=steps, key=key,
+                           max_length=max_length, batch_size=batch_size, learning_rate=learning_rate,
+                           on_step=on_step)
+    rank_fn = lambda x_t, ids, am: _inverter_ranks(model, x_t, ids, am)  # noqa: E731
+    return score(rank_fn, held_out, eval_transform, table, eval_key)
 
 
 def _brief(res: dict) -> dict:

@@ -81,11 +81,10 @@ class ValidationTotals:
         self.mus.append(np.asarray(out["mu"]).ravel())
         return True
 
-    def metrics(self, embedding_table, hidden_size: int) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         result = {k: v / self.batches for k, v in self.loss_sums.items()}
         result.update(metrics_lib.finalize_forward_metrics(self.sums))
         result.update(noise_spacing.finalize_spacing(self.sums))
-        result.update(noise_spacing.mi_estimate(embedding_table, np.concatenate(self.sigmas).reshape(-1, hidden_size)))
         obf = metrics_lib.summarize(np.concatenate(self.changed))
         result.update({f"obfuscation_{k}": v for k, v in obf.items()})
         rank = metrics_lib.summarize(np.concatenate(self.ranks))

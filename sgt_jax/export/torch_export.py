@@ -7,16 +7,14 @@ Writes to ``OUT_DIR``:
     model.safetensors   the cloak's float32 weights under transformers' names and layout (Linear weights (out, in))
     config.json         hyperparameters, each estimator's transformers config, the artifact's base-model info
 
-``load_torch_sgt(OUT_DIR)`` loads it back (also importable from ``OUT_DIR/sgt_torch.py`` without sgt_jax).
+``from sgt_torch import load_torch_sgt`` (with ``OUT_DIR`` on the path) loads it back, without sgt_jax.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -141,18 +139,6 @@ def export_torch(artifact_dir, out_dir) -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copy(MODULE_SOURCE, out / "sgt_torch.py")
     return out
-
-
-def load_torch_sgt(out_dir, *, device="cpu"):
-    """Load an exported directory with its own copy of ``sgt_torch.py`` (what a user without sgt_jax runs)."""
-    path = Path(out_dir) / "sgt_torch.py"
-    if not path.is_file():
-        raise ArtifactError(f"{out_dir} has no sgt_torch.py; run sgt_jax.export_torch.export_torch first.")
-    spec = importlib.util.spec_from_file_location(f"sgt_torch_{abs(hash(str(path.resolve())))}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # NamedTuple / pickling-free, but dataclass-style lookups need the module
-    spec.loader.exec_module(module)
-    return module.load_torch_sgt(out_dir, device=device)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # The one logical -> mesh axis rule table. None: replicated along that dimension.
+# Not NNX's out_sharding + nnx.logical_axis_rules: they only rename axes (no mesh axis dropped where it does not
+# divide, no fsdp moved to a major dimension) and shard each Variable when created, so every model would need a mesh.
 LOGICAL_AXIS_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"),
     "sequence": None,

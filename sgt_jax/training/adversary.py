@@ -25,6 +25,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -110,6 +111,8 @@ def adversarial_loss_fn(base_loss_fn: Callable[..., Any], objective_cfg) -> Call
 def _pair_optimizer(cloak_opt: optax.GradientTransformation,
                     inverter_opt: optax.GradientTransformation) -> optax.GradientTransformation:
     """Each half of the pair with its own optimizer; the state is (cloak's, inverter's)."""
+    # Not optax.partition (multi_transform): its states are each optimizer over the whole pair with MaskedNode
+    # holes, where the train state keeps the cloak's own optimizer state (the same with the adversary off).
 
     def init(params):
         return cloak_opt.init(params["cloak"]), inverter_opt.init(params["inverter"])
@@ -133,7 +136,9 @@ class Adversary:
                                            rngs=nnx.Rngs(seed + 1), **kwargs)
         self.inverter_graphdef, self._init_params = nnx.split(inverter)
         self.pair_graphdef, _ = nnx.split(_Pair(cloak, inverter))
-        self.optimizer = optax.adam(objective_cfg.adversary_learning_rate)
+        # A non-finite inverter step leaves its parameters and moments as they were, however many come in a row.
+        self.optimizer = optax.apply_if_finite(optax.adam(objective_cfg.adversary_learning_rate),
+                                               max_consecutive_errors=np.iinfo(np.int32).max)
 
     def init_state(self) -> AdversaryState:
         params = jax.tree.map(jnp.array, self._init_params)  # own buffers: the state is donated
@@ -175,10 +180,7 @@ class Adversary:
 
         grads = jax.grad(loss)(adv.params)
         updates, opt_state = self.optimizer.update(grads, adv.opt_state, adv.params)
-        finite = optax.tree.norm(grads) < jnp.inf
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        return AdversaryState(keep(optax.apply_updates(adv.params, updates), adv.params),
-                              keep(opt_state, adv.opt_state))
+        return AdversaryState(optax.apply_updates(adv.params, updates), opt_state)
 
 
 def from_trainer_config(cfg, cloak: nnx.Module, model_config) -> "Adversary | None":

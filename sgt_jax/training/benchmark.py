@@ -57,14 +57,6 @@ def decoder_config(*, hidden, heads, kv_heads, intermediate, vocab, layers, head
                          attention_bias=False, tie_word_embeddings=False)
 
 
-def build_cloak(config: DecoderConfig, *, estimator_layers: int = 1, seed: int = 0, **cloak_kwargs):
-    """A TransformerCloak for a base of shape ``config`` without a model directory (a temporary config.json)."""
-    with tempfile.TemporaryDirectory(prefix="sgt_bench_") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(hf_config_dict(config)))
-        return TransformerCloak(config_path=tmp, num_hidden_layers=estimator_layers, seed=seed,
-                                rngs=nnx.Rngs(seed), **cloak_kwargs)
-
-
 # ------------------------------------------------------------------------------------------------ batch
 
 

@@ -20,8 +20,8 @@ Completeness is Orbax's too: a step is written under a temporary name and rename
 ``commit_success.txt``) once every item is on disk; only finalized steps are listed or restored.
 
 Kept here, as Orbax has no equivalent: the check that a resumed run has the saved run's structure
-(:func:`check_compatible`), an injectable clock for the time interval (:class:`_ClockedInterval`), and
-SIGTERM/SIGINT turned into a stop that every host agrees on (:class:`PreemptionGuard`).
+(:func:`check_compatible`), a time interval counted from the last save or restore (:class:`_ClockedInterval`),
+and SIGTERM/SIGINT turned into a stop that every host agrees on (:class:`PreemptionGuard`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from sgt_jax.errors import SGTError
-from sgt_jax.training.parallel import agree
 
 __all__ = [
     "CheckpointError",
@@ -130,14 +129,14 @@ def check_compatible(saved_config: Mapping[str, Any], current_config: Mapping[st
 
 @dataclasses.dataclass(kw_only=True)
 class _ClockedInterval(policies.ContinuousCheckpointingPolicy):
-    """Orbax's time-based policy, timed by ``clock`` from the last :meth:`restart`.
+    """Orbax's time-based policy, timed by ``clock`` from the last :meth:`restart` (construction, the last save
+    or restore) rather than from the last checkpoint on disk, which would save at the first step of a fresh
+    run (no checkpoint yet) and of a resumed one (its last checkpoint is old).
 
     ``CheckpointManager.should_save`` stamps the step with ``datetime.now()`` and the previous saves with the
-    time Orbax wrote them, so no Orbax policy can read an injected clock (the tests' simulated minutes, the
-    skewed clocks of ``sgt_jax.training.loop.TEST_CLOCK_ENV``). This re-stamps both with readings of ``clock``
-    and leaves the decision itself to Orbax: the primary host decides and broadcasts, and does not start a
-    time-based save while another is in flight. Timing from :meth:`restart` (construction, the last save or restore) rather than
-    from the last checkpoint on disk also keeps Orbax from saving at the first step of a fresh run.
+    time Orbax wrote them; this re-stamps both with readings of ``clock`` (so ``Checkpointer(clock=...)`` can
+    also be a simulated one) and leaves the decision itself to Orbax: the primary host decides and
+    broadcasts, and does not start a time-based save while another is in flight.
     """
 
     clock: Callable[[], float]
@@ -232,9 +231,6 @@ class Checkpointer:
         same answer on every process, and never at or below the latest saved step. Call it on every process
         at the same steps (the time decision is a collective)."""
         return bool(self._manager.should_save(int(step)))
-
-    # Before Orbax decided, each host's answer had to be agreed; Orbax's already is. Kept for callers.
-    should_save = save_due
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -333,15 +329,15 @@ class PreemptionGuard:
     """Turns SIGTERM/SIGINT into a flag the train loop polls, so it can save and exit 0 (Orbax only sees
     JAX's preemption sync service, which needs ``jax.distributed`` and a cluster that notifies it).
 
-    Used as ``with PreemptionGuard() as guard:`` around the loop, which polls :meth:`should_stop`. A second SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` as usual. Previous handlers are restored
-    on exit. Handlers can only be installed from the main thread; elsewhere the guard is inert (it warns).
+    Used as ``with PreemptionGuard() as guard:`` around the loop, which polls :meth:`stop_requested`. A second
+    SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` as usual. Previous handlers are restored on exit.
+    Handlers can only be installed from the main thread; elsewhere the guard is inert (it warns).
 
     Multi-host: a signal may reach only some hosts, and every host must take the same branch (saving is
     collective). :meth:`stop_requested` therefore also consults JAX's preemption sync service
     (``multihost_utils.reached_preemption_sync_point``, available once ``jax.distributed`` is initialised;
-    on Cloud TPU it is notified of maintenance events), and :meth:`should_stop` agrees the local answers of
-    all hosts (:func:`sgt_jax.training.parallel.agree`), so every host returns the same answer at the same step. On
-    one host it is a plain flag read.
+    on Cloud TPU it is notified of maintenance events), and the loop's schedule agrees the local answers of
+    all hosts (:func:`sgt_jax.training.parallel.agree`), so every host stops at the same step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -388,11 +384,3 @@ class PreemptionGuard:
             return bool(multihost_utils.reached_preemption_sync_point(int(step))) or self.requested
         except Exception:  # preemption service not initialised (e.g. GPU clusters without it)
             return self.requested
-
-    def should_stop(self, step: int) -> bool:
-        """Whether the loop should save and stop after ``step``: :meth:`stop_requested` agreed over all
-        processes (identical on every process)."""
-        stop = agree({"preempted": self.stop_requested(step)})["preempted"]
-        if stop:
-            self.requested = True
-        return stop

@@ -1,10 +1,8 @@
 """Reading optimized HLO text: the collectives a compiled step runs, their sizes, and whether each sits in a
 loop body (a ``while`` body, or anything it calls), where it runs once per iteration instead of once per step.
 
-Also the precision of every ``dot``/``convolution`` with the source op it came from, so a test can check
-that the float32 cloak's matmuls run at HIGHEST precision on a TPU and the base's at the default; and the
-pieces of one instruction's text that the compiled module's own API does not expose (array shapes with their
-memory space, called computations, replica groups), which :mod:`sgt_jax.training.roofline` reads.
+Also the pieces of one instruction's text that the compiled module's own API does not expose (array shapes with
+their memory space, called computations, replica groups), which :mod:`sgt_jax.training.roofline` reads.
 """
 
 from __future__ import annotations
@@ -231,22 +229,6 @@ def _op_name(line: str) -> str:
     return m.group(1) if m else ""
 
 
-def dot_precisions(text: str) -> list[dict[str, Any]]:
-    """Every dot / convolution (also inside fusions): its operand precision config, operand dtypes and source."""
-    _, _, types = parse_computations(text)
-    out = []
-    for line in text.splitlines():
-        m = _OPCODE.search(line)
-        if not m or m.group("op") not in ("dot", "convolution"):
-            continue
-        precision = re.search(r"operand_precision=\{([^}]*)\}", line)
-        operands = [a.strip().split()[-1].lstrip("%") for a in m.group("args").split(",") if a.strip()]
-        dtypes = [d for name in operands for d, _, _ in _ARRAY.findall(types.get(name, ""))[:1]]
-        out.append({"op": m.group("op"), "precision": precision.group(1) if precision else "default",
-                    "operand_dtypes": dtypes, "source": _op_name(line)})
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Instruction:
     """One instruction of a compiled module, as :class:`CompiledModule` reads it."""
@@ -309,5 +291,5 @@ class CompiledModule:
 
 
 __all__ = ["COLLECTIVE_OPS", "CompiledModule", "Instruction", "array_bytes", "arrays", "called_computations",
-           "collectives", "dot_precisions", "loop_computations", "parse_computations", "replica_groups",
+           "collectives", "loop_computations", "parse_computations", "replica_groups",
            "split_instruction", "type_bytes"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -21,20 +20,6 @@ from sgt_jax.training import parallel
 from sgt_jax.training.grad_balance import log_first_gradient_norms
 
 log = logging.getLogger("sgt_jax.train")
-
-# Test-only: "SCALE,OFFSET" makes the CLI's wall clock OFFSET + SCALE * time.monotonic(), so that the
-# processes of a multi-process test have clocks that disagree. Never set it in a real run.
-TEST_CLOCK_ENV = "SGT_TEST_CLOCK"
-
-
-def clock_from_env(environ=None) -> Callable[[], float]:
-    """``time.monotonic``, or the skewed test clock that :data:`TEST_CLOCK_ENV` describes (tests only)."""
-    spec = (os.environ if environ is None else environ).get(TEST_CLOCK_ENV)
-    if not spec:
-        return time.monotonic
-    scale, offset = (float(x) for x in spec.split(","))
-    return lambda: offset + scale * time.monotonic()
-
 
 class Cadence:
     """Due every ``every_steps`` steps (and at ``final_step``), or once ``every_minutes`` of ``clock`` passed

@@ -3,7 +3,6 @@ global arrays. The logical-axis rule table lives in ``sgt_jax.models.sharding`` 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Mapping, Sequence
@@ -11,12 +10,12 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
 from sgt_jax.errors import SGTError
 from sgt_jax.models.sharding import (MESH_AXES, logical_to_sharding, logical_to_spec, param_shardings,
                                      train_state_shardings)
-
-logger = logging.getLogger(__name__)
 
 # The mesh axes a batch's rows are split over (each device of a "tensor" group sees the same rows).
 BATCH_AXES = ("data", "fsdp")
@@ -27,7 +26,9 @@ class MeshConfigError(SGTError):
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh; one axis may be -1 to take the devices the others leave."""
+    """A ("data", "fsdp", "tensor") mesh; one axis may be -1 to take the devices the others leave. Devices are
+    placed by JAX's topology-aware helpers: on a TPU slice the axes follow the ICI torus, and over several
+    slices the data axis spans the slices (DCN) while fsdp and tensor stay inside each."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
     described = ", ".join(f"mesh.{name}={size}" for name, size in zip(MESH_AXES, sizes))
@@ -45,7 +46,15 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
             f"{described} uses {math.prod(sizes)} devices but {len(devices)} are available; "
             "make the product equal the device count or set one axis to -1."
         )
-    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+    auto = (AxisType.Auto,) * len(MESH_AXES)  # shardings come from the rule table, not the types
+    slices = len({getattr(device, "slice_index", 0) or 0 for device in devices})
+    if slices == 1:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    if sizes[0] % slices:
+        raise MeshConfigError(f"{described} spans {slices} slices, and only the data axis crosses them; make "
+                              f"mesh.data a multiple of {slices}.")
+    grid = mesh_utils.create_hybrid_device_mesh([sizes[0] // slices, sizes[1], sizes[2]], [slices, 1, 1], devices)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def manual_names(entry, manual_axes) -> tuple[str, ...]:

@@ -1,106 +1,107 @@
-"""The privacy–utility sweep of the adversarial objective: ``python -m sgt_jax.privacy_sweep``.
+"""The privacy–utility sweep: ``python -m sgt_jax.privacy_sweep``.
 
-For each setting (a list of ``key=value`` overrides of the training config) it trains an SGT, attacks it with
-``python -m sgt_jax.attack``'s learned per-token ``mlp`` attack (trained on transformed public prompts,
-scored on held-out ones; its report is ``<run>/attack_report.json``) and reads the run's final top-1 agreement
-and utility loss; it writes ``frontier.json`` and a frontier PNG (utility against learned-attack recovery,
-one point per run, one marker per objective).
+For each setting (a list of ``key=value`` overrides of the training config; ``--grid`` makes the product of
+several keys' values) it trains an SGT, attacks it under every threat model (``python -m sgt_jax.attack``'s
+report, ``<run>/attack_report.json``), and writes ``<run>/privacy_point.json``: the run's final top-1 agreement
+and utility loss from its own last validation, each threat model's strongest recovery and the leakage figure.
+Then ``frontier.json`` and ``frontier.png`` (:mod:`sgt_jax.evaluation.frontier`) over every point.
 
-    python -m sgt_jax.privacy_sweep --out runs/sweep \\
-        --setting objective.adversary=off --setting "objective.adversary=mlp objective.adversary_weight=1"
+Resumable: a setting whose ``privacy_point.json`` exists is not run again, an interrupted training resumes from
+its checkpoint. The server's transfer attack trains the attacker's own SGT once per setting *without* its
+``train.max_steps`` (at ``--transfer-steps``), in ``<out>/transfer/<setting>``, and reuses it for every length.
 
+    python -m sgt_jax.privacy_sweep --out runs/sweep --config configs/tiny.yaml \\
+        --grid "objective.transform_variance_priority=0.01,0.5 objective.alpha=0.3,0.54 train.max_steps=400,1600"
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
+import re
 import shlex
+import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
-
-import numpy as np
+from typing import Any, Optional, Sequence
 
 from sgt_jax import config as config_lib
+from sgt_jax.data.errors import DataError
 from sgt_jax.errors import run_cli
-from sgt_jax.evaluation import attack as attack_lib
+from sgt_jax.evaluation.attack import attack
+from sgt_jax.evaluation.frontier import frontier_point, plot_frontier
+from sgt_jax.training.attack_run import train_attacker_sgt
 from sgt_jax.training.run import train
 
 log = logging.getLogger("sgt_jax.privacy_sweep")
 
+# What a sweep run skips that only the summary and the curves need (the sweep attacks each run itself).
+QUIET = ["validation.attack_steps=0", "validation.generation_examples=0", "tracking.progress_bar=false",
+         "checkpoint.every_minutes=null"]
 
-def run_point(config_path, overrides: Sequence[str], run_dir: Path, *, attack_steps: int) -> dict[str, Any]:
-    """Train one SGT (``overrides`` on ``config_path``, run dir ``run_dir``), attack its artifact, and write
-    the point's report to ``run_dir/privacy_point.json``."""
-    cfg = config_lib.load_config(config_path, [*overrides, f"tracking.run_dir={run_dir}"])
+
+def slug(settings: Sequence[str]) -> str:
+    """A directory name for a setting: ``objective.alpha=0.3 train.max_steps=400`` -> ``alpha0.3_max_steps400``."""
+    parts = [f"{k.split('.')[-1]}{v}" for k, _, v in (s.partition("=") for s in settings)]
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", "_".join(parts)) or "default"
+
+
+def grid(spec: str) -> list[list[str]]:
+    """The settings of ``"key=v1,v2 key2=w1,w2"``: every combination, the first key varying slowest."""
+    axes = []
+    for item in shlex.split(spec):
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise DataError(f"--grid item {item!r} must be key=value1,value2,...")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def run_point(config_path, overrides: Sequence[str], run_dir: Path, *, transfer_dir: Optional[Path],
+              transfer_steps: Optional[int], attack_kwargs: dict) -> dict[str, Any]:
+    """Train one SGT, attack it, write and return ``run_dir/privacy_point.json``."""
+    start = time.process_time()
+    cfg = config_lib.load_config(config_path, [*QUIET, *overrides, f"tracking.run_dir={run_dir}"])
     summary = train(cfg)
     if summary.get("stopped_by") != "finished":
         raise RuntimeError(f"the run in {run_dir} stopped ({summary.get('stopped_by')}); no artifact to attack.")
-    report = attack_lib.attack(run_dir, attacks=("nn", "mlp"), steps=attack_steps, ceiling=False, mi_samples=0,
-                               progress=False, print_table=False)
-    attack = {"mlp_recovery": report["attacks"]["mlp"]["top1"],
-              "nn_recovery": report["attacks"]["nn_cosine"]["top1"], "attack_report": str(Path(run_dir) / "attack_report.json")}
-    point = {
-        "settings": list(overrides), "run_dir": str(run_dir),
-        "objective": "adversarial" if cfg.objective.adversary != "off" else "recommendations",
-        "top1_agreement": summary.get("top1_agreement (after)"), "utility_loss": summary.get("utility_loss (after)"),
-        "sigma_over_spacing": summary.get("sigma_over_spacing (after)"), **attack,
-    }
+    transfer = None
+    if transfer_dir is not None:
+        transfer = train_attacker_sgt(run_dir, transfer_dir, steps=transfer_steps)
+    server_attacks = ("transfer", "reader", "lm_prior") if transfer else ("reader", "lm_prior")
+    attack(run_dir, transfer_sgt=transfer, server_attacks=server_attacks, progress=False, print_table=False,
+           **attack_kwargs)
+    point = {"settings": list(overrides), "run_dir": str(run_dir), **frontier_point(run_dir),
+             "cpu_seconds": time.process_time() - start}
     (Path(run_dir) / "privacy_point.json").write_text(json.dumps(point, indent=2))
     return point
 
 
-def _label(settings: Sequence[str]) -> str:
-    """``objective.adversary_weight=0.05`` → ``adversary_weight=0.05``; no settings → ``default``."""
-    parts = [f"{k.split('.')[-1]}={v}" for k, _, v in (s.partition("=") for s in settings)
-             if k.split(".")[-1] != "adversary"]  # the marker shows the objective
-    return " ".join(parts) or "default"
+def _without_steps(setting: Sequence[str]) -> list[str]:
+    return [s for s in setting if not s.startswith("train.max_steps=")]
 
 
-def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> np.ndarray:
-    """PNG of top-1 agreement against learned-attack recovery, one marker per objective; returns the plotted
-    (x, y) coordinates in the order of ``points``."""
-    import matplotlib  # imported here: slow to import, and only plotting needs it
-
-    matplotlib.use("Agg")  # writes a file; no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    coords = np.zeros((len(points), 2))
-    for objective, marker in (("recommendations", "o"), ("adversarial", "s")):
-        idx = [i for i, p in enumerate(points) if p["objective"] == objective]
-        if not idx:
-            continue
-        xy = np.array([[points[i]["mlp_recovery"], 100 * points[i]["top1_agreement"]] for i in idx])
-        coll = ax.scatter(xy[:, 0], xy[:, 1], marker=marker, label=f"{objective} objective")
-        coords[idx] = np.asarray(coll.get_offsets())
-        for i, (x, y) in zip(idx, xy):
-            ax.annotate(_label(points[i]["settings"]), (x, y), xytext=(-5, 3), textcoords="offset points",
-                        ha="right", fontsize=6)
-    ax.set_xlabel("learned MLP attack: recovery of transformed tokens (%)")
-    ax.set_ylabel("top-1 agreement with the base model (%)")
-    ax.set_xlim(0, 102)
-    ax.set_title("SGT privacy-utility frontier (upper left is better)")
-    ax.legend(loc="lower left")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return coords
-
-
-def sweep(settings: Sequence[Sequence[str]], out: Path, *, config_path=None, attack_steps: int = 1500,
-          common: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Every setting trained and attacked (run dirs ``out/run_<i>``), then ``out/frontier.json`` and
-    ``out/frontier.png``."""
+def sweep(settings: Sequence[Sequence[str]], out: Path, *, config_path=None, common: Sequence[str] = (),
+          transfer: bool = True, transfer_steps: Optional[int] = 400, attack_kwargs: Optional[dict] = None
+          ) -> list[dict[str, Any]]:
+    """Every setting trained and attacked (run dirs ``out/<slug>``), then ``out/frontier.json`` and
+    ``out/frontier.png``; settings already done are read back, not run again."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = []
     for i, setting in enumerate(settings):
+        run_dir = out / slug(setting)
+        done = run_dir / "privacy_point.json"
+        if done.is_file():
+            log.info("sweep point %d/%d: %s done, read back", i + 1, len(settings), run_dir.name)
+            points.append(json.loads(done.read_text()))
+            continue
         log.info("sweep point %d/%d: %s", i + 1, len(settings), " ".join(setting) or "(defaults)")
-        points.append(run_point(config_path, [*common, *setting], out / f"run_{i}", attack_steps=attack_steps))
-    coords = plot_frontier(points, out / "frontier.png")
-    for p, (x, y) in zip(points, coords):
-        p["plotted"] = [float(x), float(y)]
+        transfer_dir = out / "transfer" / slug(_without_steps(setting)) if transfer else None
+        points.append(run_point(config_path, [*common, *setting], run_dir, transfer_dir=transfer_dir,
+                                transfer_steps=transfer_steps, attack_kwargs=dict(attack_kwargs or {})))
+    plot_frontier(points, out / "frontier.png")
     (out / "frontier.json").write_text(json.dumps(points, indent=2))
     return points
 
@@ -110,18 +111,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="directory for the runs, frontier.json and frontier.png")
     parser.add_argument("--setting", action="append", default=[],
                         help='one sweep point: space-separated key=value overrides (repeat the flag per point)')
-    parser.add_argument("--config", help="training config (default: the embedded tiny run)")
-    parser.add_argument("--attack-steps", type=int, default=1500, help="Adam steps of the MLP attacker")
+    parser.add_argument("--grid", help='"key=v1,v2 key2=w1,w2": every combination is a point (before --setting)')
+    parser.add_argument("--config", help="training config, e.g. configs/tiny.yaml (default: the schema's defaults)")
+    parser.add_argument("--attack-steps", type=int, default=1500, help="Adam steps of each learned attacker")
+    parser.add_argument("--attacks", default="mlp", help="learned inverters (white box and transfer)")
+    parser.add_argument("--exact-positions", type=int, default=128,
+                        help="positions of the white box's exact-channel leakage figure (0: off)")
+    parser.add_argument("--no-transfer", action="store_true", help="skip the server's transfer attack")
+    parser.add_argument("--transfer-steps", type=int, default=400,
+                        help="train.max_steps of the server's own SGT, trained once per setting (default 400)")
     parser.add_argument("common", nargs="*", help="key=value overrides applied to every point")
     args = parser.parse_args(argv)
-    settings = [shlex.split(s) for s in args.setting] or [[]]
 
     def go():
-        points = sweep(settings, Path(args.out), config_path=args.config, attack_steps=args.attack_steps,
-                       common=args.common)
+        settings = (grid(args.grid) if args.grid else []) + [shlex.split(s) for s in args.setting]
+        kwargs = {"steps": args.attack_steps, "attacks": tuple(a for a in args.attacks.split(",") if a),
+                  "ceiling": False, "exact_positions": args.exact_positions}
+        points = sweep(settings or [[]], Path(args.out), config_path=args.config, common=args.common,
+                       transfer=not args.no_transfer, transfer_steps=args.transfer_steps, attack_kwargs=kwargs)
         for p in points:
-            print(f"{p['objective']:>15}  top1 {100 * p['top1_agreement']:5.1f}%  mlp recovery "
-                  f"{p['mlp_recovery']:5.1f}%  {' '.join(p['settings'])}")
+            recovery = "  ".join(f"{t} {v:5.1f}%" for t, v in p["recovery"].items())
+            print(f"top1 {100 * p['top1_agreement']:5.1f}%  {recovery}  {' '.join(p['settings'])}")
         return 0
 
     return run_cli(go)

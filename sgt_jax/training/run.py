@@ -4,6 +4,7 @@ checkpoint, SGT artifact, end-of-run summary). ``python -m sgt_jax.train`` is it
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,11 +29,11 @@ def train(
     """Run (or resume) training to the end; returns the end-of-run summary.
 
     ``clock``: the wall clock of the time-based checkpoint and validation intervals (injectable for tests;
-    default ``time.monotonic``, or the test-only skewed clock of ``sgt_jax.training.loop.TEST_CLOCK_ENV``).
+    default ``time.monotonic``).
     ``on_step(step, state)``: called after each step's checkpoint decision (notebooks, tests, custom logging).
     """
     parallel.maybe_initialize_distributed(cfg.mesh)
-    clock = loop.clock_from_env() if clock is None else clock
+    clock = time.monotonic if clock is None else clock
     trainer = Trainer(cfg)
     checkpointer = ckpt_lib.Checkpointer.from_config(cfg.checkpoint, Path(cfg.tracking.run_dir), clock=clock)
     tracker = tracking.Tracker.from_config(cfg.tracking, trainer.saved_config)

@@ -271,7 +271,10 @@ def make_train_step(
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        # A non-finite step is skipped whole: parameters and optimizer moments stay as they were.
+        # A non-finite step is skipped whole: parameters and optimizer moments stay as they were. Not
+        # optax.apply_if_finite: it judges the gradient alone (a non-finite loss must skip too), lets an update
+        # through after max_consecutive_errors, and its counters would change the optimizer state's layout (and
+        # every checkpoint's), which TrainState already counts.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state.replace(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -22,6 +23,8 @@ from sgt_jax.config import SGTConfig
 from sgt_jax.data import build_datasets, load_tokenizer
 from sgt_jax.evaluation.rouge import generation_rouge
 from sgt_jax.evaluation.validation import ValidationTotals
+from sgt_jax.evaluation.inversion import PromptSet
+from sgt_jax.evaluation.threat_models import exact_channel
 from sgt_jax.inference import artifact
 from sgt_jax.inference.artifact import transform_embeddings
 from sgt_jax.inference.generate import prompts_from_source
@@ -159,7 +162,8 @@ class Trainer:
             totals = self._forward_validation(state, key, full if self.cfg.validation.perplexity else None)
             if totals.batches == 0:
                 return {}
-            result = totals.metrics(self.base.embedding_table, self.hidden_size)
+            result = totals.metrics()
+            result.update(self.leakage_figure(state, jax.random.fold_in(key, 1)))
             # From the validation set itself, not this host's batches: every host generates the same prompts.
             prompts = prompts_from_source(self.val_data.source, self.cfg.validation.generation_examples)
             if prompts:
@@ -196,6 +200,24 @@ class Trainer:
             nearest = np.asarray(out["nearest"])[first:first + len(host_batch["input_ids"])]
             totals.table_rows = self._reconstruction_rows(host_batch, nearest)
         return totals
+
+    def leakage_figure(self, state, key) -> dict[str, float]:
+        """Bits per noised token a reader that knows this SGT gets from x_t, on the first validation prompts (the
+        same on every host): each of validation.leakage_candidates tokens read with its own transformed mean at
+        validation.leakage_positions positions (see sgt_jax.transform.leakage); it errs toward more leakage."""
+        v = self.cfg.validation
+        prompts = prompts_from_source(self.val_data.source, 64) if v.leakage_positions else []
+        if not any(any(p["noise_mask"]) for p in prompts):
+            return {}
+        data = PromptSet.from_prompts(prompts, self.tokenizer.pad_token_id, "validation")
+        cloak = nnx.merge(self.cloak_graphdef, self._replicated(state.params))
+        table = jnp.asarray(jax.device_get(self._replicated(self.base.embedding_table)), jnp.float32)
+        figure = exact_channel(cloak, lambda *args: transform_embeddings(cloak, table, *args), table, data, key=key,
+                               positions=v.leakage_positions, candidates=v.leakage_candidates)
+        if figure is None:  # percent_to_mask > 0: no Gaussian on the masked features
+            return {}
+        return {"leakage_bits": figure["bits"], "leakage_stderr_bits": figure["stderr_bits"],
+                "token_entropy_bits": figure["entropy_bits"]}
 
     def generation_metrics(self, state, prompts: list[dict[str, list[int]]], key,
                            full: CausalLM) -> tuple[dict[str, float], list[dict[str, str]]]:
@@ -250,7 +272,7 @@ class Trainer:
         """The privacy–utility summary: obfuscation and utility before and after training, and whether the
         final utility loss is within train.max_utility_loss."""
         keys = ("obfuscation_mean", "obfuscation_min", "utility_loss", "mean_sigma", "sigma_over_spacing",
-                "perplexity_clean", "perplexity_transformed", "top1_agreement", "loss")
+                "leakage_bits", "perplexity_clean", "perplexity_transformed", "top1_agreement", "loss")
         out: dict[str, Any] = {}
         for k in keys:
             if before and k in before:

@@ -27,11 +27,13 @@ __all__ = ["MLPInverter", "TransformerInverter", "INVERTER_KINDS", "make_inverte
 INVERTER_KINDS = ("mlp", "transformer")
 
 
-def _input_norm(x_t: jax.Array) -> jax.Array:
-    """Scale-free input (RMS over features): transformed embeddings can be orders of magnitude larger than
-    clean ones, and an attacker normalises what it reads before learning from it."""
+def _input_features(x_t: jax.Array) -> jax.Array:
+    """(..., D + 1): x_t over its RMS (scale-free: transformed embeddings can be orders of magnitude larger
+    than clean ones) and the log of that RMS (the scale itself still tells tokens apart, e.g. in few
+    dimensions, so the attacker keeps it as a feature of its own)."""
     x_t = x_t.astype(jnp.float32)
-    return x_t * jax.lax.rsqrt(jnp.mean(x_t * x_t, axis=-1, keepdims=True) + 1e-12)
+    mean_square = jnp.mean(x_t * x_t, axis=-1, keepdims=True) + 1e-12
+    return jnp.concatenate([x_t * jax.lax.rsqrt(mean_square), 0.5 * jnp.log(mean_square)], axis=-1)
 
 
 class MLPInverter(nnx.Module):
@@ -39,14 +41,14 @@ class MLPInverter(nnx.Module):
 
     def __init__(self, hidden_size: int, vocab_size: int, hidden: int = 512, *, num_layers: int = 1,
                  rngs: nnx.Rngs):
-        self.layers = nnx.List([nnx.Linear(hidden_size if i == 0 else hidden, hidden, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(hidden_size + 1 if i == 0 else hidden, hidden, rngs=rngs)
                                 for i in range(num_layers)])
-        self.norm = nnx.LayerNorm(hidden_size, use_bias=False, use_scale=True, rngs=rngs)
+        self.norm = nnx.LayerNorm(hidden_size + 1, use_bias=False, use_scale=True, rngs=rngs)
         self.out = nnx.Linear(hidden, vocab_size, rngs=rngs)
 
     def __call__(self, x_t: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         del mask  # per position: nothing to mask
-        h = self.norm(_input_norm(x_t))
+        h = self.norm(_input_features(x_t))
         for layer in self.layers:
             h = jax.nn.gelu(layer(h))
         return self.out(h)
@@ -79,8 +81,8 @@ class TransformerInverter(nnx.Module):
         if width % num_heads:
             raise ValueError(f"TransformerInverter width {width} is not divisible by num_heads={num_heads}.")
         self.max_length = max_length
-        self.inp_norm = nnx.LayerNorm(hidden_size, use_bias=False, rngs=rngs)
-        self.inp = nnx.Linear(hidden_size, width, rngs=rngs)
+        self.inp_norm = nnx.LayerNorm(hidden_size + 1, use_bias=False, rngs=rngs)
+        self.inp = nnx.Linear(hidden_size + 1, width, rngs=rngs)
         self.pos = nnx.Embed(max_length, width, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.blocks = nnx.List([_Block(width, num_heads, rngs=rngs) for _ in range(num_layers)])
         self.out_norm = nnx.LayerNorm(width, rngs=rngs)
@@ -91,7 +93,7 @@ class TransformerInverter(nnx.Module):
         if seq > self.max_length:
             raise ValueError(f"sequence length {seq} exceeds the inverter's max_length={self.max_length}.")
         mask = jnp.ones(x_t.shape[:2], bool) if mask is None else mask.astype(bool)
-        h = self.inp(self.inp_norm(_input_norm(x_t))) + self.pos(jnp.arange(seq))[None]
+        h = self.inp(self.inp_norm(_input_features(x_t))) + self.pos(jnp.arange(seq))[None]
         # Keys are the real (unpadded) positions; a row with no real key attends uniformly (padding rows only).
         attn_mask = jnp.broadcast_to(mask[:, None, None, :], (x_t.shape[0], 1, seq, seq))
         for block in self.blocks:

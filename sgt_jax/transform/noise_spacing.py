@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from sgt_jax.transform.privacy_mi import gaussian_mixture_mi
 
 __all__ = ["spacing_sums", "finalize_spacing"]
 
@@ -52,15 +49,3 @@ def finalize_spacing(sums) -> dict[str, float]:
     n = max(float(sums["spacing_count"]), 1.0)
     return {"sigma_over_spacing": float(sums["spacing_ratio_sum"]) / n,
             "sigma_over_spacing_ge_half": float(sums["spacing_half_sum"]) / n}
-
-
-def mi_estimate(embedding_table, sigma_rows, *, samples: int = 256, max_positions: int = 512,
-                seed: int = 0) -> dict[str, float]:
-    """The Gaussian-mixture mutual information I(T; x_t) (``sgt_jax.transform.privacy_mi``) at the validation's noise
-    scales: ``sigma_rows`` (N, D), NaN rows (positions without noise) dropped; bits and the share of log2 V."""
-    rows = np.asarray(sigma_rows)
-    rows = rows[~np.isnan(rows).any(axis=-1)][:max_positions]
-    if len(rows) == 0:
-        return {}
-    mi = gaussian_mixture_mi(embedding_table, rows, key=jax.random.key(seed), samples=samples)
-    return {"mi_bits": float(mi["bits"]), "mi_fraction": float(mi["fraction"])}

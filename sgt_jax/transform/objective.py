@@ -38,7 +38,6 @@ __all__ = [
     "composite",
     "local_denominators",
     "affected_mask",
-    "sgt_objective",
     "objective_terms",
     "make_loss_fn",
 ]
@@ -271,9 +270,12 @@ def _frozen(module: nnx.Module) -> nnx.Module:
 def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, objective_cfg,
                     denominators: Optional[Mapping[str, jax.Array]] = None, deterministic: bool = False,
                     ssl_layer: Optional[int] = None, cloak_out=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """Loss and metrics of one (micro-)batch; with global ``denominators`` both are additive partial sums.
-    ``cloak_out``: the cloak's output on this batch with these keys when the caller already computed it
-    (the adversarial objective shares it with its inverter), so the cloak runs once."""
+    """Loss and metrics of one (micro-)batch ``dict(input_ids, attention_mask, noise_mask, loss_mask)``: means
+    over it, or with global ``denominators`` additive partial sums. ``key``: one PRNG key or one per example.
+    ``ssl_layer``: for ssl on an untruncated model, the layer whose hidden state is compared (default: the
+    last). The base model is frozen (stop_gradient on its state). ``cloak_out``: the cloak's output on this
+    batch with these keys when the caller already computed it (the adversarial objective shares it with its
+    inverter), so the cloak runs once."""
     mode = objective_cfg.mode
     if mode not in ("ssl", "lm", "distill"):
         raise ValueError(f"objective.mode={mode!r} is not one of ssl, lm, distill.")
@@ -334,17 +336,6 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
     # The balance loss is a per-batch statistic: average it over the micro-batches.
     aux = out.aux_loss / den["micro_batches"]
     return composite(utility, stochasticity, similarity, objective_cfg, moe_aux_loss=aux, extra=extra)
-
-
-def sgt_objective(cloak, base_model, batch: Mapping[str, jax.Array], *, key, objective_cfg,
-                  deterministic: bool = False,
-                  ssl_layer: Optional[int] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """(loss, metrics) of one batch ``dict(input_ids, attention_mask, noise_mask, loss_mask)``, means over
-    this batch. ``key``: one PRNG key or one per example. ``ssl_layer``: for ssl on an untruncated model, the
-    layer whose hidden state is compared (default: the last; a model loaded with truncate_at_layer=k uses k).
-    Differentiate w.r.t. the cloak only; the base model is frozen (stop_gradient on its state)."""
-    return objective_terms(cloak, base_model, batch, key=key, objective_cfg=objective_cfg, denominators=None,
-                           deterministic=deterministic, ssl_layer=ssl_layer)
 
 
 def make_loss_fn(objective_cfg, *, ssl_layer: Optional[int] = None) -> Callable[..., Any]:
