@@ -178,7 +178,8 @@ def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_no
     sides, not the line's prediction."""
     long = ["data.max_length=2048", "data.buckets=[2048]"]
     code, report, _, errors = _compile_cli(monkeypatch, capsys, tmp_path, "a100-40g:8",
-                                           _small(small_dir, "--max-tokens", *long, "data.batch_size=64"))
+                                           _small(small_dir, "--max-tokens", "--max-tokens-checks", "2", *long,
+                                                  "data.batch_size=64"))
     assert (code, errors) == (0, []), errors
     capacity = report["capacity"]
     rows, fails = capacity["rows_per_device"], capacity["first_row_fails"]

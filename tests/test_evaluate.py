@@ -169,3 +169,40 @@ def test_evaluate_bad_path_one_line(tmp_path, capsys):
     assert main(["--sgt", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "missing" in err
+
+
+@pytest.mark.slow
+def test_validation_and_evaluate_give_the_same_numbers_on_the_same_sgt_data_and_key(tmp_path):
+    """One evaluator: the trainer's validation pass and ``evaluate`` on the artifact of the same train state, over
+    the same validation batches with the same key, report the same perplexities, agreement, obfuscation and
+    mean sigma (the same per-example noise keys; sigma large enough that a different key changes the numbers)."""
+    import jax
+
+    from sgt_jax import config as config_lib
+    from sgt_jax.evaluation.evaluate import evaluate
+    from sgt_jax.training.trainer import Trainer
+    from tiny_checkpoints import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "model", hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                    num_key_value_heads=2, corpus_examples=100)
+    cfg = config_lib.load_config(None, [
+        f"model.path={model_dir}", "model.dtype=float32", f"tracking.run_dir={tmp_path / 'run'}",
+        "data.synthetic_num_examples=40", "data.validation_fraction=0.2", "data.batch_size=4", "data.max_length=256",
+        "data.buckets=[256]", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", "validation.max_batches=2",
+        "cloak.scale=[1e-3,1.0]", "model.truncate_at_layer=0"])
+    trainer = Trainer(cfg)
+    state = trainer.init_state()
+    with trainer.full_model_on_devices() as full:
+        validation = trainer._forward_validation(state, jax.random.key(7), full).metrics()
+        other_key = trainer._forward_validation(state, jax.random.key(8), full).metrics()
+    report = evaluate(trainer.save_artifact(state), max_batches=2, generation_examples=0, attack_steps=0, seed=7,
+                      out=str(tmp_path / "report.json"), print_table=False)
+    forward, cosine = report["forward"], report["obfuscation"]["cosine"]["percent_changed"]
+    pairs = [(validation["perplexity_clean"], forward["perplexity_clean"]),
+             (validation["perplexity_transformed"], forward["perplexity_transformed"]),
+             (validation["top1_agreement"], forward["top1_agreement"]),
+             (validation["top5_agreement"], forward["top5_agreement"]),
+             (validation["obfuscation_mean"], cosine["mean"]), (validation["mean_sigma"], forward["mean_sigma"])]
+    for ours, theirs in pairs:
+        assert theirs == pytest.approx(ours, rel=1e-5, abs=1e-7), pairs
+    assert other_key["perplexity_transformed"] != pytest.approx(validation["perplexity_transformed"], rel=1e-5)

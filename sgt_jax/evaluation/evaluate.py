@@ -47,6 +47,7 @@ from sgt_jax.inference.generate import prompts_from_batch
 from sgt_jax.models import CausalLM
 from sgt_jax.models.fingerprint import model_fingerprint
 from sgt_jax.models.hf import resolve_model_path
+from sgt_jax.transform.entropy import example_keys
 
 log = logging.getLogger("sgt_jax.evaluate")
 
@@ -61,7 +62,8 @@ METRICS = ("cosine", "l2")
 
 @nnx.jit
 def _forward_batch(cloak, base, table, batch, key):
-    keys = jax.random.split(key, batch["input_ids"].shape[0])
+    # Validation's convention: batch i's key, folded with each example's index in the batch.
+    keys = example_keys(key, jnp.arange(batch["input_ids"].shape[0]))
     out = metrics_lib.forward_eval(cloak, base, table, batch, keys, obfuscation_metrics=METRICS)
     return out["sums"], {m: (o["percent_changed"], o["mean_rank"]) for m, o in out["obfuscation"].items()}
 

@@ -4,7 +4,9 @@
 losses (deterministic: no dropout), forward metrics of the untruncated model (perplexity and next-token
 agreement on clean and transformed input), obfuscation (the nearest vocabulary token of each transformed
 token) and the noise-to-spacing sums, with per-example noise keys ``fold_in(key, example_index)`` — the same
-convention as the train step, so an example's noise does not depend on how the batch is split.
+convention as the train step, so an example's noise does not depend on how the batch is split. Validation
+passes batch i the key ``fold_in(key, i)``, and ``python -m sgt_jax.evaluate`` does the same: on the same SGT,
+data and key both report the same numbers (both reduce :func:`sgt_jax.evaluation.metrics.forward_eval`).
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ class Trainer:
             global_batch = self.global_batch(host_batch, 1)
             batch = {k: v[0] for k, v in global_batch.items()}
             with jax.set_mesh(self.mesh):  # activations batch-sharded (FSDP); splash finds its mesh
-                out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch, key))
+                out = jax.device_get(self._eval_batch(state.params, self.base_state, full_state, batch,
+                                                      jax.random.fold_in(key, i)))
             if not totals.add(out) or totals.table_rows:
                 continue
             # The host's rows are one block of the global batch's rows (several blocks on several hosts).
