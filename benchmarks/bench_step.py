@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sgt_jax.training.benchmark import main  # noqa: E402
+from sgt_jax.tools.benchmark import main  # noqa: E402
 
 
 def summarize(paths):

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sgt_jax.training.benchmark import SHAPES  # noqa: E402
+from sgt_jax.tools.benchmark import SHAPES  # noqa: E402
 
 
 def gemms(shape: dict, rows: int) -> list[tuple[str, tuple[int, int], tuple[int, int], bool, bool]]:

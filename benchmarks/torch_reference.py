@@ -25,7 +25,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sgt_jax.training.benchmark import SHAPES, BenchArgs, run_bench  # noqa: E402
+from sgt_jax.tools.benchmark import SHAPES, BenchArgs, run_bench  # noqa: E402
 
 ALPHA, WEIGHT, TVP, TSP = 0.54, 12.0, 0.01, 0.75
 MIN_SCALE, MAX_SCALE = 1e-8, 1.0

@@ -20,7 +20,10 @@ LAYERS = {
     "sgt_jax.evaluation": 4,
     "sgt_jax.training": 5, "sgt_jax.export": 5,
     "sgt_jax": 6,  # the package root's __init__ and the entry modules: train, evaluate, attack, bench, ...
+    "sgt_jax.tools": 6,  # benchmark, FLOP model, privacy sweep: above the runtime, which never imports them
 }
+# Tools are not runtime: a module of one of these kinds lives in sgt_jax.tools.
+TOOL_WORDS = ("benchmark", "flops", "sweep")
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
@@ -95,6 +98,14 @@ def test_layers_cover_every_subpackage():
 
 def test_no_import_points_up_the_layer_order():
     assert upward_imports(import_graph()) == []
+
+
+def test_tools_live_in_the_tools_subpackage_and_the_runtime_does_not_import_them():
+    misplaced = [m for m in modules() if any(w in m.rsplit(".", 1)[-1] for w in TOOL_WORDS)
+                 and not m.startswith("sgt_jax.tools.") and layer(m) < 6]
+    assert misplaced == []
+    assert sorted(src for src, dsts in import_graph().items() if layer(src) < 6
+                  and any(d.startswith("sgt_jax.tools") for d in dsts)) == []
 
 
 def test_no_import_cycle():

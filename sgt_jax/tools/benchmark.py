@@ -5,7 +5,7 @@ layers kept (ssl: truncated at layer K-1, as a loaded ``truncate_at_layer=K-1`` 
 model with its LM head), the cloak a ``TransformerCloak`` with ``--estimator-layers E`` per estimator, the
 step exactly :func:`sgt_jax.training.step.make_train_step` (scan over ``--accum`` micro-batches, AdamW).
 
-MFU is the model FLOPs of :mod:`sgt_jax.training.flops` over the step time, each part against its own dtype's
+MFU is the model FLOPs of :mod:`sgt_jax.tools.flops` over the step time, each part against its own dtype's
 peak.
 """
 
@@ -34,7 +34,7 @@ from sgt_jax.models.decoder import CausalLM, DecoderConfig
 from sgt_jax.training import builder
 from sgt_jax.training import step as step_lib
 from sgt_jax.models.hf import hf_config_dict
-from sgt_jax.training.flops import flop_model, peak_flops
+from sgt_jax.tools.flops import flop_model, peak_flops
 from sgt_jax.training.parallel import batch_sharding, make_mesh
 from sgt_jax.transform.cloak import TransformerCloak
 
