@@ -176,7 +176,7 @@ def test_sweep_of_three_settings_plots_the_runs_attack_reports(model_dir, tmp_pa
     import json
 
     from sgt_jax.evaluation.attack import HIGH_RECOVERY, NOT_HIDDEN, privacy_verdict
-    from sgt_jax.training.privacy_sweep import grid, sweep
+    from sgt_jax.tools.privacy_sweep import grid, sweep
 
     common = overrides(model_dir, tmp_path / "unused", **{
         "optimizer.learning_rate": 1e-6, "data.synthetic_num_examples": 32, "checkpoint.every_steps": 100,

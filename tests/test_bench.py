@@ -1,11 +1,11 @@
-"""The benchmark CLI (python -m sgt_jax.bench) and its FLOP model (sgt_jax.training.flops); no timing assertions."""
+"""The benchmark CLI (python -m sgt_jax.bench) and its FLOP model (sgt_jax.tools.flops); no timing assertions."""
 
 import json
 
 import pytest
 
-from sgt_jax.training import benchmark as bench
-from sgt_jax.training import flops
+from sgt_jax.tools import benchmark as bench
+from sgt_jax.tools import flops
 
 EXPECTED_KEYS = {"args", "shape", "device_kind", "platform", "compile_s", "step_s_median", "step_s_all",
                  "tokens_per_s", "valid_tokens_per_s", "flops", "peak_flops", "mfu", "peak_memory_bytes",
