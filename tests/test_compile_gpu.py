@@ -49,7 +49,12 @@ def _compile_cli(monkeypatch, capsys, tmp_path, topology, overrides):
 
     compiled = {}
     real = compile_lib.compile_steps
-    monkeypatch.setattr(compile_lib, "compile_steps", lambda *a, **k: compiled.setdefault("result", real(*a, **k)))
+    def first_kept(*args, **kwargs):  # every compile runs (--max-tokens compiles several); the first is kept
+        result = real(*args, **kwargs)
+        compiled.setdefault("result", result)
+        return result
+
+    monkeypatch.setattr(compile_lib, "compile_steps", first_kept)
     report = tmp_path / "report.json"
     code = main(["--config", RECIPE, "--compile-only", "--topology", topology, "--compile-report", str(report),
                  *overrides])
@@ -171,14 +176,16 @@ def test_a_device_of_an_unknown_chip_is_a_one_line_user_error():
 
 
 @pytest.mark.slow
-def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_not(small_dir, monkeypatch, capsys,
-                                                                                  tmp_path):
-    """--max-tokens on a100-40g:8 at 2,048 tokens: the rows per device it reports, compiled again through the CLI,
-    fit (exit 0), and the first row count it found not to fit exits 3 — the answer is a compiled fact on both
-    sides, not the line's prediction."""
+def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_not(tmp_path_factory, monkeypatch,
+                                                                                  capsys, tmp_path):
+    """--max-tokens on a100-40g:8 at 2,048 tokens, for a model wide enough (hidden 2,048) that some tens of rows
+    fill a GPU: the rows per device it reports, compiled again through the CLI, fit (exit 0), and the first row
+    count it found not to fit exits 3 — the answer is a compiled fact on both sides, not the line's prediction."""
+    wide = _model_dir(tmp_path_factory, "wide-llama", hidden_size=2048, intermediate_size=5632,
+                      num_attention_heads=16, num_key_value_heads=16)
     long = ["data.max_length=2048", "data.buckets=[2048]"]
     code, report, _, errors = _compile_cli(monkeypatch, capsys, tmp_path, "a100-40g:8",
-                                           _small(small_dir, "--max-tokens", "--max-tokens-checks", "2", *long,
+                                           _small(wide, "--max-tokens", "--max-tokens-checks", "3", *long,
                                                   "data.batch_size=64"))
     assert (code, errors) == (0, []), errors
     capacity = report["capacity"]
@@ -188,5 +195,5 @@ def test_max_tokens_finds_a_micro_batch_that_fits_and_one_more_step_that_does_no
     for count, expected in ((rows, 0), (fails, 3)):
         (tmp_path / str(count)).mkdir()
         code, _, _, errors = _compile_cli(monkeypatch, capsys, tmp_path / str(count), "a100-40g:8",
-                                          _small(small_dir, *long, f"data.batch_size={8 * count}"))
+                                          _small(wide, *long, f"data.batch_size={8 * count}"))
         assert code == expected, (count, errors)

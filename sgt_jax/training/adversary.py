@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sgt_jax.transform import inverters
+from sgt_jax.transform import inverters, objective
 from sgt_jax.training import step as step_lib
 
 __all__ = ["AdversaryState", "Adversary", "enabled", "true_token_logprob_penalty", "adversarial_loss_fn"]
@@ -50,11 +50,6 @@ class _Pair(nnx.Module):
     def __init__(self, cloak: nnx.Module, inverter: nnx.Module):
         self.cloak = cloak
         self.inverter = inverter
-
-
-def _frozen(module: nnx.Module) -> nnx.Module:
-    graphdef, state = nnx.split(module)
-    return nnx.merge(graphdef, jax.lax.stop_gradient(state))
 
 
 def true_token_logprob_penalty(logits: jax.Array, token_ids: jax.Array, weights: jax.Array,
@@ -97,7 +92,7 @@ def adversarial_loss_fn(base_loss_fn: Callable[..., Any], objective_cfg) -> Call
         share = jnp.sum(selected).astype(jnp.float32) / den  # a micro-batch mean → a global partial sum
         inv_ce, inv_top1 = inverters.inverter_loss(pair.inverter, jax.lax.stop_gradient(x_t), ids, selected,
                                                    attention)
-        logits = inverters.inverter_logits(_frozen(pair.inverter), x_t, attention)
+        logits = inverters.inverter_logits(objective.frozen(pair.inverter), x_t, attention)
         penalty = true_token_logprob_penalty(logits, ids, selected, den)
         cloak_loss = loss + weight * penalty
         metrics = dict(metrics)

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from sgt_jax.training import parallel
+from sgt_jax.training import optim, parallel
 from sgt_jax.training.parallel import BATCH_AXES, batch_sharding, batch_shards
 from sgt_jax.transform.entropy import example_keys
 from sgt_jax.transform.objective import local_denominators
@@ -86,10 +86,6 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], accum_steps: int, first
     }
 
 
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def manual_batch_axes(mesh) -> tuple[str, ...]:
     """The batch axes (data, fsdp) larger than 1: what the accumulation's ``shard_map`` is manual over."""
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
@@ -105,7 +101,7 @@ def _base_layout(base_state, mesh, axes):
     is_spec = lambda s: isinstance(s, P)  # noqa: E731
     shardings = parallel.param_shardings(base_state, mesh)
     in_specs = jax.tree.map(lambda s: parallel.manual_spec(s.spec, axes), shardings)
-    paths = {path: _path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(in_specs, is_leaf=is_spec)[0]}
+    paths = {path: optim.path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(in_specs, is_leaf=is_spec)[0]}
     truncated = "lm_head" not in {names[0] for names in paths.values()}
     lookup = truncated and "fsdp" in axes
 

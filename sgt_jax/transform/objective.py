@@ -261,7 +261,7 @@ def local_denominators(batch: Mapping[str, jax.Array], hidden_size: int) -> Dict
     }
 
 
-def _frozen(module: nnx.Module) -> nnx.Module:
+def frozen(module: nnx.Module) -> nnx.Module:
     """The same module with stop_gradient on every state leaf: the base model can never receive gradient."""
     graphdef, state = nnx.split(module)
     return nnx.merge(graphdef, jax.lax.stop_gradient(state))
@@ -279,7 +279,7 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
     mode = objective_cfg.mode
     if mode not in ("ssl", "lm", "distill"):
         raise ValueError(f"objective.mode={mode!r} is not one of ssl, lm, distill.")
-    base = _frozen(base_model)
+    base = frozen(base_model)
     input_ids = batch["input_ids"]
     attention_mask = batch["attention_mask"].astype(bool)
     transform_mask = attention_mask & batch["noise_mask"].astype(bool)
