@@ -206,9 +206,8 @@ def _compiled_base_bytes(result) -> int:
     return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(shapes, shardings))
 
 
-# Llama-2's compile runs in CI; the other two (marked tpu7b_more, deselected by setup.cfg) run with -m tpu7b.
-@pytest.fixture(scope="module", params=[n if n == "llama2_7b" else pytest.param(n, marks=pytest.mark.tpu7b_more)
-                                        for n in sorted(RECIPE_MODELS)])
+# 5-12 CPU-minutes each: deselected by setup.cfg (CI's 30 minutes), run with -m tpu7b.
+@pytest.fixture(scope="module", params=sorted(RECIPE_MODELS))
 def recipe(request, tmp_path_factory):
     """One recipe's train and eval steps compiled once for v5e:4x4 with the recipe's own settings."""
     from sgt_jax.training import compile as compile_lib
