@@ -17,8 +17,9 @@ def row(path: Path) -> str:
     recipe = path.stem[: -len(r["topology"].replace(":", "_")) - 1]  # <recipe>_<topology>.json
     m = r["mesh"]
     if cap and cap.get("rows_per_device"):
-        fits_most = (f"{cap['tokens_per_device']:,} ({cap['rows_per_device']} x {cap['seq_len']}; "
-                     f"{cap['first_row_fails']} rows do not fit)")
+        above = (f"{cap['first_row_fails']} rows do not fit" if cap["first_row_fails"] is not None
+                 else f"at least: no size tried in {cap['compiles']} compiles failed")
+        fits_most = f"{cap['tokens_per_device']:,} ({cap['rows_per_device']} x {cap['seq_len']}; {above})"
     else:
         fits_most = "not searched" if not cap else "none"
     compile_s = train["compile_seconds"] + (evaluate["compile_seconds"] if evaluate else 0)
