@@ -78,6 +78,18 @@ def test_base_generations_cached_once_and_invalidated(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+def _tiny_run_overrides(root):
+    """A tiny model written under ``root`` and the overrides of a small float32 run on its synthetic corpus."""
+    from tiny_checkpoints import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(root / "model", hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                    num_key_value_heads=2, corpus_examples=100)
+    return model_dir, [
+        f"model.path={model_dir}", "model.dtype=float32", f"tracking.run_dir={root / 'run'}",
+        "data.synthetic_num_examples=40", "data.validation_fraction=0.2", "data.batch_size=4", "data.max_length=256",
+        "data.buckets=[256]", "data.num_workers=0", f"data.cache_dir={root / 'cache'}"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from flax import nnx
@@ -86,16 +98,12 @@ def tiny_run(tmp_path_factory):
     from sgt_jax.inference.artifact import save_artifact
     from sgt_jax.transform.cloak import TransformerCloak
     from sgt_jax.data import load_tokenizer
-    from tiny_checkpoints import make_tiny_model_dir
     from sgt_jax.training.trainer import model_fingerprint
 
     root = tmp_path_factory.mktemp("eval")
-    model_dir = make_tiny_model_dir(root / "model", hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                                    num_key_value_heads=2, corpus_examples=100)
+    model_dir, overrides = _tiny_run_overrides(root)
     cfg = config_lib.load_config(None, [
-        f"model.path={model_dir}", "model.dtype=float32", f"tracking.run_dir={root / 'run'}",
-        "data.synthetic_num_examples=40", "data.validation_fraction=0.2", "data.batch_size=4", "data.max_length=256",
-        "data.buckets=[256]", "data.num_workers=0", f"data.cache_dir={root / 'cache'}", "generation.max_new_tokens=4",
+        *overrides, "generation.max_new_tokens=4",
         "cloak.scale=[1e-8,1e-6]",  # identity-like: mu = 0 at init, sigma <= 1e-6
     ])
     saved = config_lib.to_dict(cfg)
@@ -181,15 +189,10 @@ def test_validation_and_evaluate_give_the_same_numbers_on_the_same_sgt_data_and_
     from sgt_jax import config as config_lib
     from sgt_jax.evaluation.evaluate import evaluate
     from sgt_jax.training.trainer import Trainer
-    from tiny_checkpoints import make_tiny_model_dir
 
-    model_dir = make_tiny_model_dir(tmp_path / "model", hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                                    num_key_value_heads=2, corpus_examples=100)
-    cfg = config_lib.load_config(None, [
-        f"model.path={model_dir}", "model.dtype=float32", f"tracking.run_dir={tmp_path / 'run'}",
-        "data.synthetic_num_examples=40", "data.validation_fraction=0.2", "data.batch_size=4", "data.max_length=256",
-        "data.buckets=[256]", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", "validation.max_batches=2",
-        "cloak.scale=[1e-3,1.0]", "model.truncate_at_layer=0"])
+    _, overrides = _tiny_run_overrides(tmp_path)
+    cfg = config_lib.load_config(None, [*overrides, "validation.max_batches=2", "cloak.scale=[1e-3,1.0]",
+                                        "model.truncate_at_layer=0"])
     trainer = Trainer(cfg)
     state = trainer.init_state()
     with trainer.full_model_on_devices() as full:

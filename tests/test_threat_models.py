@@ -11,18 +11,7 @@ import pytest
 from sgt_jax.evaluation.inversion import PromptSet, gaussian_transform
 from sgt_jax.evaluation.threat_models import server
 
-V, L = 16, 8
-
-
-def _prompts(n, seed):
-    """iid tokens, token 3 at 30%, position 0 clean (as in test_attack)."""
-    rng = np.random.default_rng(seed)
-    p = np.full(V, 0.7 / (V - 1))
-    p[3] = 0.3
-    ids = rng.choice(V, size=(n, L), p=p).astype(np.int32)
-    noise = np.ones_like(ids)
-    noise[:, 0] = 0
-    return PromptSet(ids, np.ones_like(ids), noise)
+from test_attack import V, _prompts  # the same skewed iid prompts
 
 
 @pytest.mark.parametrize("case", ["identity", "pure_noise"])
