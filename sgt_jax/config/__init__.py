@@ -93,6 +93,10 @@ class CloakConfig:
     seed: Optional[int] = None
     # Initial std head output; None: 0.0 when directly_learn_stds else -3.0.
     rho_init: Optional[float] = None
+    # Bounded mean (experimental, 0 = off): > 0 limits the deterministic shift in noise units, ||mu / sigma|| <= b
+    # per token (mu <- mu * b tanh(r / b) / r, r = ||mu / sigma||), so mu can add at most 2b noise standard
+    # deviations of separation between two tokens (docs/privacy_objectives.md).
+    mean_bound: float = 0.0
     std_dropout: float = 0.1  # dropout on the std estimator's output, before its head; off in eval (recommended: 0.1)
     mean_dropout: float = 0.1  # dropout on the mean estimator's output, before its head; off in eval (recommended: 0.1)
     directly_learn_stds: bool = True  # true: sigma = clip(head, min, max) (recommended start); false: the tanh(rho / shallow) form
@@ -131,6 +135,16 @@ class ObjectiveConfig:
     adversary_learning_rate: float = 1.0e-3  # Adam learning rate of the adversary's inverter
     # Inverter optimizer steps per cloak step (the first on the step's own batch and noise, the rest on fresh noise).
     adversary_steps: int = 1
+    # A fresh adversary (experimental, 0 = off): every adversary_reset_every steps the inverter is re-initialised
+    # and trained adversary_reset_steps steps on the current cloak (fresh noise) before the cloak's step.
+    adversary_reset_every: int = 0
+    adversary_reset_steps: int = 100
+    # Candidate-mean posterior penalty (experimental, 0 = off): the cloak's loss gains posterior_weight * the mean
+    # posterior mass on the true token among posterior_candidates candidates, each read with its own transformed
+    # mean, at posterior_positions sampled noised positions per example (docs/privacy_objectives.md).
+    posterior_weight: float = 0.0
+    posterior_candidates: int = 8
+    posterior_positions: int = 2
 
 
 @dataclass

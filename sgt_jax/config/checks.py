@@ -51,6 +51,7 @@ def check_cloak(c, error: type[SGTError] = ConfigError) -> None:
     check(0.0 <= c.percent_to_mask <= 1.0, f"cloak.percent_to_mask={c.percent_to_mask} must be in [0, 1] (keep 0.0).",
           error)
     check(c.shallow > 0, f"cloak.shallow={c.shallow} must be > 0 (keep 1.0).", error)
+    check(c.mean_bound >= 0, f"cloak.mean_bound={c.mean_bound} must be >= 0 (0: the mean is not bounded).", error)
     for name in ("std_dropout", "mean_dropout"):
         rate = getattr(c, name)
         check(0.0 <= rate < 1.0, f"cloak.{name}={rate} must be in [0, 1) (recommended 0.1).", error)
@@ -114,6 +115,13 @@ def _check_objective(o, model) -> None:
     check(o.adversary_weight >= 0, "objective.adversary_weight must be >= 0.")
     check(o.adversary_learning_rate > 0, "objective.adversary_learning_rate must be > 0.")
     check(o.adversary_steps >= 1, "objective.adversary_steps must be >= 1.")
+    check(o.adversary_reset_every >= 0, "objective.adversary_reset_every must be >= 0 (0: never re-initialised).")
+    check(o.adversary_reset_steps >= 0, "objective.adversary_reset_steps must be >= 0.")
+    check(o.adversary_reset_every == 0 or o.adversary != "off",
+          "objective.adversary_reset_every needs an adversary: set objective.adversary=mlp (or transformer).")
+    check(o.posterior_weight >= 0, "objective.posterior_weight must be >= 0 (0: no posterior penalty).")
+    check(o.posterior_candidates >= 2, "objective.posterior_candidates must be >= 2 (the true token and another).")
+    check(o.posterior_positions >= 1, "objective.posterior_positions must be >= 1 (sampled positions per example).")
     check(o.mode == "ssl" or model.truncate_at_layer is None,
           f"model.truncate_at_layer={model.truncate_at_layer} only applies to objective.mode=ssl; "
           f"mode {o.mode!r} needs the whole model (set model.truncate_at_layer=null).")

@@ -83,6 +83,7 @@ class TorchStainedGlassTransform(nn.Module):
         self.directly_learn_stds = bool(c["directly_learn_stds"])
         self.shallow = float(c["shallow"])
         self.percent_to_mask = float(c["percent_to_mask"])
+        self.mean_bound = float(c.get("mean_bound", 0.0))
         self.num_masked_features = int(math.floor(self.percent_to_mask * c["hidden_size"] + 0.5))
         self.mean_estimator = build_estimator(c["mean_estimator"])
         self.std_estimator = build_estimator(c["std_estimator"])
@@ -132,6 +133,9 @@ class TorchStainedGlassTransform(nn.Module):
 
         mu = self.mean_head(estimate(self.mean_estimator))
         sigma = self.sigma_from_head(self.std_head(estimate(self.std_estimator)))
+        if self.mean_bound > 0:  # ||mu / sigma|| <= mean_bound (sgt_jax.transform.cloak.bounded_mean)
+            r = torch.sqrt((mu / sigma).square().sum(-1, keepdim=True) + 1e-12)
+            mu = mu * (self.mean_bound * torch.tanh(r / self.mean_bound) / r)
         if eps is None:
             gen = generator if generator is not None else self._generator(x.device)
             eps = torch.randn(x.shape, generator=gen, dtype=torch.float32, device=x.device)

@@ -125,7 +125,7 @@ def export_torch(artifact_dir, out_dir) -> Path:
     config = {
         "format": "sgt_torch", "format_version": FORMAT_VERSION,
         "scale": list(hp["scale"]), "percent_to_mask": hp["percent_to_mask"], "shallow": hp["shallow"],
-        "directly_learn_stds": hp["directly_learn_stds"],
+        "mean_bound": float(hp.get("mean_bound", 0.0)), "directly_learn_stds": hp["directly_learn_stds"],
         "use_causal_mask": hp["use_causal_mask"], "transformer_type": hp.get("transformer_type"),
         "hidden_size": configs["mean_estimator"]["hidden_size"], **configs,
         "base_model": meta.get("base_model"), "tokenizer": meta.get("tokenizer"),

@@ -84,6 +84,7 @@ def _cloak_hyperparameters(cloak) -> dict[str, Any]:
         "std_num_experts": cloak.std_num_experts,
         "use_causal_mask": cloak.use_causal_mask,
         "estimator_kwargs": dict(cloak.estimator_kwargs),
+        "mean_bound": cloak.mean_bound,
     }
 
 

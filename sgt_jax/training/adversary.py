@@ -12,6 +12,14 @@ attack module's (:mod:`sgt_jax.transform.inverters`). Its parameters and Adam st
 (None with the adversary off, which leaves the state and the train step exactly as without this module);
 they are replicated like the cloak's, checkpointed with the state and resumed exactly.
 
+**A fresh adversary** (``adversary_reset_every`` K > 0): an inverter co-trained one step per cloak step loses
+to a fresh one, because the cloak outruns it (it moves its deterministic shift). Every K steps (steps 0, K,
+2K, ...) the inverter is re-initialised from a key of the run key and the step, and trained
+``adversary_reset_steps`` steps on the current cloak with fresh noise draws of the step's batch (the cloak held
+fixed) before the step's cloak update, which is then penalised by a near-converged attacker on a noise draw it
+never saw. In between it keeps co-training. The key derivation makes a resumed run re-initialise exactly as an
+uninterrupted one.
+
 The train step is :func:`sgt_jax.training.step.make_train_step` itself, run on the pair (cloak, inverter) with an
 optimizer that updates each with its own rule; ``adversary_steps > 1`` adds inverter-only steps on fresh
 noise after it. The logged ``loss`` is the cloak's (L_cloak + adversary term); ``grad_norm`` covers both.
@@ -33,6 +41,9 @@ from sgt_jax.transform import inverters, objective
 from sgt_jax.training import step as step_lib
 
 __all__ = ["AdversaryState", "Adversary", "enabled", "true_token_logprob_penalty", "adversarial_loss_fn"]
+
+
+RESET_STREAM = 0x5E5E7  # folded into the step key for the fresh adversary's draws (initialisation, noise)
 
 
 class AdversaryState(flax.struct.PyTreeNode):
@@ -127,8 +138,9 @@ class Adversary:
                  max_length: int = 2048):
         self.cfg = objective_cfg
         kwargs = {"max_length": max_length} if objective_cfg.adversary == "transformer" else {}
-        inverter = inverters.make_inverter(objective_cfg.adversary, hidden_size, vocab_size,
-                                           rngs=nnx.Rngs(seed + 1), **kwargs)
+        self._make = lambda rngs: inverters.make_inverter(objective_cfg.adversary, hidden_size, vocab_size,  # noqa: E731
+                                                          rngs=rngs, **kwargs)
+        inverter = self._make(nnx.Rngs(seed + 1))
         self.inverter_graphdef, self._init_params = nnx.split(inverter)
         self.pair_graphdef, _ = nnx.split(_Pair(cloak, inverter))
         # A non-finite inverter step leaves its parameters and moments as they were, however many come in a row.
@@ -146,9 +158,15 @@ class Adversary:
             base_graphdef=base_graphdef, optimizer=_pair_optimizer(optimizer, self.optimizer), mesh=mesh,
             hidden_size=hidden_size, learning_rate_fn=learning_rate_fn, base_step_graphdef=base_step_graphdef)
         extra_steps = int(self.cfg.adversary_steps) - 1
+        reset_every = int(self.cfg.adversary_reset_every)
 
         def train_step(state, base_state, batch):
             adv = state.adversary
+            if reset_every > 0:
+                key = jax.random.fold_in(step_lib.step_key(state.run_key, state.step), RESET_STREAM)
+                adv = jax.lax.cond(state.step % reset_every == 0,
+                                   lambda: self.refresh(state.params, base_state, base_graphdef, batch, key),
+                                   lambda: adv)
             pair = state.replace(params=nnx.State({"cloak": state.params, "inverter": adv.params}),
                                  opt_state=(state.opt_state, adv.opt_state), adversary=None)
             new, metrics = pair_step(pair, base_state, batch)
@@ -159,6 +177,16 @@ class Adversary:
             return new.replace(params=new.params["cloak"], opt_state=new.opt_state[0], adversary=adv), metrics
 
         return train_step
+
+    def refresh(self, cloak_params, base_state, base_graphdef, batch, key) -> AdversaryState:
+        """A freshly initialised inverter (parameters from ``key``, new optimizer state) trained
+        ``adversary_reset_steps`` inverter-only steps on ``batch`` with fresh noise (key ``fold_in(key, i + 1)``)."""
+        params = nnx.state(self._make(nnx.Rngs(key)))
+        fresh = AdversaryState(params, self.optimizer.init(params))
+        return jax.lax.fori_loop(
+            0, int(self.cfg.adversary_reset_steps),
+            lambda i, a: self._inverter_step(a, cloak_params, base_state, base_graphdef, batch,
+                                             jax.random.fold_in(key, i + 1)), fresh)
 
     def _inverter_step(self, adv: AdversaryState, cloak_params, base_state, base_graphdef, batch, key):
         """One inverter-only update on the whole step batch with fresh noise (the cloak held fixed)."""

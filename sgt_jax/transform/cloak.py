@@ -40,6 +40,7 @@ __all__ = [
     "scale_from_embeddings",
     "straight_through_clip",
     "num_masked_features",
+    "bounded_mean",
 ]
 
 
@@ -141,6 +142,16 @@ def straight_through_clip(h: jax.Array, lo: float, hi: float) -> jax.Array:
                     jnp.asarray(max(LOG_SPACE_FRACTION * hi, lo), dtype))
 
 
+def bounded_mean(mu: jax.Array, sigma: jax.Array, bound: float) -> jax.Array:
+    """mu scaled so that its length in noise units r = ||mu / sigma|| (over the last axis) becomes
+    bound · tanh(r / bound) < bound: a token's transformed mean then moves at most ``bound`` noise standard
+    deviations from x, in any direction (those that separate it from its neighbours included), so two tokens'
+    means differ by at most their embeddings' distance plus 2 · bound in noise units. Smooth, and the identity
+    to first order while r << bound."""
+    r = jnp.sqrt(jnp.sum(jnp.square(mu / sigma), axis=-1, keepdims=True) + 1e-12)
+    return mu * (bound * jnp.tanh(r / bound) / r)
+
+
 def num_masked_features(percent_to_mask: float, hidden_size: int) -> int:
     """round(p · D), halves rounded up (static: it fixes the top-k size)."""
     return int(math.floor(percent_to_mask * hidden_size + 0.5))
@@ -191,6 +202,7 @@ class TransformerCloak(nnx.Module):
         mean_num_experts: int = 0,
         std_num_experts: int = 0,
         use_causal_mask: bool = True,
+        mean_bound: float = 0.0,
         *,
         remat_policy: str = "none",
         matmul_precision: str = "highest",
@@ -204,7 +216,7 @@ class TransformerCloak(nnx.Module):
             config_path=str(config_path), percent_to_mask=percent_to_mask, shallow=shallow, seed=seed,
             rho_init=rho_init, std_dropout=std_dropout, mean_dropout=mean_dropout,
             directly_learn_stds=directly_learn_stds, mean_num_experts=mean_num_experts, std_num_experts=std_num_experts,
-            use_causal_mask=use_causal_mask, estimator_kwargs=kwargs, remat_policy=remat_policy,
+            use_causal_mask=use_causal_mask, mean_bound=mean_bound, estimator_kwargs=kwargs, remat_policy=remat_policy,
             matmul_precision=matmul_precision), CloakConfigError)
         if scale is None:
             scale = (1e-8, 1.0) if directly_learn_stds else (1e-3, 1.0)
@@ -222,6 +234,7 @@ class TransformerCloak(nnx.Module):
         self.directly_learn_stds = bool(directly_learn_stds)
         self.mean_num_experts, self.std_num_experts = int(mean_num_experts), int(std_num_experts)
         self.use_causal_mask = bool(use_causal_mask)
+        self.mean_bound = float(mean_bound)
         self.estimator_kwargs = {"num_hidden_layers": 1, **kwargs}
         # remat_policy: a training-memory setting only (recompute the estimators' layer activations in the
         # backward instead of keeping them); the transform's values are the same under every policy.
@@ -281,6 +294,7 @@ class TransformerCloak(nnx.Module):
             mean_num_experts=cloak_cfg.mean_num_experts,
             std_num_experts=cloak_cfg.std_num_experts,
             use_causal_mask=cloak_cfg.use_causal_mask,
+            mean_bound=cloak_cfg.mean_bound,
             remat_policy=cloak_cfg.remat_policy,
             matmul_precision=cloak_cfg.matmul_precision,
             rngs=rngs,
@@ -362,6 +376,8 @@ class TransformerCloak(nnx.Module):
             std_hidden = jax.vmap(_dropout, in_axes=(0, 0, None))(std_keys, std_hidden, self.std_dropout)
         mu = self.mean_head(mean_hidden)
         sigma = self.sigma_from_head(self.std_head(std_hidden))
+        if self.mean_bound > 0:
+            mu = bounded_mean(mu, sigma, self.mean_bound)
 
         eps = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(noise_keys)
         x_t = jnp.where(selected[..., None], x + mu + sigma * eps, x)

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["barber_agakov", "token_entropy_bits", "gaussian_log_likelihood", "candidate_log_posterior",
-           "shared_mean_candidates", "candidate_transformed_means", "candidate_figure"]
+           "shared_mean_candidates", "candidate_transformed_means", "candidate_figure", "sample_positions",
+           "posterior_mass"]
 
 LN2 = math.log(2.0)
 MuSigmaFn = Callable[[jax.Array, jax.Array, jax.Array], tuple]
@@ -148,3 +149,34 @@ def candidate_figure(mu_sigma_fn: MuSigmaFn, table: jax.Array, input_ids: jax.Ar
     means, sigmas = candidate_transformed_means(mu_sigma_fn, table, input_ids, attention_mask, noise_mask, rows, cols,
                                                 candidates)
     return candidate_log_posterior(observed, means, sigmas)[:, 0], candidates
+
+
+def sample_positions(keys: jax.Array, selected: jax.Array, per_row: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``per_row`` positions of each row drawn without replacement among its ``selected`` (B, S) ones, from the
+    row's own key (``keys`` (B,)), so a row's draw does not depend on the batch it sits in. Returns (rows, cols,
+    weight), each (B * per_row,): weight = the row's selected count / the positions drawn from it (an unbiased
+    sum over all selected positions), 0 where a row has fewer selected positions than ``per_row``."""
+    batch, seq = selected.shape
+    per_row = min(per_row, seq)
+    noise = jax.vmap(lambda k: jax.random.uniform(k, (seq,)))(keys)
+    _, cols = jax.lax.top_k(jnp.where(selected, noise, -1.0), per_row)  # (B, per_row)
+    valid = jnp.take_along_axis(selected, cols, axis=1)
+    count = selected.sum(axis=1, keepdims=True).astype(jnp.float32)
+    weight = jnp.where(valid, count / jnp.maximum(valid.sum(axis=1, keepdims=True), 1), 0.0)
+    rows = jnp.repeat(jnp.arange(batch), per_row)
+    return rows, cols.reshape(-1), weight.reshape(-1)
+
+
+def posterior_mass(mu_sigma_fn: MuSigmaFn, table: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+                   noise_mask: jax.Array, x_t: jax.Array, keys: jax.Array, *, positions_per_row: int,
+                   num_candidates: int) -> jax.Array:
+    """The objective's candidate-mean posterior penalty, as a sum: over ``positions_per_row`` sampled noised
+    positions per row (:func:`sample_positions`, weighted to stand for all of the row's noised positions), the
+    posterior mass on the true token among ``num_candidates`` candidates read with their own transformed means
+    (:func:`candidate_figure`, the code behind the reported leakage figure). Divide by the number of noised
+    tokens for the mean. Differentiable in x_t and through ``mu_sigma_fn``."""
+    selected = attention_mask.astype(bool) & noise_mask.astype(bool)
+    rows, cols, weight = sample_positions(keys, selected, positions_per_row)
+    log_post, _ = candidate_figure(mu_sigma_fn, table, input_ids, attention_mask, noise_mask, x_t, rows, cols,
+                                   num_candidates=num_candidates)
+    return jnp.sum(jnp.exp(log_post) * weight)
