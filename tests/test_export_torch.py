@@ -40,7 +40,7 @@ CASES = {
                                              dict(use_causal_mask=False, directly_learn_stds=True, scale=[1e-3, 1.0],
                                                   std_num_experts=4)),
     "qwen2-window-causal-1layer": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 0},
-                                   dict(use_causal_mask=True, directly_learn_stds=False)),
+                                   dict(use_causal_mask=True, directly_learn_stds=False, mean_bound=0.5)),
 }
 ESTIMATOR_CLASSES = {"llama": transformers.LlamaModel, "mistral": transformers.MistralModel,
                      "qwen2": transformers.Qwen2Model}

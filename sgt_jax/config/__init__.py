@@ -138,13 +138,13 @@ class ObjectiveConfig:
     # A fresh adversary (experimental, 0 = off): every adversary_reset_every steps the inverter is re-initialised
     # and trained adversary_reset_steps steps on the current cloak (fresh noise) before the cloak's step.
     adversary_reset_every: int = 0
-    adversary_reset_steps: int = 100
+    adversary_reset_steps: int = 100  # inverter-only steps on the current cloak after each re-initialisation
     # Candidate-mean posterior penalty (experimental, 0 = off): the cloak's loss gains posterior_weight * the mean
     # posterior mass on the true token among posterior_candidates candidates, each read with its own transformed
     # mean, at posterior_positions sampled noised positions per example (docs/privacy_objectives.md).
     posterior_weight: float = 0.0
-    posterior_candidates: int = 8
-    posterior_positions: int = 2
+    posterior_candidates: int = 8  # candidate tokens per position: the true one and the hardest others
+    posterior_positions: int = 2  # noised positions drawn per example for the posterior penalty
 
 
 @dataclass

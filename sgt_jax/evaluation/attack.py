@@ -113,6 +113,10 @@ def load_prompt_sets(sgt, *, train_data: Optional[str] = None, eval_data: Option
     return train, held_out
 
 
+PRIVACY_SWITCHES = ("adversary", "adversary_weight", "adversary_reset_every", "adversary_reset_steps",
+                    "posterior_weight")
+
+
 def attack(sgt_path, *, threat_models: Sequence[str] = THREAT_MODELS, train_data: Optional[str] = None,
            eval_data: Optional[str] = None, attacks: Sequence[str] = INVERTER_KINDS,
            server_attacks: Sequence[str] = SERVER_ATTACKS, transfer_sgt=None, steps: int = 1500,
@@ -176,7 +180,10 @@ def attack(sgt_path, *, threat_models: Sequence[str] = THREAT_MODELS, train_data
                      "ceiling": ceiling, "train_data": train_data or "the run's training split",
                      "eval_data": eval_data or "the run's validation split"},
         "training": {**{k: (training.get("objective") or {}).get(k) for k in ("alpha", "transform_variance_priority")},
-                     "max_steps": (training.get("train") or {}).get("max_steps")},
+                     "max_steps": (training.get("train") or {}).get("max_steps"),
+                     # the privacy switches (docs/privacy_objectives.md), off unless set
+                     **{k: (training.get("objective") or {}).get(k) for k in PRIVACY_SWITCHES},
+                     "mean_bound": (training.get("cloak") or {}).get("mean_bound")},
         "data": {"train_prompts": len(train), "eval_prompts": len(held_out), "train_eval_overlap": 0},
         "majority_baseline": majority_baseline(train, held_out), "threat_models": sections,
         "leakage": strongest_leakage(sections),
