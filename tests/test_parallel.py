@@ -38,8 +38,10 @@ def test_make_mesh_fills_and_refuses():
     with pytest.raises(MeshConfigError, match="mesh.fsdp=3") as err:
         make_mesh(MeshConfig(data=1, fsdp=3, tensor=1), devices=jax.devices() * 4)
     assert "\n" not in str(err.value)
-    with pytest.raises(MeshConfigError, match="at most one of them -1"):
-        make_mesh(MeshConfig(data=-1, fsdp=-1, tensor=1))
+    from sgt_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="at most one of data, fsdp, tensor may be -1"):  # the schema's rule
+        load_config(None, ["mesh.data=-1", "mesh.fsdp=-1"])
     batch = host_batch_to_global({"input_ids": np.arange(6).reshape(2, 3)}, mesh)
     np.testing.assert_array_equal(np.asarray(batch["input_ids"]), np.arange(6).reshape(2, 3))
     assert batch["input_ids"].sharding.spec == PartitionSpec(("data", "fsdp"))
@@ -132,8 +134,10 @@ def test_distributed_start_up_only_when_asked():
     env_free = {k: v for k, v in os.environ.items() if "COORDINATOR" in k or k.startswith(("SLURM_", "OMPI_", "TPU_WORKER"))}
     if not env_free:  # a plain single machine: auto does nothing
         assert maybe_initialize_distributed(MeshConfig(distributed="auto")) is False
-    with pytest.raises(MeshConfigError, match="mesh.distributed='maybe'"):
-        maybe_initialize_distributed(MeshConfig(distributed="maybe"))
+    from sgt_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="mesh.distributed='maybe'"):  # the schema's rule
+        load_config(None, ["mesh.distributed=maybe"])
 
 
 def test_fsdp_moves_to_each_trained_matrix_major_dimension():

@@ -97,6 +97,7 @@ def validate(cfg) -> None:
     check_choice(m.distributed, ("auto", "true", "false"), "mesh.distributed")
     ck = cfg.checkpoint
     check(ck.keep >= 1, "checkpoint.keep must be >= 1.")
+    check(ck.every_steps is None or ck.every_steps >= 1, "checkpoint.every_steps must be >= 1 (or null).")
     check(ck.every_minutes is None or ck.every_minutes > 0, "checkpoint.every_minutes must be > 0 (or null: no time-based saves).")
     g = cfg.generation
     check(g.temperature > 0, "generation.temperature must be > 0 (use do_sample=false for greedy).")

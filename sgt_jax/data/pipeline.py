@@ -296,10 +296,8 @@ def _splits(data_cfg, tokenizer, seed: int) -> Tuple[_Split, Optional[_Split]]:
         return train, _Split(*_tokenized(data_cfg, tokenizer, data_cfg.source, data_cfg.validation_split, fmt,
                                          data_cfg.synthetic_seed))
     fraction = data_cfg.validation_fraction
-    if not fraction or fraction <= 0:
+    if not fraction or fraction <= 0:  # in [0, 1): checked by the schema
         return train, None
-    if not 0 < fraction < 1:
-        raise DataError(f"data.validation_fraction={fraction} must be in [0, 1)")
     order = np.random.default_rng(seed).permutation(len(data))
     num_val = max(1, int(round(fraction * len(data))))
     if num_val >= len(data):

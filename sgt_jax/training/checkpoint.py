@@ -184,10 +184,6 @@ class Checkpointer:
         async_save: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if keep < 1:
-            raise CheckpointError(f"checkpoint.keep={keep} must be >= 1.")
-        if every_steps is not None and every_steps < 1:
-            raise CheckpointError(f"checkpoint.every_steps={every_steps} must be >= 1 (or null).")
         directory = str(directory)
         if "://" not in directory:
             directory = str(Path(directory).expanduser().resolve())

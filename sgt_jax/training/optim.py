@@ -62,10 +62,8 @@ def make_schedule(opt_cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
         after = optax.cosine_decay_schedule(lr, decay_steps, alpha=end_lr / lr if lr else 0.0)
     elif opt_cfg.schedule == "linear":
         after = optax.linear_schedule(lr, end_lr, decay_steps)
-    elif opt_cfg.schedule == "constant":
+    else:  # constant (the schema admits these three)
         after = optax.constant_schedule(lr)
-    else:
-        raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r} is not one of cosine, linear, constant.")
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])

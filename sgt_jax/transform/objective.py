@@ -276,9 +276,7 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
     last). The base model is frozen (stop_gradient on its state). ``cloak_out``: the cloak's output on this
     batch with these keys when the caller already computed it (the adversarial objective shares it with its
     inverter), so the cloak runs once."""
-    mode = objective_cfg.mode
-    if mode not in ("ssl", "lm", "distill"):
-        raise ValueError(f"objective.mode={mode!r} is not one of ssl, lm, distill.")
+    mode = objective_cfg.mode  # ssl, lm or distill: checked by the schema
     base = frozen(base_model)
     input_ids = batch["input_ids"]
     attention_mask = batch["attention_mask"].astype(bool)
