@@ -8,7 +8,11 @@ point beats in both agreement and recovery) at the same training length; ``gap``
 recovery (positive: the switch hides more at that agreement). Writes ``benchmarks/privacy_objectives.png`` and
 ``.json`` and prints the Markdown table of ``benchmarks/privacy_objectives.md``.
 
-    python benchmarks/privacy_objectives.py
+    python benchmarks/privacy_objectives.py [--copy-from runs/privacy_objectives]
+
+``--copy-from`` first copies each finished run's ``privacy_point.json`` and ``attack_report.json`` from a sweep's
+``--out`` directory into ``benchmarks/results/privacy_objectives/<run>/``, the sweep directory's path in them
+written as ``runs/privacy_objectives``.
 """
 
 from __future__ import annotations
@@ -128,7 +132,23 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def copy_runs(sweep_dir: Path) -> None:
+    for point in sorted(Path(sweep_dir).glob("*/privacy_point.json")):
+        target = POINTS / point.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("privacy_point.json", "attack_report.json"):
+            text = (point.parent / name).read_text().replace(str(Path(sweep_dir).resolve()), "runs/privacy_objectives")
+            (target / name).write_text(text)
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--copy-from", help="a privacy_sweep --out directory whose finished runs to copy first")
+    args = parser.parse_args()
+    if args.copy_from:
+        copy_runs(Path(args.copy_from))
     baseline, rows = load()
     plot(baseline, rows, BENCH / "privacy_objectives.png")
     (BENCH / "privacy_objectives.json").write_text(json.dumps(rows, indent=2))
