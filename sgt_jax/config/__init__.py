@@ -1,28 +1,29 @@
 """The typed schema of every sgt_jax setting.
 
 The dataclasses below *are* the documentation of the configuration: each field's comment says what it
-means. A run's configuration is the schema's defaults, overlaid by a YAML file from ``configs/`` (with its
-block for the run's platform, :mod:`sgt_jax.config.platform_blocks`) and then by dotted ``key=value``
-command-line overrides, merged and type-checked by OmegaConf structured configs.
-Unknown keys and wrong types are refused with a one-line :class:`ConfigError` naming the key; the value
-rules (choices, ranges, cross-field checks) live in :mod:`sgt_jax.config.checks`. ``python -m sgt_jax.config``
-prints the reference generated from this schema (README's "Configuration reference").
+means, and a setting with a fixed set of values is typed by its ``Literal`` choices. A run's configuration is
+the schema's defaults, overlaid by a YAML file from ``configs/`` (with its block for the run's platform,
+:mod:`sgt_jax.config.platform_blocks`) and then by dotted ``key=value`` command-line overrides, merged and
+type-checked by OmegaConf structured configs. Unknown keys, wrong types and values outside a setting's choices are
+refused with a one-line :class:`ConfigError` naming the key; the choices and the other value rules (ranges,
+cross-field checks) live in :mod:`sgt_jax.config.checks`. ``python -m sgt_jax.config`` prints the reference
+generated from this schema (README's "Configuration reference").
 """
-
-from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, get_args, get_origin
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from sgt_jax import platforms
 from sgt_jax.config.checks import (ADVERSARY_KINDS, ATTENTION_IMPLS, DATA_FORMATS, DTYPES, MATMUL_PRECISIONS,
-                                   OBJECTIVE_MODES, REMAT_POLICIES, SCHEDULES, ConfigError, check_choice,
-                                   check_cloak, validate)
+                                   OBJECTIVE_MODES, REMAT_POLICIES, SCHEDULES, AdversaryKind, AttentionImpl,
+                                   ConfigError, DataFormat, Distributed, Dtype, MatmulPrecision, ObjectiveMode,
+                                   RematPolicy, Schedule, check_choice, check_cloak, choice_message, validate)
 from sgt_jax.config.platform_blocks import PLATFORM_BLOCKS, REFERENCE as PLATFORM_REFERENCE, file_layers, one_line
 
 __all__ = [
@@ -67,14 +68,14 @@ class ModelConfig:
     # or "embedded:tiny-llama" for the tiny model shipped with the package.
     path: str = DEFAULT_MODEL
     # Compute/storage dtype of the frozen base model. The cloak is always float32.
-    dtype: str = "bfloat16"
+    dtype: Dtype = "bfloat16"
     # Build and load only embeddings + layers 0..k (ssl mode). None: the whole model. The
     # recommendations advise 12 for 32-layer models (13 layers kept).
     truncate_at_layer: Optional[int] = None
     # Attention kernel of the base model: xla (everywhere), cudnn (flash, GPU), splash (TPU).
-    attention_impl: str = "xla"
+    attention_impl: AttentionImpl = "xla"
     # Rematerialisation of the scanned layers: none, full, dots_saveable, dots_with_no_batch_dims_saveable.
-    remat_policy: str = "none"
+    remat_policy: RematPolicy = "none"
 
 
 @dataclass
@@ -107,17 +108,17 @@ class CloakConfig:
     estimator_kwargs: Dict[str, Any] = field(default_factory=lambda: {"num_hidden_layers": 1})
     # Rematerialisation of the estimators' layers in training (none | full | a jax.checkpoint_policies name):
     # trades recomputation for activation memory; the transform itself is unchanged.
-    remat_policy: str = "none"
+    remat_policy: RematPolicy = "none"
     # Precision of every matmul of the cloak, forward and backward: highest (true float32; on a TPU several
     # bfloat16 passes, ~3-6x the MXU time of the cloak's matmuls), high (bf16x3) or default (one bfloat16 pass
     # on a TPU, TF32 on recent GPUs: not the single precision the transform needs). The base is unaffected.
-    matmul_precision: str = "highest"
+    matmul_precision: MatmulPrecision = "highest"
 
 
 @dataclass
 class ObjectiveConfig:
     # Utility loss L_M: ssl (hidden state at truncate_at_layer; recommended), lm, or distill.
-    mode: str = "ssl"
+    mode: ObjectiveMode = "ssl"
     alpha: float = 0.54  # balance of utility (1 - alpha) against obfuscation (alpha)
     transform_variance_priority: float = 0.01  # weight of L_N (stochasticity: pushes sigma up)
     transform_strength_priority: float = 0.75  # weight of L_S (semantic similarity |cos(x, x_t)|)
@@ -130,7 +131,7 @@ class ObjectiveConfig:
     vocab_chunk_size: int = 0
     # Learned adversary trained alongside the cloak to recover the tokens from x_t: off, mlp or transformer.
     # The cloak's loss gains adversary_weight * max(log p_inverter(true token), -log V) (min-max).
-    adversary: str = "off"
+    adversary: AdversaryKind = "off"
     adversary_weight: float = 1.0  # weight of the adversary's penalty in the cloak's loss
     adversary_learning_rate: float = 1.0e-3  # Adam learning rate of the adversary's inverter
     # Inverter optimizer steps per cloak step (the first on the step's own batch and noise, the rest on fresh noise).
@@ -155,7 +156,7 @@ class OptimizerConfig:
     eps: float = 1e-5  # AdamW epsilon
     # Decoupled weight decay for every cloak parameter except the estimator heads (always 0 there).
     weight_decay: float = 0.1
-    schedule: str = "cosine"  # after warm-up: cosine, linear or constant
+    schedule: Schedule = "cosine"  # after warm-up: cosine, linear or constant
     warmup_steps: int = 100  # linear warm-up steps
     # Final learning rate of the cosine/linear decay as a fraction of learning_rate.
     end_lr_ratio: float = 0.1
@@ -170,7 +171,7 @@ class DataConfig:
     # "synthetic" (the embedded corpus), a local json/jsonl/csv/parquet/arrow file, a save_to_disk
     # directory, or a hub dataset name (needs a network).
     source: str = "synthetic"
-    format: str = "alpaca"  # alpaca, openorca, chat or text
+    format: DataFormat = "alpaca"  # alpaca, openorca, chat or text
     split: str = "train"  # split of source used for training
     # Validation: an explicit file/directory, or a split name of source, else a seeded hold-out fraction.
     validation_source: Optional[str] = None
@@ -209,7 +210,7 @@ class MeshConfig:
     tensor: int = 1  # devices the heads / MLP / vocabulary dimensions are split over
     # Multi-host start-up: "auto" initialises jax.distributed when the environment says multi-host;
     # true / false force it on / off (YAML booleans are accepted).
-    distributed: str = "auto"
+    distributed: Distributed = "auto"
     coordinator_address: Optional[str] = None  # host:port of process 0 for jax.distributed (multi-node GPU)
     num_processes: Optional[int] = None  # number of processes for jax.distributed
     process_id: Optional[int] = None  # this process's index for jax.distributed
@@ -305,6 +306,25 @@ class SGTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def _choices(cls) -> Dict[str, tuple]:
+    """The ``Literal`` choices of each choice setting of a schema dataclass, by field name."""
+    return {f.name: get_args(f.type) for f in dataclasses.fields(cls) if get_origin(f.type) is Literal}
+
+
+def _spell_booleans(layer: DictConfig) -> DictConfig:
+    """YAML, in files and in key=value overrides alike, reads off/on/no/yes/false/true as booleans; a boolean given
+    to a choice setting becomes the choice YAML reads as that boolean (``objective.adversary: off`` -> "off",
+    ``mesh.distributed: false`` -> "false") before the typed merge, so the choices stay strings (applied to a
+    layer and its platform blocks)."""
+    for node in [layer, *(layer.get(name) for name in PLATFORM_BLOCKS)]:
+        for section in dataclasses.fields(SGTConfig) if isinstance(node, DictConfig) else ():
+            values, choices = node.get(section.name), _choices(section.type)
+            for key, value in values.items_ex(resolve=False) if isinstance(values, DictConfig) else ():
+                if key in choices and isinstance(value, bool):
+                    values[key] = next((c for c in choices[key] if yaml.safe_load(c) is value), value)
+    return layer
+
+
 def _file_with_bases(path: Path, schema, platform: Optional[str], seen: tuple) -> list:
     """A config file's layers over those of the file its top-level ``base:`` names (a path relative to it, itself
     possibly with a base): a recipe is written as the delta over a shared base."""
@@ -320,6 +340,7 @@ def _file_with_bases(path: Path, schema, platform: Optional[str], seen: tuple) -
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, DictConfig):
         return [data]  # the schema merge names what is wrong
+    _spell_booleans(data)
     layers = []
     if "base" in data:
         base = data.pop("base")
@@ -355,14 +376,17 @@ def load_config(
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optimizer.learning_rate=1e-4).")
     if overrides:
         try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(_spell_booleans(OmegaConf.from_dotlist(list(overrides))))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"bad override: {one_line(exc)}") from None
     try:
         merged = OmegaConf.merge(schema, *layers)
         cfg: SGTConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid configuration: {one_line(exc)}") from None
+        choices = _choices(exc.object_type).get(exc.key) if dataclasses.is_dataclass(exc.object_type) else None
+        # A value outside a setting's choices: the line the models and the cloak give for it (check_choice's).
+        raise ConfigError(choice_message(exc.value, choices, exc.full_key) if choices
+                          else f"invalid configuration: {one_line(exc)}") from None
     validate(cfg)
     return cfg
 
