@@ -53,6 +53,23 @@ def test_bad_settings_give_one_line_errors_naming_the_key(overrides, needle):
     assert "\n" not in message
 
 
+def test_a_value_outside_a_settings_choices_is_refused_naming_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"^optimizer.schedule='step' is not one of cosine, linear, constant\.$"):
+        load_config(overrides=["optimizer.schedule=step"])
+
+
+def test_yaml_booleans_give_the_choices_they_spell(tmp_path):
+    """YAML reads off, false and true as booleans: in a file, its platform block or an override they still set
+    objective.adversary=off and mesh.distributed=false / true."""
+    path = tmp_path / "run.yaml"
+    path.write_text("objective:\n  adversary: off\nmesh:\n  distributed: false\ngpu:\n  mesh:\n    distributed: true\n")
+    tpu, gpu = load_config(path, platform="tpu"), load_config(path, platform="gpu")
+    assert (tpu.objective.adversary, tpu.mesh.distributed, gpu.mesh.distributed) == ("off", "false", "true")
+    cfg = load_config(overrides=["objective.adversary=off", "mesh.distributed=false"])
+    assert (cfg.objective.adversary, cfg.mesh.distributed) == ("off", "false")
+    assert load_config(overrides=["mesh.distributed=true"]).mesh.distributed == "true"
+
+
 def test_unknown_key_in_yaml_is_refused(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optimizer:\n  learnig_rate: 1.0\n")

@@ -1,25 +1,37 @@
 """The value rules of the settings: the choices each setting allows and the checks a type system cannot express.
 
-They live here once. :func:`sgt_jax.config.load_config` applies them to a whole run's configuration; the
-models and the cloak apply the same functions to their constructor arguments, so code that builds them
-directly meets the same rules (raising their own error types, all one-line :class:`SGTError` s).
+They live here once. Each choice is a ``Literal`` type, which the schema's fields carry, so the typed merge of
+:func:`sgt_jax.config.load_config` refuses any other value; the other rules are applied by
+:func:`validate`. The models and the cloak apply the same functions to their constructor arguments (the
+choice tuples below with :func:`check_choice`), so code that builds them directly meets the same rules (raising
+their own error types, all one-line :class:`SGTError` s).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 from sgt_jax.errors import SGTError
 
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-OBJECTIVE_MODES = ("ssl", "lm", "distill")
-ADVERSARY_KINDS = ("off", "mlp", "transformer")
-SCHEDULES = ("cosine", "linear", "constant")
-DATA_FORMATS = ("alpaca", "openorca", "chat", "text")
-DTYPES = ("bfloat16", "float32", "float16")
-MATMUL_PRECISIONS = ("default", "high", "highest")
+AttentionImpl = Literal["xla", "cudnn", "splash"]
+RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
+ObjectiveMode = Literal["ssl", "lm", "distill"]
+AdversaryKind = Literal["off", "mlp", "transformer"]
+Schedule = Literal["cosine", "linear", "constant"]
+DataFormat = Literal["alpaca", "openorca", "chat", "text"]
+Dtype = Literal["bfloat16", "float32", "float16"]
+MatmulPrecision = Literal["default", "high", "highest"]
+Distributed = Literal["auto", "true", "false"]
+
+ATTENTION_IMPLS = get_args(AttentionImpl)
+REMAT_POLICIES = get_args(RematPolicy)
+OBJECTIVE_MODES = get_args(ObjectiveMode)
+ADVERSARY_KINDS = get_args(AdversaryKind)
+SCHEDULES = get_args(Schedule)
+DATA_FORMATS = get_args(DataFormat)
+DTYPES = get_args(Dtype)
+MATMUL_PRECISIONS = get_args(MatmulPrecision)
 
 
 class ConfigError(SGTError):
@@ -31,8 +43,12 @@ def check(cond: bool, message: str, error: type[SGTError] = ConfigError) -> None
         raise error(message)
 
 
+def choice_message(value, choices: Sequence[str], key: str) -> str:
+    return f"{key}={value!r} is not one of {', '.join(choices)}."
+
+
 def check_choice(value: str, choices: Sequence[str], key: str, error: type[SGTError] = ConfigError) -> None:
-    check(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}.", error)
+    check(value in choices, choice_message(value, choices, key), error)
 
 
 def check_cloak(c, error: type[SGTError] = ConfigError) -> None:
@@ -63,23 +79,16 @@ def check_cloak(c, error: type[SGTError] = ConfigError) -> None:
 
 
 def validate(cfg) -> None:
-    """Cross-field checks of a whole :class:`~sgt_jax.config.SGTConfig`; each error names the setting and the fix.
-
-    Normalises in place the two settings YAML may spell as booleans (objective.adversary, mesh.distributed)."""
-    check_choice(cfg.model.dtype, DTYPES, "model.dtype")
-    check_choice(cfg.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
-    check_choice(cfg.model.remat_policy, REMAT_POLICIES, "model.remat_policy")
+    """Cross-field checks of a whole :class:`~sgt_jax.config.SGTConfig`; each error names the setting and the fix."""
     if cfg.model.truncate_at_layer is not None:
         check(cfg.model.truncate_at_layer >= 0, "model.truncate_at_layer must be >= 0 (or null for the whole model).")
     check_cloak(cfg.cloak)
     _check_objective(cfg.objective, cfg.model)
     opt = cfg.optimizer
-    check_choice(opt.schedule, SCHEDULES, "optimizer.schedule")
     check(opt.learning_rate > 0, "optimizer.learning_rate must be > 0.")
     check(opt.grad_accum_steps >= 1, "optimizer.grad_accum_steps must be >= 1.")
     check(opt.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0.")
     d = cfg.data
-    check_choice(d.format, DATA_FORMATS, "data.format")
     check(d.batch_size >= 1, "data.batch_size must be >= 1.")
     check(d.max_length >= 2, "data.max_length must be >= 2.")
     check(len(d.buckets) > 0 and all(b > 0 for b in d.buckets), "data.buckets must be a non-empty list of positive lengths.")
@@ -93,8 +102,6 @@ def validate(cfg) -> None:
     sizes = [m.data, m.fsdp, m.tensor]
     check(sum(1 for s in sizes if s == -1) <= 1, "mesh: at most one of data, fsdp, tensor may be -1.")
     check(all(s == -1 or s >= 1 for s in sizes), "mesh.data, mesh.fsdp and mesh.tensor must be >= 1 or -1.")
-    m.distributed = str(m.distributed).lower()  # a YAML/CLI boolean arrives as "True"/"False"
-    check_choice(m.distributed, ("auto", "true", "false"), "mesh.distributed")
     ck = cfg.checkpoint
     check(ck.keep >= 1, "checkpoint.keep must be >= 1.")
     check(ck.every_steps is None or ck.every_steps >= 1, "checkpoint.every_steps must be >= 1 (or null).")
@@ -106,13 +113,9 @@ def validate(cfg) -> None:
 
 
 def _check_objective(o, model) -> None:
-    check_choice(o.mode, OBJECTIVE_MODES, "objective.mode")
     check(0.0 <= o.alpha <= 1.0, f"objective.alpha={o.alpha} must be in [0, 1].")
     for name in ("transform_variance_priority", "transform_strength_priority", "weight"):
         check(getattr(o, name) >= 0, f"objective.{name} must be >= 0.")
-    # A YAML `off` arrives as the boolean False.
-    o.adversary = {"false": "off", "none": "off"}.get(str(o.adversary).lower(), str(o.adversary).lower())
-    check_choice(o.adversary, ADVERSARY_KINDS, "objective.adversary")
     check(o.adversary_weight >= 0, "objective.adversary_weight must be >= 0.")
     check(o.adversary_learning_rate > 0, "objective.adversary_learning_rate must be > 0.")
     check(o.adversary_steps >= 1, "objective.adversary_steps must be >= 1.")
