@@ -51,10 +51,10 @@ def test_short_default_run_improves_obfuscation_within_the_utility_bound(tmp_pat
 def test_the_7b_recipes_cloak_settings_train_in_the_default_run(tmp_path, caplog):
     """The literal 7B recipe's sigma settings (scale (1e-8, 1.0), directly_learn_stds, rho_init 0, and the weight
     of the noise term, transform_variance_priority, read from configs/llama2_7b.yaml) on the default run
-    (embedded model, its lr and length): at step 0 the stochasticity
+    (embedded model, its lr, half its length: 200 of 400 steps): at step 0 the stochasticity
     and utility gradients are logged and within 10x of each other (an unbounded dL_N/dsigma at the 1e-8 floor
     made them ~3000x apart, so the global-norm clip starved the utility), and training reaches >= 50% mean
-    obfuscation within the utility budget."""
+    obfuscation within the utility budget (about 68% at 200 steps, 44% at 100)."""
     import logging
 
     from sgt_jax.inference.artifact import StainedGlassTransform
@@ -79,12 +79,13 @@ def test_the_7b_recipes_cloak_settings_train_in_the_default_run(tmp_path, caplog
         "validation.attack_steps=0",
         "checkpoint.every_steps=null",
         "checkpoint.every_minutes=null",
+        f"train.max_steps={default.train.max_steps // 2}",
     ])
     assert cfg.optimizer.learning_rate == default.optimizer.learning_rate
-    assert cfg.train.max_steps == default.train.max_steps
+    assert cfg.train.max_steps == 200 == default.train.max_steps // 2
     with caplog.at_level(logging.INFO, logger="sgt_jax.train"):
         summary = train(cfg)
-    assert summary["stopped_by"] == "finished" and summary["steps"] == default.train.max_steps
+    assert summary["stopped_by"] == "finished" and summary["steps"] == cfg.train.max_steps
     utility, stochasticity = (summary[f"grad_norm/{t}_term (step 0)"] for t in ("utility", "stochasticity"))
     assert any("gradient norms" in r.getMessage() and "stochasticity_term=" in r.getMessage() for r in caplog.records)
     assert 0.1 < stochasticity / utility < 10.0, (stochasticity, utility)
