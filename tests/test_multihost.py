@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import cpu_heavy_lock
+from conftest import computed_once, cpu_heavy_lock
 
 import numpy as np
 import pytest
@@ -186,7 +186,13 @@ def cloak_bytes(run_dir):
 @pytest.fixture(scope="module")
 def pod(model_dir, tmp_path_factory):
     """Four launches: two processes x 4 devices uninterrupted (U) beside one process x 8 devices (S); then
-    two processes with a SIGTERM to process 1 only (I); then both relaunched (R)."""
+    two processes with a SIGTERM to process 1 only (I); then both relaunched (R). Once per session, whichever
+    pytest-xdist worker needs it first."""
+    return computed_once(tmp_path_factory, "multihost_pod", lambda: _pod(model_dir, tmp_path_factory),
+                         paths=("run_dir", "logs"))
+
+
+def _pod(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pod")
     corpus, _ = spread_corpus(tmp / "corpus.jsonl", model_dir)
     runs = {"corpus": corpus}

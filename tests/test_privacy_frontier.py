@@ -26,3 +26,32 @@ def test_the_committed_frontier_plots_its_runs_reports():
             want = [sec["recovery_top1"], 100.0 * point["top1_agreement"], point["utility_loss"]]
             assert p["plotted"][threat] == pytest.approx(want), (run.name, threat)
         assert p["leakage_bits"] == report["leakage"]["bits"]
+
+
+def test_the_committed_privacy_switch_points_are_their_runs_reports():
+    """benchmarks/privacy_objectives.json (the switches against the recommendations' frontier): each switch was run
+    at two or more settings, every row's numbers are its run's own reports, and the recommendations' recovery it is
+    compared with is never worse than a measured recommendations point with at least its agreement."""
+    import math
+
+    rows = json.loads((BENCH / "privacy_objectives.json").read_text())
+    assert (BENCH / "privacy_objectives.png").stat().st_size > 10_000
+    for name in ("fresh adversary", "posterior penalty", "bounded mean"):
+        assert len([r for r in rows if r["objective"] == name]) >= 2, name
+    baseline = json.loads((BENCH / "privacy_frontier.json").read_text())
+    for r in rows:
+        run = BENCH / "results" / "privacy_objectives" / r["run"]
+        report = json.loads((run / "attack_report.json").read_text())
+        point = json.loads((run / "privacy_point.json").read_text())
+        assert r["top1_agreement"] == pytest.approx(100 * point["top1_agreement"])
+        for threat, sec in report["threat_models"].items():
+            assert r["recovery"][threat] == pytest.approx(sec["recovery_top1"]), (run.name, threat)
+        assert f"train.max_steps={r['steps']}" in point["settings"]
+        reference = r["recommendations_white_box_at_agreement"]
+        if reference is None or math.isnan(reference):
+            continue
+        same = [(100 * b["top1_agreement"], b["recovery"]["white-box"]) for b in baseline
+                if b["training"]["max_steps"] == r["steps"]]
+        # Never a straw man: at most the best measured recommendations point with at least this agreement.
+        assert reference <= min(rec for agr, rec in same if agr >= r["top1_agreement"]) + 1e-6, run.name
+        assert r["gap"] == pytest.approx(reference - r["recovery"]["white-box"])

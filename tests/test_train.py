@@ -27,6 +27,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import computed_once
+
 # Every test here runs training in subprocesses (several devices, processes, signals): outside the
 # contributors' inner loop, always in CI.
 pytestmark = pytest.mark.slow
@@ -173,15 +175,18 @@ def test_reference_run_trains_and_logs_everything(reference):
 
 @pytest.fixture(scope="module")
 def sharded(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sharded")
-    out = tmp / "result.json"
-    # data=4,fsdp=2 with accum 1 (1 row per device), and data=2,fsdp=2,tensor=2 with accum 2 (micro-batches
-    # of data.batch_size=4 rows, the same 8 examples a step; tensor-parallel base model): both against the
-    # 1-device accum-1 reference.
-    proc = run_worker("sharded", out, common_overrides(model_dir, tmp / "run"), devices=8, timeout=400,
-                      SGT_TEST_MESHES="4,2,1,1;2,2,2,2")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    def compute():
+        tmp = tmp_path_factory.mktemp("sharded")
+        out = tmp / "result.json"
+        # data=4,fsdp=2 with accum 1 (1 row per device), and data=2,fsdp=2,tensor=2 with accum 2 (micro-batches
+        # of data.batch_size=4 rows, the same 8 examples a step; tensor-parallel base model): both against the
+        # 1-device accum-1 reference.
+        proc = run_worker("sharded", out, common_overrides(model_dir, tmp / "run"), devices=8, timeout=400,
+                          SGT_TEST_MESHES="4,2,1,1;2,2,2,2")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(out.read_text())
+
+    return computed_once(tmp_path_factory, "train_sharded", compute)
 
 
 def test_one_gradient_reduction_per_step(sharded):
