@@ -6,6 +6,8 @@ For input embeddings ``x`` (B, S, D)::
     sigma = std_param(std_head(dropout(std_estimator(x))))
     x_t   = where(noise_mask & attention_mask, x + mu + sigma * eps, x),   eps ~ N(0, I)
 
+(with ``mean_bound`` b > 0, mu is first scaled to at most b noise units: :func:`bounded_mean`).
+
 Each estimator is a :class:`~sgt_jax.models.decoder.DecoderStack` of the base model's family and width
 (built from ``config_path``'s ``config.json``; one layer unless ``num_hidden_layers`` is passed), with the
 final norm like a Hugging Face ``*Model``. Everything is float32 and stays float32: the recommendations are explicit
