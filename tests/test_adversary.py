@@ -102,18 +102,21 @@ def test_adversary_off_leaves_state_and_step_hlo_as_before(model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_adversary_learns_in_the_step_and_resumes_bitwise(model_dir, tmp_path):
-    """On (mlp): the inverter's CE falls over 6 steps, and a run stopped after step 3's checkpoint and
-    resumed ends with the same cloak *and* adversary state, bit for bit, as the uninterrupted run. No
-    validation (max_batches 0): nothing here reads it, and it only runs before step 1 and after the last."""
+    """On (mlp), with a fresh adversary every 5 steps (2 inner steps): the inverter's CE falls over steps 0-4,
+    and a run stopped after step 3's checkpoint and resumed across the reset at step 5 ends with the same cloak
+    *and* adversary state, bit for bit, as the uninterrupted run. No validation (max_batches 0): nothing here
+    reads it, and it only runs before step 1 and after the last."""
     from sgt_jax import config as config_lib
     from sgt_jax.tracking import read_events
     from sgt_jax.training.trainer import Trainer
 
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    no_validation = {"validation.max_batches": 0}
+    no_validation = {"validation.max_batches": 0, "objective.adversary_reset_every": 5,
+                     "objective.adversary_reset_steps": 2}
     _train(config_lib.load_config(None, overrides(model_dir, ref_dir, **no_validation)))
     ce = [v for _, v in sorted(read_events(ref_dir / "tensorboard")["train/adversary_ce"])]
-    assert len(ce) == STEPS and ce[-1] < 0.8 * ce[0]
+    # The co-trained inverter learns; the fresh one of step 5 starts over (measured: 3.49 -> 0.76, then 3.53).
+    assert len(ce) == STEPS and ce[4] < 0.8 * ce[0] and ce[5] > 2 * ce[4], ce
 
     class Crash(RuntimeError):
         pass

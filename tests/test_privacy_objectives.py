@@ -1,5 +1,6 @@
-"""The objective's privacy switches (docs/privacy_objectives.md): each term against a case with a known answer,
-the fresh adversary's resume, and with every switch off the train step of before they existed."""
+"""The objective's privacy switches (docs/privacy_objectives.md): each term against a case with a known answer, and
+with every switch off the train step of before they existed. The fresh adversary's bitwise resume across a reset
+is tests/test_adversary.py's resume test."""
 
 from __future__ import annotations
 
@@ -206,40 +207,6 @@ def test_fresh_adversary_is_the_documented_initialisation_at_a_reset_step(model_
     after1, _ = step(after0, trainer.base_state, batch)  # step 1: no reset
     for a, b in zip(jax.tree.leaves(after0.adversary.params), jax.tree.leaves(after1.adversary.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-9)
-
-
-@pytest.mark.slow
-def test_fresh_adversary_resumes_bitwise_across_a_reset(model_dir, tmp_path):
-    """Resets at steps 0 and 2 (3 inner steps each): a run stopped at step 2's checkpoint and resumed ends with the
-    same cloak and inverter, bit for bit, as the uninterrupted run."""
-    from sgt_jax import config as config_lib
-    from test_adversary import _train
-
-    from sgt_jax.training.checkpoint import Checkpointer
-    from sgt_jax.training.trainer import Trainer
-
-    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    _train(config_lib.load_config(None, _fresh_adversary_overrides(model_dir, ref_dir)))
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash_at_2(step, state):
-        if step == 2:
-            raise Crash
-
-    cut_cfg = config_lib.load_config(None, _fresh_adversary_overrides(model_dir, cut_dir))
-    with pytest.raises(Crash):
-        _train(cut_cfg, on_step=crash_at_2)
-    _train(cut_cfg)
-    template = Trainer(cut_cfg).init_state()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
-    states = []
-    for run in (ref_dir, cut_dir):
-        with Checkpointer(Path(run) / "checkpoints", every_minutes=None) as ckpt:
-            states.append(jax.device_get(ckpt.restore(4, abstract_state=abstract)[0]))
-    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ------------------------------------------------------------------------------------------------ switches off
