@@ -5,7 +5,8 @@ every sweep point of the switches (``benchmarks/results/privacy_objectives/*/pri
 ``python -m sgt_jax.privacy_sweep``). For each switch point, the recommendations' white-box recovery at the same
 top-1 agreement is interpolated linearly between the measured points of their Pareto frontier (the points no other
 point beats in both agreement and recovery) at the same training length; ``gap`` = that minus the point's own
-recovery (positive: the switch hides more at that agreement). Writes ``benchmarks/privacy_objectives.png`` and
+recovery (positive: the switch hides more at that agreement); the same for the server's strongest attack
+(``server_gap``, on the recommendations' Pareto frontier for the server). Writes ``benchmarks/privacy_objectives.png`` and
 ``.json`` and prints the Markdown table of ``benchmarks/privacy_objectives.md``.
 
     python benchmarks/privacy_objectives.py [--copy-from runs/privacy_objectives]
@@ -43,15 +44,15 @@ def objective_of(point) -> str:
     return on[0] if len(on) == 1 else ("recommendations" if not on else "+".join(on))
 
 
-def pareto(points) -> list[tuple[float, float]]:
-    """(agreement %, white-box recovery %) of the points no other point beats in both, by agreement."""
-    xy = sorted({(100 * p["top1_agreement"], p["recovery"]["white-box"]) for p in points})
+def pareto(points, threat: str = "white-box") -> list[tuple[float, float]]:
+    """(agreement %, recovery %) under ``threat`` of the points no other point beats in both, by agreement."""
+    xy = sorted({(100 * p["top1_agreement"], p["recovery"][threat]) for p in points})
     return [(a, r) for a, r in xy if not any(a2 >= a and r2 < r for a2, r2 in xy if (a2, r2) != (a, r))]
 
 
 def frontier_recovery(front: list[tuple[float, float]], agreement: float) -> float:
-    """The recommendations' white-box recovery at ``agreement`` (%), interpolated on their Pareto frontier; NaN
-    outside its measured range."""
+    """The recommendations' recovery at ``agreement`` (%), interpolated on their Pareto frontier; NaN outside its
+    measured range."""
     agreements, recoveries = zip(*front)
     if not agreements[0] <= agreement <= agreements[-1]:
         return math.nan
@@ -64,9 +65,10 @@ def load():
     rows = []
     for p in points:
         steps = int(settings_of(p).get("train.max_steps", 0))
-        front = pareto([b for b in baseline if b["training"]["max_steps"] == steps])
+        same = [b for b in baseline if b["training"]["max_steps"] == steps]
         agreement = 100 * p["top1_agreement"]
-        reference = frontier_recovery(front, agreement) if len(front) > 1 else math.nan
+        reference, server = (frontier_recovery(pareto(same, t), agreement) if len(same) > 1 else math.nan
+                             for t in ("white-box", "server"))
         objective = objective_of(p)
         rows.append({"run": Path(p["run_dir"]).name, "objective": objective, "steps": steps,
                      "weight": settings_of(p).get(WEIGHTS.get(objective, ""), ""),
@@ -75,7 +77,9 @@ def load():
                      "sigma_over_spacing": p.get("sigma_over_spacing"), "leakage_bits": p["leakage_bits"],
                      "recovery": p["recovery"], "strongest": p["strongest"],
                      "recommendations_white_box_at_agreement": reference,
-                     "gap": reference - p["recovery"]["white-box"]})
+                     "gap": reference - p["recovery"]["white-box"],
+                     "recommendations_server_at_agreement": server,
+                     "server_gap": server - p["recovery"]["server"]})
     return baseline, rows
 
 
@@ -116,19 +120,26 @@ def plot(baseline, rows, path) -> None:
     plt.close(fig)
 
 
+def _percent(value) -> str:
+    return "outside" if math.isnan(value) else f"{value:.1f}%"
+
+
+def _signed(value) -> str:
+    return "" if math.isnan(value) else f"{value:+.1f}"
+
+
 def table(rows) -> str:
     head = ("| objective | weight | tvp | steps | top-1 agr. | utility loss | sigma / spacing | exact-channel bits "
-            "| white box | recommendations at this agr. | gap | server (strongest) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| white box | recommendations at this agr. | gap | server (strongest) | recommendations' server | gap |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in sorted(rows, key=lambda r: (r["objective"], r["steps"], -r["top1_agreement"])):
-        ref = "outside" if math.isnan(r["recommendations_white_box_at_agreement"]) else \
-            f"{r['recommendations_white_box_at_agreement']:.1f}%"
-        gap = "" if math.isnan(r["gap"]) else f"{r['gap']:+.1f}"
+        ref, gap = _percent(r["recommendations_white_box_at_agreement"]), _signed(r["gap"])
         lines.append(f"| {r['objective']} | {r['weight']} | {r['transform_variance_priority']} | {r['steps']} | "
                      f"{r['top1_agreement']:.1f}% | {r['utility_loss']:.3f} | {r['sigma_over_spacing']:.2f} | "
                      f"{r['leakage_bits']:.2f} | {r['recovery']['white-box']:.1f}% | {ref} | {gap} | "
-                     f"{r['recovery']['server']:.1f}% ({r['strongest']['server']}) |")
+                     f"{r['recovery']['server']:.1f}% ({r['strongest']['server']}) | "
+                     f"{_percent(r['recommendations_server_at_agreement'])} | {_signed(r['server_gap'])} |")
     return "\n".join(lines)
 
 
