@@ -117,6 +117,15 @@ PRIVACY_SWITCHES = ("adversary", "adversary_weight", "adversary_reset_every", "a
                     "posterior_weight")
 
 
+def _training_section(training) -> dict:
+    """What the report says of the SGT's training: its objective weights, length and the privacy switches
+    (docs/privacy_objectives.md; off unless set)."""
+    objective = training.get("objective") or {}
+    return {**{k: objective.get(k) for k in ("alpha", "transform_variance_priority", *PRIVACY_SWITCHES)},
+            "max_steps": (training.get("train") or {}).get("max_steps"),
+            "mean_bound": (training.get("cloak") or {}).get("mean_bound")}
+
+
 def attack(sgt_path, *, threat_models: Sequence[str] = THREAT_MODELS, train_data: Optional[str] = None,
            eval_data: Optional[str] = None, attacks: Sequence[str] = INVERTER_KINDS,
            server_attacks: Sequence[str] = SERVER_ATTACKS, transfer_sgt=None, steps: int = 1500,
@@ -179,11 +188,7 @@ def attack(sgt_path, *, threat_models: Sequence[str] = THREAT_MODELS, train_data
                      "server_attacks": list(server_attacks), "steps": steps, "batch_size": batch_size,
                      "ceiling": ceiling, "train_data": train_data or "the run's training split",
                      "eval_data": eval_data or "the run's validation split"},
-        "training": {**{k: (training.get("objective") or {}).get(k) for k in ("alpha", "transform_variance_priority")},
-                     "max_steps": (training.get("train") or {}).get("max_steps"),
-                     # the privacy switches (docs/privacy_objectives.md), off unless set
-                     **{k: (training.get("objective") or {}).get(k) for k in PRIVACY_SWITCHES},
-                     "mean_bound": (training.get("cloak") or {}).get("mean_bound")},
+        "training": _training_section(training),
         "data": {"train_prompts": len(train), "eval_prompts": len(held_out), "train_eval_overlap": 0},
         "majority_baseline": majority_baseline(train, held_out), "threat_models": sections,
         "leakage": strongest_leakage(sections),

@@ -334,20 +334,19 @@ def objective_terms(cloak, base_model, batch: Mapping[str, jax.Array], *, key, o
     # The balance loss is a per-batch statistic: average it over the micro-batches.
     aux = out.aux_loss / den["micro_batches"]
     loss, metrics = composite(utility, stochasticity, similarity, objective_cfg, moe_aux_loss=aux, extra=extra)
-    weight = float(getattr(objective_cfg, "posterior_weight", 0.0) or 0.0)
-    if weight > 0:
-        penalty = _posterior_penalty(cloak, base, batch, out.x_t, key, objective_cfg) / den["transformed_tokens"]
-        loss = loss + weight * penalty
-        metrics.update(loss=loss, posterior_penalty=penalty, posterior_term=weight * penalty)
-    return loss, metrics
+    return _with_posterior_penalty(loss, metrics, cloak, base, batch, out.x_t, key, objective_cfg, den)
 
 
-def _posterior_penalty(cloak, base, batch, x_t, key, objective_cfg) -> jax.Array:
-    """Sum over sampled noised positions of the true token's posterior mass under each candidate's own transformed
-    mean (:func:`sgt_jax.transform.leakage.posterior_mass`): what an attacker who knows the transform reads. The
-    candidates' means come from the cloak without dropout; x_t is the step's own draw."""
+def _with_posterior_penalty(loss, metrics, cloak, base, batch, x_t, key, objective_cfg, den):
+    """loss + posterior_weight x the mean over noised tokens of the true token's posterior mass under each
+    candidate's own transformed mean (:func:`sgt_jax.transform.leakage.posterior_mass`, estimated at sampled
+    positions): what an attacker who knows the transform reads. The candidates' means come from the cloak without
+    dropout; x_t is the step's own draw. Unchanged with the weight 0."""
     from sgt_jax.transform import leakage
 
+    weight = float(getattr(objective_cfg, "posterior_weight", 0.0) or 0.0)
+    if weight <= 0:
+        return loss, metrics
     if getattr(base, "embed_lookup", None) is not None:
         raise ValueError("objective.posterior_weight > 0 needs the whole embedding table on each device; "
                          "it is not supported with mesh.fsdp > 1 yet (use data parallelism).")
@@ -357,10 +356,13 @@ def _posterior_penalty(cloak, base, batch, x_t, key, objective_cfg) -> jax.Array
         keys = jax.random.wrap_key_data(keys)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, POSTERIOR_STREAM))(keys)
     mu_sigma = lambda x, a, n: cloak(x, a, n, key=keys[0], deterministic=True)[1:3]  # noqa: E731
-    return leakage.posterior_mass(mu_sigma, jax.lax.stop_gradient(base.embed_tokens[...]), input_ids,
-                                  batch["attention_mask"], batch["noise_mask"], x_t, keys,
-                                  positions_per_row=int(objective_cfg.posterior_positions),
-                                  num_candidates=int(objective_cfg.posterior_candidates))
+    penalty = leakage.posterior_mass(mu_sigma, jax.lax.stop_gradient(base.embed_tokens[...]), input_ids,
+                                     batch["attention_mask"], batch["noise_mask"], x_t, keys,
+                                     positions_per_row=int(objective_cfg.posterior_positions),
+                                     num_candidates=int(objective_cfg.posterior_candidates))
+    penalty = penalty / den["transformed_tokens"]
+    loss = loss + weight * penalty
+    return loss, {**metrics, "loss": loss, "posterior_penalty": penalty, "posterior_term": weight * penalty}
 
 
 POSTERIOR_STREAM = 0x9057  # folded into each example's key for the posterior penalty's position draw
