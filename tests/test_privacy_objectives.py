@@ -143,19 +143,20 @@ def test_posterior_penalty_enters_the_loss_with_its_weight(tmp_path):
     key = jax.random.key(4)
     off = ObjectiveConfig()
     on = ObjectiveConfig(posterior_weight=3.0, posterior_candidates=5, posterior_positions=3)
-    loss_off, _ = objective.objective_terms(cloak, base, batch, key=key, objective_cfg=off, deterministic=True)
-    loss_on, metrics = objective.objective_terms(cloak, base, batch, key=key, objective_cfg=on, deterministic=True)
+    graphdef, params = nnx.split(cloak)
+    base_def, base_state = nnx.split(base)
+
+    def terms(p, cfg):  # jitted below: eager dispatch of the cloak over 3 x 3 x 5 sequences is slow
+        return objective.objective_terms(nnx.merge(graphdef, p), nnx.merge(base_def, base_state), batch, key=key,
+                                         objective_cfg=cfg, deterministic=True)
+
+    loss_off, _ = jax.jit(lambda p: terms(p, off))(params)
+    loss_on, metrics = jax.jit(lambda p: terms(p, on))(params)
     penalty = float(metrics["posterior_penalty"])
     assert 1 / 5 <= penalty <= 1.0 and penalty < 0.999
     assert float(loss_on) == pytest.approx(float(loss_off) + 3.0 * penalty, rel=1e-5)
 
-    graphdef, params = nnx.split(cloak)
-
-    def penalty_of(p):
-        return objective.objective_terms(nnx.merge(graphdef, p), base, batch, key=key, objective_cfg=on,
-                                         deterministic=True)[1]["posterior_penalty"]
-
-    grads = jax.grad(penalty_of)(params)
+    grads = jax.jit(jax.grad(lambda p: terms(p, on)[1]["posterior_penalty"]))(params)
     assert float(jnp.abs(grads["std_head"]["bias"][...]).sum()) > 0
     assert float(jnp.abs(grads["mean_head"]["kernel"][...]).sum()) > 0
 
