@@ -325,7 +325,7 @@ class TransformerCloak(nnx.Module):
                     "(no downcast or quantisation): reload or cast the cloak's parameters back to float32."
                 )
 
-    def _example_keys(self, key, batch_size: int, like: jax.Array) -> jax.Array:
+    def per_example_keys(self, key, batch_size: int, like: jax.Array) -> jax.Array:
         """(B,) typed per-example keys from a single key or from per-example keys (typed or raw uint32)."""
         if key is None:
             if self.seed is not None:
@@ -363,7 +363,7 @@ class TransformerCloak(nnx.Module):
         """
         self._check_float32(x)
         batch = x.shape[0]
-        keys = self._example_keys(key, batch, x)
+        keys = self.per_example_keys(key, batch, x)
         streams = jax.vmap(lambda k: jax.random.split(k, 3))(keys)  # (B, 3): noise, mean dropout, std dropout
         noise_keys, mean_keys, std_keys = streams[:, 0], streams[:, 1], streams[:, 2]
 

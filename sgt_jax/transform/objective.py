@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sgt_jax.transform import leakage
+
 __all__ = [
     "stochasticity_loss",
     "semantic_similarity_loss",
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 _COS_EPS = 1e-8
+POSTERIOR_STREAM = 0x9057  # folded into each example's key for the posterior penalty's position draw
 
 
 def _mean(total: jax.Array, weights: jax.Array, denominator: Optional[jax.Array]) -> jax.Array:
@@ -342,18 +345,14 @@ def _with_posterior_penalty(loss, metrics, cloak, base, batch, x_t, key, objecti
     candidate's own transformed mean (:func:`sgt_jax.transform.leakage.posterior_mass`, estimated at sampled
     positions): what an attacker who knows the transform reads. The candidates' means come from the cloak without
     dropout; x_t is the step's own draw. Unchanged with the weight 0."""
-    from sgt_jax.transform import leakage
-
-    weight = float(getattr(objective_cfg, "posterior_weight", 0.0) or 0.0)
+    weight = float(objective_cfg.posterior_weight)
     if weight <= 0:
         return loss, metrics
     if getattr(base, "embed_lookup", None) is not None:
         raise ValueError("objective.posterior_weight > 0 needs the whole embedding table on each device; "
                          "it is not supported with mesh.fsdp > 1 yet (use data parallelism).")
     input_ids = batch["input_ids"]
-    keys = key if jnp.ndim(key) else jax.random.split(key, input_ids.shape[0])
-    if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        keys = jax.random.wrap_key_data(keys)
+    keys = cloak.per_example_keys(key, input_ids.shape[0], x_t)  # the cloak's own reading of `key`
     keys = jax.vmap(lambda k: jax.random.fold_in(k, POSTERIOR_STREAM))(keys)
     mu_sigma = lambda x, a, n: cloak(x, a, n, key=keys[0], deterministic=True)[1:3]  # noqa: E731
     penalty = leakage.posterior_mass(mu_sigma, jax.lax.stop_gradient(base.embed_tokens[...]), input_ids,
@@ -364,8 +363,6 @@ def _with_posterior_penalty(loss, metrics, cloak, base, batch, x_t, key, objecti
     loss = loss + weight * penalty
     return loss, {**metrics, "loss": loss, "posterior_penalty": penalty, "posterior_term": weight * penalty}
 
-
-POSTERIOR_STREAM = 0x9057  # folded into each example's key for the posterior penalty's position draw
 
 
 def make_loss_fn(objective_cfg, *, ssl_layer: Optional[int] = None) -> Callable[..., Any]:
