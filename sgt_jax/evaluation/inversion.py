@@ -14,6 +14,7 @@ A *transform* is any ``fn(input_ids, attention_mask, noise_mask, key) -> (x_t, s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterator, Optional, Sequence
 
 import jax
@@ -24,7 +25,7 @@ from flax import nnx
 
 from sgt_jax.evaluation import metrics as metrics_lib
 from sgt_jax.data.errors import DataError
-from sgt_jax.transform.inverters import INVERTER_KINDS, inverter_logits, inverter_train_step, make_inverter
+from sgt_jax.transform.inverters import INVERTER_KINDS, inverter_logits, inverter_update, make_inverter
 from sgt_jax.inference.generate import left_pad
 from sgt_jax.transform.leakage import barber_agakov
 
@@ -125,26 +126,28 @@ def _batch_key(key, epoch, index):
 def train_inverter(kind: str, transform: Transform, data: PromptSet, *, hidden_size: int, vocab_size: int,
                    steps: int, key: jax.Array, batch_size: int = 32, learning_rate: float = 1e-3,
                    max_length: Optional[int] = None,
-                   on_step: Optional[Callable[[int, float], None]] = None) -> nnx.Module:
+                   on_step: Optional[Callable[[int, float], None]] = None) -> tuple[nnx.GraphDef, nnx.State]:
     """Train a ``kind`` inverter (mlp | transformer) for ``steps`` Adam steps on noised public prompts
-    (``max_length``: the longest sequence the transformer inverter will read, default the data's)."""
+    (``max_length``: the longest sequence the transformer inverter will read, default the data's); returns its
+    graph definition and trained state."""
     init_key, noise_key = jax.random.split(key)
     kwargs = {"max_length": int(max_length or data.input_ids.shape[1])} if kind == "transformer" else {}
-    model = make_inverter(kind, hidden_size, vocab_size, nnx.Rngs(init_key), **kwargs)
+    graphdef, params = nnx.split(make_inverter(kind, hidden_size, vocab_size, nnx.Rngs(init_key), **kwargs))
     warmup = max(1, min(100, steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1),
                                                   learning_rate * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    train_step = nnx.cached_partial(inverter_train_step, optimizer, model)
+    train_step = jax.jit(inverter_update, static_argnums=(0, 1), donate_argnums=(2, 3))
+    opt_state = tx.init(params)
     for step, (_, _, batch) in enumerate(noised_batches(data, transform, noise_key, batch_size=batch_size,
                                                         steps=steps)):
         if kind == "mlp":  # per position: train on the noised positions only (a fraction of each prompt)
             batch = _target_positions(batch, slots=16 * batch_size)
-        loss, _ = train_step(batch["x_t"], batch["input_ids"], batch["target_mask"], batch["attention_mask"])
+        params, opt_state, loss, _ = train_step(graphdef, tx, params, opt_state, batch["x_t"], batch["input_ids"],
+                                                batch["target_mask"], batch["attention_mask"])
         if on_step is not None:
             on_step(step + 1, loss)
-    return model
+    return graphdef, params
 
 
 def _target_positions(batch: dict, slots: int) -> dict:
@@ -165,10 +168,10 @@ def _gather(x_t, rows, cols):
     return x_t[rows, cols]
 
 
-@nnx.jit
-def _inverter_ranks(model, x_t, ids, attention_mask):
+@functools.partial(jax.jit, static_argnums=0)
+def _inverter_ranks(graphdef, params, x_t, ids, attention_mask):
     """(rank of the true token, its log-probability) under the inverter, per position."""
-    logits = inverter_logits(model, x_t, attention_mask)
+    logits = inverter_logits(nnx.merge(graphdef, params), x_t, attention_mask)
     true = jnp.take_along_axis(logits, ids[..., None], axis=-1)
     log_q = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[..., None], axis=-1)[..., 0]
     return jnp.sum(logits > true, axis=-1), log_q
@@ -280,10 +283,10 @@ def learned_attack(kind: str, train_transform: Transform, eval_transform: Option
     assert_disjoint(train, held_out)
     table = jnp.asarray(table, jnp.float32)
     vocab, dim = table.shape
-    model = train_inverter(kind, train_transform, train, hidden_size=dim, vocab_size=vocab, steps=steps, key=key,
+    graphdef, params = train_inverter(kind, train_transform, train, hidden_size=dim, vocab_size=vocab, steps=steps, key=key,
                            max_length=max_length, batch_size=batch_size, learning_rate=learning_rate,
                            on_step=on_step)
-    rank_fn = lambda x_t, ids, am: _inverter_ranks(model, x_t, ids, am)  # noqa: E731
+    rank_fn = lambda x_t, ids, am: _inverter_ranks(graphdef, params, x_t, ids, am)  # noqa: E731
     return score(rank_fn, held_out, eval_transform, table, eval_key)
 
 

@@ -24,6 +24,7 @@ draws fresh entropy; for benchmarks reproducibility is what matters). Usage::
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Optional
 
@@ -52,9 +53,11 @@ def _bucket(n: int, multiple: int = 16) -> int:
     return max(multiple, -(-n // multiple) * multiple)  # fewer shapes, fewer compilations
 
 
-@nnx.jit
-def _token_logprobs(base, cloak, ids, attention_mask, context_mask, key):
-    """Per position t ≥ 1: log p(ids[t] | ids[<t]) and whether ids[t] is the argmax, (B, S-1) each."""
+@functools.partial(jax.jit, static_argnames="graphdefs")
+def _token_logprobs(graphdefs, states, ids, attention_mask, context_mask, key):
+    """Per position t ≥ 1: log p(ids[t] | ids[<t]) and whether ids[t] is the argmax, (B, S-1) each, under the
+    (base, cloak or None) that ``graphdefs`` and ``states`` split."""
+    base, cloak = (None if g is None else nnx.merge(g, s) for g, s in zip(graphdefs, states))
     x = base.embed(ids)
     if cloak is not None:
         out = cloak(x.astype(jnp.float32), context_mask, context_mask, key=key, deterministic=True)
@@ -82,6 +85,8 @@ class SGTLM(TemplateLM):
             self.sgt = StainedGlassTransform.load(sgt)
             self.sgt.check_base(model_dir)  # an SGT protects prompts only for the base it was trained on
             self.cloak = self.sgt.cloak
+        # (graphdefs, states) of the base and the cloak, split once for the jitted scoring function
+        self._split = tuple(zip(*(nnx.split(m) if m is not None else (None, None) for m in (self.base, self.cloak))))
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or self.base.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
@@ -125,7 +130,7 @@ class SGTLM(TemplateLM):
             batch = collate_left_padded(rows, _bucket(max(len(r["input_ids"]) for r in rows)),
                                         self.tokenizer.pad_token_id, rows=self.batch_size, fields=("context_mask",))
             arrays = (jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "context_mask"))
-            lp, greedy = jax.device_get(_token_logprobs(self.base, self.cloak, *arrays, self._next_key()))
+            lp, greedy = jax.device_get(_token_logprobs(*self._split, *arrays, self._next_key()))
             for i, n_cont in enumerate(len(cont) for _, cont in chunk):
                 # targets are ids[:, 1:], so the last n_cont targets sit in the last n_cont columns.
                 results.append((float(lp[i, -n_cont:].sum()), bool(greedy[i, -n_cont:].all())))

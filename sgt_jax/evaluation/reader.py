@@ -127,8 +127,10 @@ def _assemble(table, x, spans, pre, post, length):
     return emb, mask
 
 
-def _confidence(model, prompt_emb, prompt_mask, generated, lengths, table):
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _confidence(graphdef, state, prompt_emb, prompt_mask, generated, lengths, table):
     """Mean log-probability the model gives its own generated tokens (teacher-forced), per row."""
+    model = nnx.merge(graphdef, state)
     gen_emb = jnp.take(table, generated, axis=0)
     emb = jnp.concatenate([prompt_emb, gen_emb], axis=1)
     gen_mask = (jnp.arange(generated.shape[1])[None] < lengths[:, None]).astype(jnp.int32)
@@ -140,15 +142,12 @@ def _confidence(model, prompt_emb, prompt_mask, generated, lengths, table):
     return jnp.sum(tok * gen_mask, axis=1) / jnp.maximum(jnp.sum(gen_mask, axis=1), 1)
 
 
-_confidence_jit = nnx.jit(_confidence)
-
-
 def read_back(model, tokenizer, table, x, spans, templates, *, batch_size: int = 32, max_new_tokens: int = 96,
               markup: Optional[str] = None):
     """The most confident reading of every span: list of (template name, decoded text), one per span.
     ``x`` (N, S, D) holds the embeddings the spans are cut from (transformed or clean); a reading containing
     ``markup`` ranks below every reading that does not."""
-    table = jnp.asarray(table, jnp.float32)
+    table, (graphdef, state) = jnp.asarray(table, jnp.float32), nnx.split(model)
     longest = max(b - a for _, a, b in spans)
     best_score = np.full(len(spans), -np.inf)
     best: list = [("", "")] * len(spans)
@@ -162,8 +161,8 @@ def read_back(model, tokenizer, table, x, spans, templates, *, batch_size: int =
             emb, mask = _assemble(table, x, chunk, pre, post, length)
             out = generate(model, inputs_embeds=jnp.asarray(emb), attention_mask=mask, max_new_tokens=max_new_tokens,
                            do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-            conf = np.asarray(_confidence_jit(model, jnp.asarray(emb), jnp.asarray(mask), out.sequences,
-                                              out.lengths, table))
+            conf = np.asarray(_confidence(graphdef, state, jnp.asarray(emb), jnp.asarray(mask), out.sequences,
+                                          out.lengths, table))
             seqs, lens = np.asarray(out.sequences), np.asarray(out.lengths)
             for i in range(real):
                 text = tokenizer.decode(seqs[i, :lens[i]].tolist(), skip_special_tokens=True)

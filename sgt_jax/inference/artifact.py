@@ -18,6 +18,7 @@ debug seed is ever saved: noise in anything shipped is fresh per call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -354,10 +355,15 @@ def _are_prompts(items) -> bool:
                                               and isinstance(first[0], dict))
 
 
-@nnx.jit
 def transform_embeddings(cloak, table, ids, attention_mask, noise_mask, key) -> tuple[jax.Array, jax.Array]:
     """(x_t, sigma) of token ids (B, S) under ``cloak`` with dropout off, embedded with ``table`` (V, D); one
     compiled program per padded shape (eager dispatch of the scanned estimators is slow)."""
+    graphdef, state = nnx.split(cloak)
+    return _transform_embeddings(graphdef, state, table, ids, attention_mask, noise_mask, key)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _transform_embeddings(graphdef, state, table, ids, attention_mask, noise_mask, key):
     x = jnp.take(table, ids, axis=0).astype(jnp.float32)
-    out = cloak(x, attention_mask, noise_mask, key=key, deterministic=True)
+    out = nnx.merge(graphdef, state)(x, attention_mask, noise_mask, key=key, deterministic=True)
     return out.x_t, out.sigma

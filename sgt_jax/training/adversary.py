@@ -195,15 +195,10 @@ class Adversary:
         base = nnx.merge(base_graphdef, base_state)
         keys = step_lib.example_keys(key, flat["example_index"])
         x_t, ids, selected, attention = _transformed(pair.cloak, base, flat, keys, False)
-        x_t = jax.lax.stop_gradient(x_t)
-
-        def loss(params):
-            return inverters.inverter_loss(nnx.merge(self.inverter_graphdef, params), x_t, ids, selected,
-                                           attention)[0]
-
-        grads = jax.grad(loss)(adv.params)
-        updates, opt_state = self.optimizer.update(grads, adv.opt_state, adv.params)
-        return AdversaryState(optax.apply_updates(adv.params, updates), opt_state)
+        params, opt_state, _, _ = inverters.inverter_update(self.inverter_graphdef, self.optimizer, adv.params,
+                                                           adv.opt_state, jax.lax.stop_gradient(x_t), ids,
+                                                           selected, attention)
+        return AdversaryState(params, opt_state)
 
 
 def from_trainer_config(cfg, cloak: nnx.Module, model_config) -> "Adversary | None":

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core import FrozenDict
 
 from sgt_jax.config import CloakConfig, check_cloak
 from sgt_jax.errors import SGTError
@@ -237,7 +238,8 @@ class TransformerCloak(nnx.Module):
         self.mean_num_experts, self.std_num_experts = int(mean_num_experts), int(std_num_experts)
         self.use_causal_mask = bool(use_causal_mask)
         self.mean_bound = float(mean_bound)
-        self.estimator_kwargs = {"num_hidden_layers": 1, **kwargs}
+        # frozen (hashable): jitted functions of this package take the cloak's graph definition as a static argument
+        self.estimator_kwargs = FrozenDict({"num_hidden_layers": 1, **kwargs})
         # remat_policy: a training-memory setting only (recompute the estimators' layer activations in the
         # backward instead of keeping them); the transform's values are the same under every policy.
         # matmul_precision: on a TPU a float32 dot runs by default as one bfloat16 pass (TF32 on recent GPUs);

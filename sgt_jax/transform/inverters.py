@@ -9,7 +9,7 @@ imports nothing from the trainer.
 - :class:`TransformerInverter`: a small bidirectional transformer over the whole transformed sequence
   (uses the context, as a real attacker would), its width taken from the base model's;
 - :func:`inverter_loss`: mean cross-entropy and top-1 accuracy over the masked positions;
-- :func:`make_inverter` / :func:`inverter_train_step`: a factory by name and one jitted Adam step.
+- :func:`make_inverter` / :func:`inverter_update`: a factory by name and one pure optimizer step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 __all__ = ["MLPInverter", "TransformerInverter", "INVERTER_KINDS", "make_inverter", "inverter_loss",
-           "inverter_logits", "inverter_train_step"]
+           "inverter_logits", "inverter_update"]
 
 INVERTER_KINDS = ("mlp", "transformer")
 
@@ -130,14 +130,14 @@ def inverter_loss(model: nnx.Module, x_t: jax.Array, token_ids: jax.Array, mask:
     return jnp.sum(ce * weights) / count, jnp.sum(hit * weights) / count
 
 
-@nnx.jit
-def inverter_train_step(optimizer: nnx.Optimizer, model: nnx.Module, x_t: jax.Array, token_ids: jax.Array,
-                        mask: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One optimizer step of ``model`` on a batch; returns (loss, accuracy) before the update."""
+def inverter_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: nnx.State, opt_state,
+                    x_t: jax.Array, token_ids: jax.Array, mask: jax.Array, attention_mask: jax.Array):
+    """One ``tx`` step of the inverter (``graphdef``, ``params``) on a batch, pure (jit it with the first two
+    arguments static): (params, opt_state, loss, accuracy), the last two before the update."""
 
-    def loss_fn(m):
-        return inverter_loss(m, x_t, token_ids, mask, attention_mask)
+    def loss_fn(p):
+        return inverter_loss(nnx.merge(graphdef, p), x_t, token_ids, mask, attention_mask)
 
-    (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
-    return loss, acc
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, acc
