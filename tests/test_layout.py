@@ -248,3 +248,35 @@ def test_the_boundary_check_fires(tmp_path):
     docs.write_text("Call `documented()`.\n")
     assert names_only_tests_use(package, tests, [docs]) == [
         "sgt_jax/runtime.py:2 PROBE_ENV", "sgt_jax/runtime.py:5 step", "sgt_jax/runtime.py:16 Guard.probe"]
+
+
+# The package's one Flax NNX style: modules are split into (graphdef, state) outside a jitted pure function and
+# merged inside it, as the sharded train step must; NNX's lifted transforms and stateful optimizer are not used.
+LIFTED = ("jit", "Optimizer", "grad", "value_and_grad", "cached_partial", "shard_map", "pmap", "remat")
+
+
+def lifted_transforms(package: Path) -> list[str]:
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in LIFTED and isinstance(node.value, ast.Name)
+                    and node.value.id == "nnx"):
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno} nnx.{node.attr}")
+    return found
+
+
+def test_one_nnx_style(tmp_path):
+    assert lifted_transforms(PACKAGE) == []
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("from flax import nnx\n\n\n@nnx.jit\ndef f(m):\n    return m\n")
+    assert lifted_transforms(tmp_path / "pkg") == ["pkg/m.py:4 nnx.jit"]
+
+
+def test_only_train_and_export_parse_their_own_flags():
+    """evaluate, attack, bench and the sweep read their settings from the schema's command sections
+    (sgt_jax.config.commands); argparse is left to train (its --config/--compile-only flags around the run's
+    key=value overrides) and the export (two paths)."""
+    users = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+                   if any(isinstance(n, ast.Import) and any(a.name == "argparse" for a in n.names)
+                          for n in ast.walk(ast.parse(p.read_text()))))
+    assert users == ["sgt_jax/export/torch_export.py", "sgt_jax/train.py"]

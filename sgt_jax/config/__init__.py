@@ -25,6 +25,7 @@ from sgt_jax.config.checks import (ADVERSARY_KINDS, ATTENTION_IMPLS, DATA_FORMAT
                                    OBJECTIVE_MODES, REMAT_POLICIES, SCHEDULES, AdversaryKind, AttentionImpl,
                                    ConfigError, DataFormat, Distributed, Dtype, MatmulPrecision, ObjectiveMode,
                                    RematPolicy, Schedule, check_choice, check_cloak, choice_message, validate)
+from sgt_jax.config.commands import COMMANDS, REFERENCE as COMMANDS_REFERENCE, section_table
 from sgt_jax.config.platform_blocks import PLATFORM_BLOCKS, REFERENCE as PLATFORM_REFERENCE, file_layers, one_line
 
 __all__ = [
@@ -399,18 +400,8 @@ def to_dict(cfg: SGTConfig) -> Dict[str, Any]:
 
 
 def reference_markdown() -> str:
-    """The configuration reference, generated from the schema (README's "Configuration reference")."""
-    lines = []
-    for section in dataclasses.fields(SGTConfig):
-        defaults, choices = section.type(), _choices(section.type)
-        lines += [f"### `{section.name}`", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(section.type):
-            default = getattr(defaults, f.name)
-            shown = "null" if default is None else OmegaConf.to_yaml({"v": default}).strip()[3:].strip().replace("\n", " ")
-            meaning = f.metadata["help"]
-            if f.name in choices:
-                meaning = f"{meaning.rstrip('.')}. One of: {', '.join(f'`{c}`' for c in choices[f.name])}."
-            meaning = meaning.replace("|", "\\|")
-            lines.append(f"| `{section.name}.{f.name}` | `{shown}` | {meaning} |")
-        lines.append("")
-    return "\n".join(lines) + "\n" + PLATFORM_REFERENCE
+    """The configuration reference, generated from the schema (README's "Configuration reference"): the run's
+    sections, the platform blocks, then the sections the other commands read."""
+    runs = [section_table(f.name, f.type) for f in dataclasses.fields(SGTConfig)]
+    commands = [section_table(name, cls) for name, cls in COMMANDS.items()]
+    return "\n".join(runs) + "\n" + PLATFORM_REFERENCE + "\n" + COMMANDS_REFERENCE + "\n" + "\n".join(commands)

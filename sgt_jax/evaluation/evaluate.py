@@ -16,17 +16,19 @@ On a dataset (default: the run's validation set; ``--data``: a whole file/direct
   their response, :data:`GENERATION_EXAMPLES` by default; settings = the ``generation`` config section).
 
 It writes a JSON report, TensorBoard scalars (``eval/...``) and a generation text table, and prints a table.
-``key=value`` overrides apply to the run's saved configuration (e.g. ``model.dtype=float32``,
+Its settings are the ``evaluate`` section of the schema (``--help`` lists them; ``--seed 1`` and
+``evaluate.seed=1`` are the same); other ``key=value`` overrides apply to the run's saved configuration (e.g. ``model.dtype=float32``,
 ``generation.max_new_tokens=32``, ``data.batch_size=4``). Noise comes from ``--seed`` (default 0) so reports are
 comparable between runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -37,6 +39,7 @@ from flax import nnx
 
 from sgt_jax import tracking
 from sgt_jax.config import ConfigError
+from sgt_jax.config.commands import EvaluateCommand, parse_command
 from sgt_jax.data import build_datasets, load_tokenizer
 from sgt_jax.errors import run_cli
 from sgt_jax.evaluation import metrics as metrics_lib
@@ -53,17 +56,17 @@ log = logging.getLogger("sgt_jax.evaluate")
 
 __all__ = ["GENERATION_EXAMPLES", "evaluate", "main"]
 
-# Prompts ROUGE is averaged over by default. ROUGE-L F varies a lot from prompt to prompt (standard deviation
-# 0.31 on the embedded default run), so its mean needs dozens of them: the standard error is 0.15 over 4 prompts,
-# 0.04 over 64. Generating 64 pairs there costs about 20 s of CPU, mostly compilation (4 pairs: 19 s).
-GENERATION_EXAMPLES = 64
+# Prompts ROUGE is averaged over by default (the setting's help says why that many). Generating 64 pairs on the
+# embedded default costs about 20 s of CPU, mostly compilation (4 pairs: 19 s).
+GENERATION_EXAMPLES = EvaluateCommand.generation_examples
 METRICS = ("cosine", "l2")
 
 
-@nnx.jit
-def _forward_batch(cloak, base, table, batch, key):
+@functools.partial(jax.jit, static_argnames="graphdefs")
+def _forward_batch(graphdefs, states, table, batch, key):
     # Validation's convention: batch i's key, folded with each example's index in the batch.
     keys = example_keys(key, jnp.arange(batch["input_ids"].shape[0]))
+    cloak, base = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
     out = metrics_lib.forward_eval(cloak, base, table, batch, keys, obfuscation_metrics=METRICS)
     return out["sums"], {m: (o["percent_changed"], o["mean_rank"]) for m, o in out["obfuscation"].items()}
 
@@ -91,7 +94,7 @@ class _Pass:
 def _data_pass(sgt, base, dataset, key, max_batches: Optional[int], num_prompts: int) -> _Pass:
     """Forward metrics on the first ``max_batches`` batches (None: all); prompts from as many batches as it
     takes to gather ``num_prompts`` of them, so that the ROUGE sample does not depend on ``max_batches``."""
-    gathered = _Pass()
+    gathered, (graphdefs, states) = _Pass(), zip(nnx.split(sgt.cloak), nnx.split(base))
     for i, host_batch in enumerate(iter(dataset)):
         forward = max_batches is None or i < max_batches
         if not forward and len(gathered.prompts) >= num_prompts:
@@ -102,7 +105,7 @@ def _data_pass(sgt, base, dataset, key, max_batches: Optional[int], num_prompts:
         if forward and real.any():
             batch = {k: jnp.asarray(host_batch[k]) for k in ("input_ids", "attention_mask", "noise_mask")}
             sums, obfuscation = jax.device_get(
-                _forward_batch(sgt.cloak, base, sgt.embedding_table, batch, jax.random.fold_in(key, i)))
+                _forward_batch(graphdefs, states, sgt.embedding_table, batch, jax.random.fold_in(key, i)))
             gathered.add(sums, obfuscation, real)
     if hasattr(dataset, "close"):
         dataset.close()
@@ -211,23 +214,13 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sgt_jax.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sgt", required=True, help="a training run directory (with sgt/) or an SGT artifact")
-    parser.add_argument("--data", help="evaluation data (file, save_to_disk directory or hub name); default: the "
-                        "run's validation set")
-    parser.add_argument("--format", dest="data_format", help="data format (alpaca, openorca, chat, text)")
-    parser.add_argument("--max-batches", type=int, help="forward batches to evaluate (default validation.max_batches)")
-    parser.add_argument("--generation-examples", type=int, default=GENERATION_EXAMPLES,
-                        help=f"prompts ROUGE compares base and SGT generations on (default {GENERATION_EXAMPLES}: "
-                        "ROUGE-L F varies so much between prompts that on the embedded default its mean has a "
-                        "standard error of 0.15 over 4 prompts, 0.04 over 64; the report gives it; 0: none)")
-    parser.add_argument("--out", help="report JSON path (default <run or artifact dir>/eval_report.json)")
-    parser.add_argument("--seed", type=int, default=0, help="noise / sampling seed (default 0)")
-    parser.add_argument("--attack-steps", type=int, help="Adam steps of the white box's mlp inverter in the "
-                        "quick attacks of every threat model (default validation.attack_steps; 0: no attacks)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the saved config")
-    args = parser.parse_args(argv)
-    return run_cli(lambda: evaluate(args.sgt, data=args.data, data_format=args.data_format,
-                                    max_batches=args.max_batches, generation_examples=args.generation_examples,
-                                    out=args.out, overrides=args.overrides, seed=args.seed,
-                                    attack_steps=args.attack_steps))
+    def body():
+        args, overrides = parse_command("evaluate", sys.argv[1:] if argv is None else argv,
+                                        prog="python -m sgt_jax.evaluate", doc=__doc__)
+        if not args.sgt:
+            raise ConfigError("pass --sgt RUN_DIR_OR_ARTIFACT (evaluate.sgt), the SGT to evaluate.")
+        return evaluate(args.sgt, data=args.data, data_format=args.format, max_batches=args.max_batches,
+                        generation_examples=args.generation_examples, out=args.out, overrides=overrides,
+                        seed=args.seed, attack_steps=args.attack_steps)
+
+    return run_cli(body)

@@ -29,8 +29,8 @@ from sgt_jax.transform.inverters import INVERTER_KINDS, inverter_logits, inverte
 from sgt_jax.inference.generate import left_pad
 from sgt_jax.transform.leakage import barber_agakov
 
-__all__ = ["ATTACKS", "PromptSet", "assert_disjoint", "transform_from", "gaussian_transform", "noised_batches", "train_inverter",
-           "learned_attack", "run_attacks", "majority_baseline"]
+__all__ = ["ATTACKS", "PromptSet", "assert_disjoint", "transform_from", "gaussian_transform", "noised_batches",
+           "train_inverter", "learned_attack", "run_attacks", "majority_baseline"]
 
 ATTACKS = ("nn",) + INVERTER_KINDS
 Transform = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple]
@@ -283,23 +283,12 @@ def learned_attack(kind: str, train_transform: Transform, eval_transform: Option
     assert_disjoint(train, held_out)
     table = jnp.asarray(table, jnp.float32)
     vocab, dim = table.shape
-    graphdef, params = train_inverter(kind, train_transform, train, hidden_size=dim, vocab_size=vocab, steps=steps, key=key,
-                           max_length=max_length, batch_size=batch_size, learning_rate=learning_rate,
-                           on_step=on_step)
+    graphdef, params = train_inverter(kind, train_transform, train, hidden_size=dim, vocab_size=vocab, steps=steps,
+                                      key=key, max_length=max_length, batch_size=batch_size,
+                                      learning_rate=learning_rate, on_step=on_step)
     rank_fn = lambda x_t, ids, am: _inverter_ranks(graphdef, params, x_t, ids, am)  # noqa: E731
     return score(rank_fn, held_out, eval_transform, table, eval_key)
 
 
 def _brief(res: dict) -> dict:
     return {"top1": res["top1"], "top5": res["top5"]}
-
-
-def sigma_at_targets(transform: Transform, data: PromptSet, table, key, max_positions: int = 512) -> np.ndarray:
-    """(P, D) noise scales of the transform at up to ``max_positions`` noised positions of ``data``."""
-    out = []
-    for _, _, _, targets, _, sigma in _eval_batches(data, transform, table, key, 64):
-        if sigma is not None:
-            out.append(np.asarray(sigma)[targets])
-        if sum(len(o) for o in out) >= max_positions:
-            break
-    return np.concatenate(out)[:max_positions] if out else np.zeros((0, np.shape(table)[1]), np.float32)

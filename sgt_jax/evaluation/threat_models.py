@@ -18,6 +18,7 @@ probability for the true token, the largest Barber–Agakov bound (:mod:`sgt_jax
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgt_jax.config import commands
 from sgt_jax.evaluation.inversion import PromptSet, Transform, learned_attack, run_attacks
 from sgt_jax.evaluation.lm_prior import lm_prior_attack
 from sgt_jax.evaluation.reader import reader_attack
@@ -32,8 +34,8 @@ from sgt_jax.transform import leakage
 
 __all__ = ["THREAT_MODELS", "SERVER_ATTACKS", "section", "lookup", "white_box", "server", "exact_channel"]
 
-THREAT_MODELS = ("lookup", "white-box", "server")
-SERVER_ATTACKS = ("transfer", "reader", "lm_prior")
+THREAT_MODELS = tuple(commands.THREAT_MODELS.split(","))  # ("lookup", "white-box", "server")
+SERVER_ATTACKS = tuple(commands.SERVER_ATTACKS.split(","))  # ("transfer", "reader", "lm_prior")
 
 
 def section(attacks: dict) -> dict:
@@ -90,8 +92,10 @@ def server(transform: Transform, table, train: PromptSet, held_out: PromptSet, *
     return section(results)
 
 
-@nnx.jit(static_argnames=("num_candidates",))
-def _exact_chunk(cloak, table, ids, attention_mask, noise_mask, x_t, rows, cols, num_candidates: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_candidates"))
+def _exact_chunk(graphdef, state, table, ids, attention_mask, noise_mask, x_t, rows, cols, num_candidates: int):
+    cloak = nnx.merge(graphdef, state)
+
     def mu_sigma(x, am, nm):
         out = cloak(x, am, nm, key=jax.random.key(0), deterministic=True)  # mu and sigma only: no noise used
         return out.mu, out.sigma
@@ -116,10 +120,11 @@ def exact_channel(cloak, transform: Transform, table, data: PromptSet, *, key, p
     rows, cols = rows[pick], cols[pick]
     table = jnp.asarray(table, jnp.float32)
     k = min(candidates, table.shape[0])
-    log_q = []
+    log_q, (graphdef, state) = [], nnx.split(cloak)
     for start in range(0, len(rows), chunk):
         index = np.arange(start, start + chunk) % len(rows)  # one compiled shape: wrap the last chunk
-        out = _exact_chunk(cloak, table, ids, am, nm, x_t, jnp.asarray(rows[index]), jnp.asarray(cols[index]), k)
+        out = _exact_chunk(graphdef, state, table, ids, am, nm, x_t, jnp.asarray(rows[index]),
+                           jnp.asarray(cols[index]), k)
         log_q.append(np.asarray(out)[: len(rows) - start])
     figure = leakage.barber_agakov(np.concatenate(log_q), data.input_ids[rows, cols],
                                    reference_ids=data.input_ids[data.targets])

@@ -11,7 +11,6 @@ peak.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -21,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple, get_args
 
 import grain
 import jax
@@ -29,7 +28,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from sgt_jax.config import ATTENTION_IMPLS, OBJECTIVE_MODES, REMAT_POLICIES, SGTConfig, load_config
+from sgt_jax.config import ConfigError, SGTConfig, load_config
+from sgt_jax.config.commands import BenchCommand, BenchShape, parse_command
 from sgt_jax.models.decoder import CausalLM, DecoderConfig
 from sgt_jax.training import builder
 from sgt_jax.training import step as step_lib
@@ -44,6 +44,7 @@ SHAPES = {
     "small": dict(hidden=256, heads=8, kv_heads=8, intermediate=688, vocab=2048),
     "llama2-7b": dict(hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
 }
+assert tuple(SHAPES) == get_args(BenchShape), "bench.shape's choices are these presets"
 
 # ------------------------------------------------------------------------------------------------ model
 
@@ -77,47 +78,22 @@ def host_batch(batch: int, seq: int, vocab: int, *, valid: int | None = None, se
 # -------------------------------------------------------------------------------------------- the bench
 
 
-@dataclasses.dataclass
-class BenchArgs:
-    batch: int = 2
-    seq: int = 64
-    base_layers: int = 2
-    estimator_layers: int = 1
-    shape: str | None = None
-    hidden: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    intermediate: int | None = None
-    vocab: int | None = None
-    dtype: str = "bfloat16"
-    remat: str = "none"
-    cloak_remat: str = "none"
-    attention: str = "xla"
-    objective: str = "ssl"
-    vocab_chunk: int = 0
-    accum: int = 1
-    steps: int = 5
-    warmup: int = 2
-    donate: bool = True
-    valid_tokens: int | None = None
-    model_layers: int | None = None
-    memory_only: bool = False
-    prefetch: int = -1
-    host_delay_ms: float = 0.0
-    sync_every_step: bool = False
-    out: str | None = None
+# The benchmark's settings: the schema's ``bench`` section (``python -m sgt_jax.bench --help`` lists them).
+BenchArgs = BenchCommand
 
-    def shape_dict(self) -> dict[str, int]:
-        shape = dict(SHAPES[self.shape or "tiny"])
-        for key in ("hidden", "heads", "kv_heads", "intermediate", "vocab"):
-            if getattr(self, key) is not None:
-                shape[key] = getattr(self, key)
-        if self.shape is None and self.hidden is not None and self.heads is None:
-            shape["heads"] = max(1, self.hidden // 64)
-            shape["kv_heads"] = shape["heads"]
-        if self.kv_heads is None and self.heads is not None:
-            shape["kv_heads"] = self.heads
-        return shape
+
+def shape_of(args: BenchArgs) -> dict[str, int]:
+    """The model shape the settings ask for: the preset, then the explicit sizes over it."""
+    shape = dict(SHAPES[args.shape or "tiny"])
+    for key in ("hidden", "heads", "kv_heads", "intermediate", "vocab"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if args.shape is None and args.hidden is not None and args.heads is None:
+        shape["heads"] = max(1, args.hidden // 64)
+        shape["kv_heads"] = shape["heads"]
+    if args.kv_heads is None and args.heads is not None:
+        shape["kv_heads"] = args.heads
+    return shape
 
 
 def _memory(compiled, device) -> dict[str, Any]:
@@ -247,7 +223,7 @@ def _time_loop(args: BenchArgs, shape, compiled, state, base_state, batch_shardi
 
 
 def run_bench(args: BenchArgs) -> dict[str, Any]:
-    shape = args.shape_dict()
+    shape = shape_of(args)
     device = jax.devices()[0]
     step = _build_step(args, shape, device)
     t0 = time.perf_counter()
@@ -304,37 +280,12 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
 
 
 def parse_args(argv=None) -> BenchArgs:
-    p = argparse.ArgumentParser(prog="python -m sgt_jax.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--base-layers", type=int, default=2, help="base layers kept (ssl: truncate_at_layer = K-1)")
-    p.add_argument("--estimator-layers", type=int, default=1)
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="preset width (default tiny)")
-    for name in ("hidden", "heads", "kv-heads", "intermediate", "vocab"):
-        p.add_argument(f"--{name}", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="base model dtype")
-    p.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="remat policy of the base's scanned layers")
-    p.add_argument("--cloak-remat", default="none", choices=REMAT_POLICIES,
-                   help="remat policy of the cloak's estimator layers")
-    p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLS)
-    p.add_argument("--objective", default="ssl", choices=OBJECTIVE_MODES)
-    p.add_argument("--vocab-chunk", type=int, default=0, help="vocabulary chunk of the lm/distill CE (0: off)")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (batch must divide)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--no-donate", dest="donate", action="store_false", help="do not donate the train state")
-    p.add_argument("--valid-tokens", type=int, default=None, help="real tokens per row (left padding to --seq)")
-    p.add_argument("--model-layers", type=int, default=None, help="layers of the full model (default K)")
-    p.add_argument("--memory-only", action="store_true", help="compile and report memory, do not run")
-    p.add_argument("--prefetch", type=int, default=-1,
-                   help="also time a step loop fed from a host iterator; N>0 prefetches N batches (Grain's "
-                   "device_put: N on the host, N on the device), 0 does not")
-    p.add_argument("--host-delay-ms", type=float, default=0.0, help="simulated host data work per batch in the loop")
-    p.add_argument("--sync-every-step", action="store_true",
-                   help="in the loop, read the loss after every step (as a loop that logs each step does)")
-    p.add_argument("--out", default=None, help="write the JSON here")
-    ns = p.parse_args(argv)
-    return BenchArgs(**vars(ns))
+    args, overrides = parse_command("bench", sys.argv[1:] if argv is None else argv, prog="python -m sgt_jax.bench",
+                                    doc=__doc__)
+    if overrides:
+        raise ConfigError(f"{overrides[0]!r}: the benchmark takes only its own settings (bench.key=value or --key "
+                          "value); --help lists them.")
+    return args
 
 
 def main(argv=None) -> dict[str, Any]:

@@ -12,21 +12,26 @@ its checkpoint. The server's transfer attack trains the attacker's own SGT once 
 
     python -m sgt_jax.privacy_sweep --out runs/sweep --config configs/tiny.yaml \\
         --grid "objective.transform_variance_priority=0.01,0.5 objective.alpha=0.3,0.54 train.max_steps=400,1600"
+
+Its settings are the ``sweep`` section of the schema (``--help`` lists them); other ``key=value`` overrides
+apply to the training configuration of every point.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from sgt_jax import config as config_lib
+from sgt_jax.config import ConfigError
+from sgt_jax.config.commands import parse_command
 from sgt_jax.data.errors import DataError
 from sgt_jax.errors import run_cli
 from sgt_jax.evaluation.attack import attack
@@ -107,28 +112,16 @@ def sweep(settings: Sequence[Sequence[str]], out: Path, *, config_path=None, com
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sgt_jax.privacy_sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="directory for the runs, frontier.json and frontier.png")
-    parser.add_argument("--setting", action="append", default=[],
-                        help='one sweep point: space-separated key=value overrides (repeat the flag per point)')
-    parser.add_argument("--grid", help='"key=v1,v2 key2=w1,w2": every combination is a point (before --setting)')
-    parser.add_argument("--config", help="training config, e.g. configs/tiny.yaml (default: the schema's defaults)")
-    parser.add_argument("--attack-steps", type=int, default=1500, help="Adam steps of each learned attacker")
-    parser.add_argument("--attacks", default="mlp", help="learned inverters (white box and transfer)")
-    parser.add_argument("--exact-positions", type=int, default=128,
-                        help="positions of the white box's exact-channel leakage figure (0: off)")
-    parser.add_argument("--no-transfer", action="store_true", help="skip the server's transfer attack")
-    parser.add_argument("--transfer-steps", type=int, default=400,
-                        help="train.max_steps of the server's own SGT, trained once per setting (default 400)")
-    parser.add_argument("common", nargs="*", help="key=value overrides applied to every point")
-    args = parser.parse_args(argv)
-
     def go():
+        args, common = parse_command("sweep", sys.argv[1:] if argv is None else argv,
+                                     prog="python -m sgt_jax.privacy_sweep", doc=__doc__)
+        if not args.out:
+            raise ConfigError("pass --out DIR (sweep.out), the directory for the runs and the frontier.")
         settings = (grid(args.grid) if args.grid else []) + [shlex.split(s) for s in args.setting]
         kwargs = {"steps": args.attack_steps, "attacks": tuple(a for a in args.attacks.split(",") if a),
                   "ceiling": False, "exact_positions": args.exact_positions}
-        points = sweep(settings or [[]], Path(args.out), config_path=args.config, common=args.common,
-                       transfer=not args.no_transfer, transfer_steps=args.transfer_steps, attack_kwargs=kwargs)
+        points = sweep(settings or [[]], Path(args.out), config_path=args.config, common=common,
+                       transfer=args.transfer, transfer_steps=args.transfer_steps, attack_kwargs=kwargs)
         for p in points:
             recovery = "  ".join(f"{t} {v:5.1f}%" for t, v in p["recovery"].items())
             print(f"top1 {100 * p['top1_agreement']:5.1f}%  {recovery}  {' '.join(p['settings'])}")

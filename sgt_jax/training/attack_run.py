@@ -5,6 +5,9 @@
         [--train-data SRC] [--eval-data SRC] [--steps 1500] [--out report.json] [key=value ...]
     python -m sgt_jax.attack --frontier RUN [RUN ...] --out frontier.png
 
+Its settings are the ``attack`` section of the schema (``--help`` lists them; ``--steps 600`` and
+``attack.steps=600`` are the same); other ``key=value`` overrides apply to the run's saved configuration.
+
 The server's transfer attack needs the attacker's own SGT: ``--transfer-sgt`` names one, else this command
 trains it (:func:`train_attacker_sgt`) with the victim's recipe (its saved training configuration) under
 another run seed and fresh noise, on public data disjoint from the victim's: ``--transfer-data``, or, for the
@@ -14,18 +17,18 @@ removed. It lands in ``<run>/transfer_sgt`` and is reused by later calls.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sgt_jax.config.commands import parse_command
 from sgt_jax.data.errors import DataError
 from sgt_jax.data.synthetic import generate_corpus
 from sgt_jax.errors import run_cli
-from sgt_jax.evaluation.attack import REPORT_NAME, attack
+from sgt_jax.evaluation.attack import attack
 from sgt_jax.evaluation.frontier import frontier
-from sgt_jax.evaluation.threat_models import SERVER_ATTACKS, THREAT_MODELS
 from sgt_jax.inference.artifact import StainedGlassTransform, resolve_sgt_path
 from sgt_jax.training.run import train
 
@@ -86,37 +89,10 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sgt_jax.attack", description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--sgt", help="a training run directory (with sgt/) or an SGT artifact")
-    add("--frontier", nargs="+", metavar="RUN_DIR", help="plot the privacy–utility frontier of these runs (each "
-        "attacked before with --sgt) instead of attacking")
-    add("--threat-model", default=",".join(THREAT_MODELS), help=f"comma-separated subset of {','.join(THREAT_MODELS)}")
-    add("--attacks", default="mlp,transformer", help="learned inverters of the white box and of the transfer attack")
-    add("--server-attacks", default=",".join(SERVER_ATTACKS), help=f"subset of {','.join(SERVER_ATTACKS)}")
-    add("--transfer-sgt", help="the server's own SGT for the transfer attack (default: train one, see above)")
-    add("--transfer-data", help="public data the server trains its SGT on (default: a disjoint synthetic corpus)")
-    add("--transfer-steps", type=int, help="train.max_steps of the server's SGT (default: the victim's recipe)")
-    add("--train-data", help="public data the attackers train on (default: the run's training split)")
-    add("--eval-data", help="held-out prompts to attack (default: the run's validation split)")
-    add("--steps", type=int, default=1500, help="Adam steps per learned attacker (default 1500)")
-    add("--batch-size", type=int, default=32, help="attacker batch size in prompts (default 32)")
-    add("--max-eval", type=int, default=256, help="held-out prompts to attack (default 256)")
-    add("--no-ceiling", action="store_true", help="skip the clean-embedding ceilings (halves the learned attacks)")
-    add("--exact-positions", type=int, default=256, help="positions of the white box's exact-channel figure (0: off)")
-    add("--exact-candidates", type=int, default=32, help="candidate tokens per position of that figure")
-    add("--seed", type=int, default=0, help="attacker initialisation and noise seed (default 0)")
-    add("--out", help=f"report path (default <run or artifact dir>/{REPORT_NAME}; with --frontier: the PNG, default "
-        "frontier.png in the current directory)")
-    add("overrides", nargs="*", help="key=value overrides of the saved config (e.g. data.max_length=64)")
-    return parser
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-
     def body():
+        args, overrides = parse_command("attack", sys.argv[1:] if argv is None else argv,
+                                        prog="python -m sgt_jax.attack", doc=__doc__)
         if args.frontier:
             return frontier(args.frontier, out=args.out or "frontier.png")
         if not args.sgt:
@@ -132,8 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                           data=args.transfer_data, steps=args.transfer_steps)
         return attack(args.sgt, threat_models=threats, train_data=args.train_data, eval_data=args.eval_data,
                       attacks=_csv(args.attacks), server_attacks=server_attacks, transfer_sgt=transfer,
-                      steps=args.steps, batch_size=args.batch_size, seed=args.seed, ceiling=not args.no_ceiling,
+                      steps=args.steps, batch_size=args.batch_size, seed=args.seed, ceiling=args.ceiling,
                       exact_positions=args.exact_positions, exact_candidates=args.exact_candidates,
-                      max_eval=args.max_eval, out=args.out, overrides=args.overrides)
+                      max_eval=args.max_eval, out=args.out, overrides=overrides)
 
     return run_cli(body)
