@@ -216,14 +216,20 @@ def _tokens(section: str, argv: Sequence[str]) -> Tuple[dict, List[str]]:
     return given, overrides
 
 
-def parse_command(section: str, argv: Sequence[str], *, prog: str, doc: str = "") -> Tuple[Any, List[str]]:
-    """(the command's typed section, the run-config ``key=value`` overrides) of a command line; ``--help``
-    prints the command's description and its settings, then exits."""
+def parse_command(section: str, argv: Sequence[str], *, prog: str, doc: str = "",
+                  run_overrides: bool = True) -> Tuple[Any, List[str]]:
+    """(the command's typed section, the run-config ``key=value`` overrides, which a command without a run
+    refuses: ``run_overrides=False``) of a command line; ``--help`` prints the command's description and its
+    settings, then exits."""
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {prog} [--key value | {section}.key=value ...] [run-config key=value ...]\n\n{doc.strip()}"
+        tail = " [run-config key=value ...]" if run_overrides else ""
+        print(f"usage: {prog} [--key value | {section}.key=value ...]{tail}\n\n{doc.strip()}"
               f"\n\nsettings (--key value is section.key=value):\n\n{section_table(section, COMMANDS[section])}")
         raise SystemExit(0)
     given, overrides = _tokens(section, argv)
+    if overrides and not run_overrides:
+        raise ConfigError(f"{overrides[0]!r}: {prog} takes only its own settings ({section}.key=value or --key "
+                          "value); --help lists them.")
     cls = COMMANDS[section]
     try:
         layer = OmegaConf.from_dotlist([f"{k}={v}" for k, v in given.items() if not isinstance(v, list)])

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from sgt_jax.config import ConfigError, SGTConfig, load_config
+from sgt_jax.config import SGTConfig, load_config
 from sgt_jax.config.commands import BenchCommand, BenchShape, parse_command
 from sgt_jax.models.decoder import CausalLM, DecoderConfig
 from sgt_jax.training import builder
@@ -280,12 +280,8 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
 
 
 def parse_args(argv=None) -> BenchArgs:
-    args, overrides = parse_command("bench", sys.argv[1:] if argv is None else argv, prog="python -m sgt_jax.bench",
-                                    doc=__doc__)
-    if overrides:
-        raise ConfigError(f"{overrides[0]!r}: the benchmark takes only its own settings (bench.key=value or --key "
-                          "value); --help lists them.")
-    return args
+    return parse_command("bench", sys.argv[1:] if argv is None else argv, prog="python -m sgt_jax.bench",
+                         doc=__doc__, run_overrides=False)[0]
 
 
 def main(argv=None) -> dict[str, Any]:
