@@ -195,9 +195,9 @@ def test_validation_and_evaluate_give_the_same_numbers_on_the_same_sgt_data_and_
                                         "model.truncate_at_layer=0"])
     trainer = Trainer(cfg)
     state = trainer.init_state()
-    with trainer.full_model_on_devices() as full:
-        validation = trainer._forward_validation(state, jax.random.key(7), full).metrics()
-        other_key = trainer._forward_validation(state, jax.random.key(8), full).metrics()
+    with trainer.validator.full_model_on_devices() as full:
+        validation = trainer.validator._forward_validation(state, jax.random.key(7), full).metrics()
+        other_key = trainer.validator._forward_validation(state, jax.random.key(8), full).metrics()
     report = evaluate(trainer.save_artifact(state), max_batches=2, generation_examples=0, attack_steps=0, seed=7,
                       out=str(tmp_path / "report.json"), print_table=False)
     forward, cosine = report["forward"], report["obfuscation"]["cosine"]["percent_changed"]

@@ -25,7 +25,6 @@ comparable between runs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import sys
@@ -34,7 +33,6 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sgt_jax import tracking
@@ -45,12 +43,12 @@ from sgt_jax.errors import run_cli
 from sgt_jax.evaluation import metrics as metrics_lib
 from sgt_jax.evaluation.attack import summary_attack_lines
 from sgt_jax.evaluation.rouge import generation_rouge
+from sgt_jax.evaluation.validation import ValidationTotals, make_eval_step
 from sgt_jax.inference.artifact import StainedGlassTransform, resolve_sgt_path, transform_embeddings
 from sgt_jax.inference.generate import prompts_from_batch
 from sgt_jax.models import CausalLM
 from sgt_jax.models.fingerprint import model_fingerprint
 from sgt_jax.models.hf import resolve_model_path
-from sgt_jax.transform.entropy import example_keys
 
 log = logging.getLogger("sgt_jax.evaluate")
 
@@ -62,68 +60,43 @@ GENERATION_EXAMPLES = EvaluateCommand.generation_examples
 METRICS = ("cosine", "l2")
 
 
-@functools.partial(jax.jit, static_argnames="graphdefs")
-def _forward_batch(graphdefs, states, table, batch, key):
-    # Validation's convention: batch i's key, folded with each example's index in the batch.
-    keys = example_keys(key, jnp.arange(batch["input_ids"].shape[0]))
-    cloak, base = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
-    out = metrics_lib.forward_eval(cloak, base, table, batch, keys, obfuscation_metrics=METRICS)
-    return out["sums"], {m: (o["percent_changed"], o["mean_rank"]) for m, o in out["obfuscation"].items()}
-
-
-@dataclasses.dataclass
-class _Pass:
-    """What one pass over the evaluation data gathers: forward sums and per-sequence obfuscation of the first
-    ``max_batches`` batches, and the prompts for the generation metrics."""
-
-    sums: dict[str, float] = dataclasses.field(default_factory=dict)
-    changed: dict[str, list] = dataclasses.field(default_factory=lambda: {m: [] for m in METRICS})
-    ranks: dict[str, list] = dataclasses.field(default_factory=lambda: {m: [] for m in METRICS})
-    prompts: list = dataclasses.field(default_factory=list)
-    batches: int = 0
-
-    def add(self, batch_sums, obfuscation, real: np.ndarray) -> None:
-        self.batches += 1
-        for k, v in batch_sums.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        for m, (changed, rank) in obfuscation.items():
-            self.changed[m].append(np.asarray(changed)[real])
-            self.ranks[m].append(np.asarray(rank)[real])
-
-
-def _data_pass(sgt, base, dataset, key, max_batches: Optional[int], num_prompts: int) -> _Pass:
-    """Forward metrics on the first ``max_batches`` batches (None: all); prompts from as many batches as it
-    takes to gather ``num_prompts`` of them, so that the ROUGE sample does not depend on ``max_batches``."""
-    gathered, (graphdefs, states) = _Pass(), zip(nnx.split(sgt.cloak), nnx.split(base))
+def _data_pass(sgt, base, dataset, key, max_batches: Optional[int], num_prompts: int
+               ) -> tuple[ValidationTotals, list]:
+    """Validation's eval step and totals (without objective losses; the artifact's embedding table, as a client
+    reads it) on the first ``max_batches`` batches (None: all), and prompts from as many batches as it takes
+    to gather ``num_prompts`` of them, so that the ROUGE sample does not depend on ``max_batches``."""
+    (cloak_graphdef, params), (base_graphdef, base_state) = nnx.split(sgt.cloak), nnx.split(base)
+    eval_step = jax.jit(make_eval_step(None, cloak_graphdef, base_graphdef, None, base.config.hidden_size,
+                                       obfuscation_metrics=METRICS, histograms=False))
+    totals, prompts = ValidationTotals(), []
     for i, host_batch in enumerate(iter(dataset)):
         forward = max_batches is None or i < max_batches
-        if not forward and len(gathered.prompts) >= num_prompts:
+        if not forward and len(prompts) >= num_prompts:
             break
-        if len(gathered.prompts) < num_prompts:
-            gathered.prompts.extend(prompts_from_batch(host_batch)[: num_prompts - len(gathered.prompts)])
-        real = host_batch["attention_mask"].any(axis=-1)
-        if forward and real.any():
+        prompts.extend(prompts_from_batch(host_batch)[: max(0, num_prompts - len(prompts))])
+        if forward:
+            # One process: example i of the batch is its example_index, as in a one-host validation.
             batch = {k: jnp.asarray(host_batch[k]) for k in ("input_ids", "attention_mask", "noise_mask")}
-            sums, obfuscation = jax.device_get(
-                _forward_batch(graphdefs, states, sgt.embedding_table, batch, jax.random.fold_in(key, i)))
-            gathered.add(sums, obfuscation, real)
+            batch["example_index"] = jnp.arange(batch["input_ids"].shape[0], dtype=jnp.int32)
+            totals.add(jax.device_get(eval_step(params, base_state, base_state, batch, jax.random.fold_in(key, i),
+                                                sgt.embedding_table)))
     if hasattr(dataset, "close"):
         dataset.close()
-    if gathered.batches == 0:
+    if totals.batches == 0:
         raise ConfigError("the evaluation data has no examples; pass --data with a non-empty dataset.")
-    return gathered
+    return totals, prompts
 
 
-def _forward_and_obfuscation(gathered: _Pass) -> tuple[dict[str, Any], dict[str, Any]]:
-    sums = gathered.sums
+def _forward_and_obfuscation(totals: ValidationTotals) -> tuple[dict[str, Any], dict[str, Any]]:
+    sums = totals.sums
     forward = metrics_lib.finalize_forward_metrics(sums)
     forward["mean_sigma"] = sums["sigma_sum"] / max(sums["feature_count"], 1.0)
     forward["mean_abs_mu"] = sums["mu_abs_sum"] / max(sums["feature_count"], 1.0)
     forward["tokens"] = int(sums["nll_count"])
-    obfuscation = {m: {"percent_changed": metrics_lib.summarize(np.concatenate(gathered.changed[m])),
-                       "reconstruction_rank_mean": metrics_lib.summarize(np.concatenate(gathered.ranks[m])).get(
-                           "mean", float("nan"))}
-                   for m in METRICS}
+    obfuscation = {}
+    for m in METRICS:
+        changed, rank = totals.obfuscation(m)
+        obfuscation[m] = {"percent_changed": changed, "reconstruction_rank_mean": rank.get("mean", float("nan"))}
     return forward, obfuscation
 
 
@@ -193,19 +166,19 @@ def evaluate(sgt_path, *, data: Optional[str] = None, data_format: Optional[str]
     tokenizer = load_tokenizer(str(model_dir))
     train_data, val_data = build_datasets(cfg.data, tokenizer, process_index=0, process_count=1)
     key = jax.random.key(seed)
-    gathered = _data_pass(sgt, base, val_data if val_data is not None else train_data, key,
+    totals, prompts = _data_pass(sgt, base, val_data if val_data is not None else train_data, key,
                           cfg.validation.max_batches if max_batches is None else max_batches, generation_examples)
-    forward, obfuscation = _forward_and_obfuscation(gathered)
+    forward, obfuscation = _forward_and_obfuscation(totals)
     attack_steps = cfg.validation.attack_steps if attack_steps is None else attack_steps
     # Every threat model next to the nearest-neighbour numbers, quick settings (python -m sgt_jax.attack: all).
     privacy = summary_attack_lines(artifact_dir, steps=attack_steps, eval_data=data, overrides=overrides,
                                    seed=seed) if attack_steps else {}
-    generation, rows = _generation(sgt, base, tokenizer, cfg, gathered.prompts, jax.random.fold_in(key, 1_000_000),
+    generation, rows = _generation(sgt, base, tokenizer, cfg, prompts, jax.random.fold_in(key, 1_000_000),
                                    report_dir / "base_generations.json", fingerprint)
     report = {
         "sgt": str(artifact_dir), "base_model": str(model_dir), "base_model_fingerprint": fingerprint,
         "data": {"source": cfg.data.validation_source or cfg.data.source, "format": cfg.data.format,
-                 "batches": gathered.batches, "sequences": int(sum(len(c) for c in gathered.changed["cosine"]))},
+                 "batches": totals.batches, "sequences": int(sum(len(c) for c in totals.changed["cosine"]))},
         "seed": seed, "forward": forward, "obfuscation": obfuscation, "privacy": privacy, "generation": generation,
     }
     step = int((sgt.meta.get("training_config") or {}).get("train", {}).get("max_steps") or 0)

@@ -1,12 +1,12 @@
-"""In-training validation's per-batch eval step and the sums it is reduced to on the host.
+"""The one evaluator: the per-batch eval step and the sums it is reduced to on the host, run by in-training
+validation (:class:`sgt_jax.training.validator.Validator`) and by ``python -m sgt_jax.evaluate`` alike.
 
 ``make_eval_step`` gives the pure ``eval_step(params, base_state, full_state, batch, key)``: the objective's
 losses (deterministic: no dropout), forward metrics of the untruncated model (perplexity and next-token
 agreement on clean and transformed input), obfuscation (the nearest vocabulary token of each transformed
 token) and the noise-to-spacing sums, with per-example noise keys ``fold_in(key, example_index)`` — the same
-convention as the train step, so an example's noise does not depend on how the batch is split. Validation
-passes batch i the key ``fold_in(key, i)``, and ``python -m sgt_jax.evaluate`` does the same: on the same SGT,
-data and key both report the same numbers (both reduce :func:`sgt_jax.evaluation.metrics.forward_eval`).
+convention as the train step, so an example's noise does not depend on how the batch is split. Both callers
+pass batch i the key ``fold_in(key, i)``: on the same SGT, data and key they report the same numbers.
 """
 
 from __future__ import annotations
@@ -23,33 +23,36 @@ from sgt_jax.transform import noise_spacing, objective
 from sgt_jax.transform.entropy import example_keys
 
 
-def make_eval_step(objective_cfg, cloak_graphdef, base_graphdef, full_graphdef, hidden_size: int):
+def make_eval_step(objective_cfg, cloak_graphdef, base_graphdef, full_graphdef, hidden_size: int, *,
+                   obfuscation_metrics: tuple[str, ...] = ("cosine",), histograms: bool = True):
     """The pure eval step of a run (``full_graphdef``: the untruncated model's, or None when validation reads
-    the training model itself or no perplexity)."""
-    loss_fn = objective.make_loss_fn(objective_cfg)
+    the training model itself or no perplexity). ``objective_cfg`` None: no objective losses (``evaluate``, whose
+    base is the whole model); ``obfuscation_metrics``: the nearest-token metrics (the first one gives
+    ``nearest``); ``histograms``: also return sigma and mu per element. ``eval_step(..., table)`` reads the
+    prompts' embeddings from ``table`` instead of the base's own (``evaluate``: the artifact's, as a client)."""
+    loss_fn = None if objective_cfg is None else objective.make_loss_fn(objective_cfg)
 
-    def eval_step(params, base_state, full_state, batch, key):
+    def eval_step(params, base_state, full_state, batch, key, table=None):
         cloak = nnx.merge(cloak_graphdef, params)
         base = nnx.merge(base_graphdef, base_state)
+        table = base.embedding_table if table is None else table
         keys = example_keys(key, batch["example_index"])
-        denominators = objective.local_denominators(batch, hidden_size)
-        _, losses = loss_fn(cloak, base, batch, keys, denominators, True)
+        losses = {}
+        if loss_fn is not None:
+            _, losses = loss_fn(cloak, base, batch, keys, objective.local_denominators(batch, hidden_size), True)
         full = None if full_state is None else nnx.merge(full_graphdef or base_graphdef, full_state)
-        out = metrics_lib.forward_eval(cloak, full, base.embedding_table, batch, keys)
-        obf = out["obfuscation"]["cosine"]
+        out = metrics_lib.forward_eval(cloak, full, table, batch, keys, obfuscation_metrics=obfuscation_metrics)
         # The positions the transform adds noise to: real tokens the batch marks for noise.
         noise_mask = batch["attention_mask"].astype(bool) & batch["noise_mask"].astype(bool)
-        spacing = noise_spacing.spacing_sums(out["sigma"], batch["input_ids"], noise_mask, base.embedding_table)
-        return {
+        spacing = noise_spacing.spacing_sums(out["sigma"], batch["input_ids"], noise_mask, table)
+        result = {
             "losses": losses,
             "sums": {**out["sums"], **spacing},
-            "percent_changed": obf["percent_changed"],
-            "mean_rank": obf["mean_rank"],
-            "nearest": obf["nearest"],
-            "sigma": out["sigma"],
-            "mu": out["mu"],
+            "obfuscation": {m: (o["percent_changed"], o["mean_rank"]) for m, o in out["obfuscation"].items()},
+            "nearest": out["obfuscation"][obfuscation_metrics[0]]["nearest"],
             "real_rows": jnp.any(batch["attention_mask"].astype(bool), axis=-1),
         }
+        return {**result, "sigma": out["sigma"], "mu": out["mu"]} if histograms else result
 
     return eval_step
 
@@ -62,8 +65,8 @@ class ValidationTotals:
     batches: int = 0
     loss_sums: dict[str, float] = dataclasses.field(default_factory=dict)
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
-    changed: list[np.ndarray] = dataclasses.field(default_factory=list)
-    ranks: list[np.ndarray] = dataclasses.field(default_factory=list)
+    changed: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)  # by obfuscation metric
+    ranks: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
     sigmas: list[np.ndarray] = dataclasses.field(default_factory=list)
     mus: list[np.ndarray] = dataclasses.field(default_factory=list)
     table_rows: list[dict[str, str]] = dataclasses.field(default_factory=list)
@@ -77,19 +80,25 @@ class ValidationTotals:
         for totals, values in ((self.loss_sums, out["losses"]), (self.sums, out["sums"])):
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        self.changed.append(np.asarray(out["percent_changed"])[real])
-        self.ranks.append(np.asarray(out["mean_rank"])[real])
-        self.sigmas.append(np.asarray(out["sigma"]).ravel())
-        self.mus.append(np.asarray(out["mu"]).ravel())
+        for m, (changed, rank) in out["obfuscation"].items():
+            self.changed.setdefault(m, []).append(np.asarray(changed)[real])
+            self.ranks.setdefault(m, []).append(np.asarray(rank)[real])
+        if "sigma" in out:
+            self.sigmas.append(np.asarray(out["sigma"]).ravel())
+            self.mus.append(np.asarray(out["mu"]).ravel())
         return True
+
+    def obfuscation(self, metric: str) -> tuple[dict[str, float], dict[str, float]]:
+        """(summary of the per-sequence % of tokens changed, of the mean reconstruction rank) under ``metric``."""
+        return (metrics_lib.summarize(np.concatenate(self.changed[metric])),
+                metrics_lib.summarize(np.concatenate(self.ranks[metric])))
 
     def metrics(self) -> dict[str, float]:
         result = {k: v / self.batches for k, v in self.loss_sums.items()}
         result.update(metrics_lib.finalize_forward_metrics(self.sums))
         result.update(noise_spacing.finalize_spacing(self.sums))
-        obf = metrics_lib.summarize(np.concatenate(self.changed))
+        obf, rank = self.obfuscation("cosine")
         result.update({f"obfuscation_{k}": v for k, v in obf.items()})
-        rank = metrics_lib.summarize(np.concatenate(self.ranks))
         if rank:
             result["reconstruction_rank_mean"] = rank["mean"]
         return result

@@ -93,7 +93,7 @@ def compile_steps(cfg: SGTConfig, devices, *, with_eval: bool = True) -> dict[st
     seq_len = step_seq_len(cfg)
     train_batch = abstract_batch(cfg, mesh, cfg.optimizer.grad_accum_steps, seq_len)
     train, train_s = _compile(experiment.jit_train_step(), state, experiment.base_state, train_batch)
-    full_state = None  # what validation's eval step reads for perplexity (Trainer.full_model_on_devices)
+    full_state = None  # what validation's eval step reads for perplexity (Validator.full_model_on_devices)
     if cfg.validation.perplexity:
         full_state = experiment.base_state if experiment.truncate_at_layer is None else builder.abstract_model(
             cfg, experiment.model_config, mesh, truncate_at_layer=None, platform=devices[0].platform)[1]
@@ -118,7 +118,7 @@ def step_seq_len(cfg: SGTConfig) -> int:
 def needed_bytes(result) -> int:
     """Per-device bytes a configuration needs: the train step, or a validation — the eval step next to the
     optimizer state, which is no argument of it. The full model that validation uses waits in host memory
-    while training (``Trainer.full_model_on_devices``): it is an argument of the eval step only."""
+    while training (``Validator.full_model_on_devices``): it is an argument of the eval step only."""
     train = memory(result["train"])["total"]
     if result["eval"] is None:
         return train

@@ -124,6 +124,12 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
     }
 
 
+def replicated(mesh: Mesh, tree):
+    """``tree`` (e.g. the cloak's parameters, sharded over fsdp) as one replicated copy: on several hosts a shard
+    may live on another host, so it is read back through this collective, which every host joins."""
+    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
+
+
 def agree(flags: Mapping[str, bool]) -> dict[str, bool]:
     """The host-agreed value of each control flag: True on every process when it is True on *any* process
     (a collective OR: one small all-gather for all the flags together).
