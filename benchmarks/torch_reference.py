@@ -150,8 +150,8 @@ def main(argv=None):
           f"{result['torch']['step_cpu_s_median'] * 1e3:.0f} CPU-ms, {result['torch']['torch_threads']} threads)")
     if a.compare:
         ours = run_bench(BenchArgs(batch=a.batch, seq=a.seq, base_layers=a.base_layers,
-                                   estimator_layers=a.estimator_layers, shape=a.shape, dtype=a.dtype, remat=a.remat,
-                                   steps=a.steps, warmup=a.warmup))
+                                   estimator_layers=a.estimator_layers, shape=a.shape, steps=a.steps, warmup=a.warmup),
+                         [f"model.dtype={a.dtype}", f"model.remat_policy={a.remat}"])
         result["sgt_jax"] = {k: ours[k] for k in ("step_s_median", "step_s_all", "step_cpu_s_median", "tokens_per_s",
                                                    "compile_s", "mfu", "final_loss", "load_average")}
         result["ratio_ours_over_torch"] = ours["tokens_per_s"] / result["torch"]["tokens_per_s"]

@@ -30,9 +30,11 @@ def test_bench_cli_runs_tiny_shape_and_writes_json(tmp_path, capsys):
 def test_bench_memory_only_lm_with_vocab_chunks(tmp_path):
     out = tmp_path / "m.json"
     bench.main(["--shape", "tiny", "--seq", "16", "--objective", "lm", "--vocab-chunk", "128", "--memory-only",
-                "--out", str(out)])
+                "model.dtype=float32", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["args"]["vocab_chunk"] == 128 and "step_s_median" not in result
+    run = result["run"]  # the flags and the run-config key=value alike set the benchmarked run
+    assert (run["objective.mode"], run["objective.vocab_chunk_size"], run["model.dtype"]) == ("lm", 128, "float32")
+    assert "step_s_median" not in result
     assert result["memory_analysis"]["temp_size_in_bytes"] > 0
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import pytest
 
 from sgt_jax.config import ConfigError, reference_markdown
-from sgt_jax.config.checks import AttentionImpl, ObjectiveMode, RematPolicy
 from sgt_jax.config.commands import COMMANDS, BenchCommand, parse_command
 
 
@@ -33,18 +32,17 @@ def test_lists_take_several_values_and_repeated_flags_add():
 
 
 def test_booleans_and_choices_are_typed():
-    args, _ = parse("bench", ["--memory-only", "--no-donate", "--shape", "small", "bench.dtype=float32", "--remat",
-                              "full"])
-    assert (args.memory_only, args.donate, args.shape, args.dtype, args.remat) == (True, False, "small", "float32",
-                                                                                  "full")
-    # the run schema's own choice types: one list of choices for each
-    types = {f.name: f.type for f in dataclasses.fields(BenchCommand)}
-    assert (types["remat"], types["attention"], types["objective"]) == (RematPolicy, AttentionImpl, ObjectiveMode)
+    args, rest = parse("bench", ["--memory-only", "--no-donate", "--shape", "small", "--remat", "full"])
+    assert (args.memory_only, args.donate, args.shape, rest) == (True, False, "small", ["model.remat_policy=full"])
+    args, _ = parse("evaluate", ["--format", "chat"])
+    assert args.format == "chat"
+    with pytest.raises(ConfigError, match="evaluate.format='html' is not one of alpaca, openorca, chat, text"):
+        parse("evaluate", ["--format", "html"])
 
 
 @pytest.mark.parametrize("argv, words", [
     (["--shape", "huge"], ["bench.shape", "'huge'", "tiny, small, llama2-7b"]),
-    (["--attention", "flash"], ["bench.attention", "xla"]),
+    (["--prefetch", "x"], ["prefetch", "x"]),
     (["--steps", "many"], ["steps", "many"]),
     (["--nope", "1"], ["--nope", "--batch", "--help"]),
     (["bench.nope=1"], ["bench.nope"]),
@@ -76,13 +74,17 @@ def test_the_reference_holds_every_command_section():
 def test_the_commands_take_their_settings_from_the_schema(tmp_path, capsys):
     """Each command's entry point reads its section: a bad value of it fails as the schema says, with exit 2."""
     from sgt_jax.evaluation.evaluate import main as evaluate_main
-    from sgt_jax.tools.benchmark import parse_args
+    from sgt_jax.tools.benchmark import SHAPES, bench_config, parse_args
     from sgt_jax.tools.privacy_sweep import main as sweep_main
     from sgt_jax.training.attack_run import main as attack_main
 
-    assert parse_args(["--batch", "4", "bench.seq=32"]) == BenchCommand(batch=4, seq=32)
-    with pytest.raises(ConfigError, match="takes only its own settings"):
-        parse_args(["model.dtype=float32"])
+    # the bench's model, objective and optimizer flags spell the run's own keys
+    assert parse_args(["--batch", "4", "bench.seq=32", "--dtype", "float32", "--accum=2", "cloak.seed=1"]) == (
+        BenchCommand(batch=4, seq=32), ["model.dtype=float32", "optimizer.grad_accum_steps=2", "cloak.seed=1"])
+    with pytest.raises(ConfigError, match="bench.batch=3 is not a multiple of optimizer.grad_accum_steps=2"):
+        bench_config(BenchCommand(batch=3), SHAPES["tiny"], tmp_path, ["optimizer.grad_accum_steps=2"])
+    cfg = bench_config(BenchCommand(base_layers=3), SHAPES["tiny"], tmp_path, ["model.remat_policy=full"])
+    assert (cfg.model.truncate_at_layer, cfg.model.remat_policy) == (2, "full")
     assert evaluate_main(["--sgt", str(tmp_path), "--seed", "x"]) == 2
     assert attack_main(["--sgt", str(tmp_path), "attack.steps=x"]) == 2
     assert sweep_main(["--setting", "a=1"]) == 2  # no --out

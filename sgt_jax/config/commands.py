@@ -15,11 +15,11 @@ from typing import Any, List, Literal, Optional, Sequence, Tuple, get_args, get_
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sgt_jax.config.checks import AttentionImpl, ConfigError, DataFormat, ObjectiveMode, RematPolicy, choice_message
+from sgt_jax.config.checks import ConfigError, DataFormat, choice_message
 from sgt_jax.config.platform_blocks import one_line
 
 __all__ = ["EvaluateCommand", "AttackCommand", "SweepCommand", "BenchCommand", "COMMANDS", "parse_command",
-           "section_table", "REFERENCE"]
+           "section_table", "REFERENCE", "RUN_FLAGS"]
 
 THREAT_MODELS = "lookup,white-box,server"
 SERVER_ATTACKS = "transfer,reader,lm_prior"
@@ -105,13 +105,6 @@ class BenchCommand:
     kv_heads: Optional[int] = _setting(None, "Key/value heads (overrides the preset).")
     intermediate: Optional[int] = _setting(None, "MLP width (overrides the preset).")
     vocab: Optional[int] = _setting(None, "Vocabulary size (overrides the preset).")
-    dtype: Literal["bfloat16", "float32"] = _setting("bfloat16", "model.dtype of the base.")
-    remat: RematPolicy = _setting("none", "model.remat_policy of the base's scanned layers.")
-    cloak_remat: RematPolicy = _setting("none", "cloak.remat_policy of the estimators' layers.")
-    attention: AttentionImpl = _setting("xla", "model.attention_impl.")
-    objective: ObjectiveMode = _setting("ssl", "objective.mode.")
-    vocab_chunk: int = _setting(0, "objective.vocab_chunk_size of the lm/distill cross-entropy (0: off).")
-    accum: int = _setting(1, "optimizer.grad_accum_steps: micro-batches per step (batch must divide).")
     steps: int = _setting(5, "Timed steps (the median is reported).")
     warmup: int = _setting(2, "Untimed steps first.")
     donate: bool = _setting(True, "Donate the train state to the step.")
@@ -126,11 +119,18 @@ class BenchCommand:
     out: Optional[str] = _setting(None, "Write the JSON here.")
 
 
-REFERENCE = """### Command sections
+# Flags that spell a run-config key: the bench's base, cloak, objective and optimizer settings are the run's own.
+RUN_FLAGS = {"bench": {"dtype": "model.dtype", "remat": "model.remat_policy", "cloak_remat": "cloak.remat_policy",
+                       "attention": "model.attention_impl", "objective": "objective.mode",
+                       "vocab_chunk": "objective.vocab_chunk_size", "accum": "optimizer.grad_accum_steps"}}
+
+REFERENCE = f"""### Command sections
 
 `python -m sgt_jax.evaluate`, `attack`, `privacy_sweep` and `bench` read their own sections below: `attack.steps=600`
 or the same setting as a flag, `--steps 600` (a boolean as `--key` / `--no-key`). Every other `key=value` on their
-command line overrides the run's configuration. `--help` prints the command's section.
+command line sets the run's configuration (the bench's run is its random-weight model's). `--help` prints the
+command's section. The bench's {", ".join(f"`--{k.replace('_', '-')}`" for k in RUN_FLAGS["bench"])} spell
+{", ".join(f"`{v}`" for v in RUN_FLAGS["bench"].values())}.
 """
 
 # Each command's section name (its key=value prefix) and dataclass.
@@ -185,6 +185,12 @@ def _tokens(section: str, argv: Sequence[str]) -> Tuple[dict, List[str]]:
         if token.startswith("--"):
             name, has_value, value = token[2:].partition("=")
             name = name.replace("-", "_")
+            if name in RUN_FLAGS.get(section, {}):
+                if not has_value and i >= len(argv):
+                    raise ConfigError(f"{token} needs a value.")
+                value, i = (value, i) if has_value else (argv[i], i + 1)
+                overrides.append(f"{RUN_FLAGS[section][name]}={value}")
+                continue
             if not has_value and name.startswith("no_") and name[3:] in fields and _is_bool(fields[name[3:]]):
                 given[name[3:]] = "false"
                 continue
@@ -224,7 +230,8 @@ def parse_command(section: str, argv: Sequence[str], *, prog: str, doc: str = ""
     if any(a in ("-h", "--help") for a in argv):
         tail = " [run-config key=value ...]" if run_overrides else ""
         print(f"usage: {prog} [--key value | {section}.key=value ...]{tail}\n\n{doc.strip()}"
-              f"\n\nsettings (--key value is section.key=value):\n\n{section_table(section, COMMANDS[section])}")
+              f"\n\nsettings (--key value is section.key=value):\n\n{section_table(section, COMMANDS[section])}"
+              + "".join(f"\n--{k.replace('_', '-')} V is {v}=V" for k, v in RUN_FLAGS.get(section, {}).items()))
         raise SystemExit(0)
     given, overrides = _tokens(section, argv)
     if overrides and not run_overrides:

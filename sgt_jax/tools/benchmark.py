@@ -4,6 +4,8 @@ Random weights, no checkpoint: the base is a ``CausalLM`` of the requested shape
 layers kept (ssl: truncated at layer K-1, as a loaded ``truncate_at_layer=K-1`` model; lm/distill: a K-layer
 model with its LM head), the cloak a ``TransformerCloak`` with ``--estimator-layers E`` per estimator, the
 step exactly :func:`sgt_jax.training.step.make_train_step` (scan over ``--accum`` micro-batches, AdamW).
+Its settings are the schema's ``bench`` section; every ``key=value`` of the run configuration applies to the
+benchmarked run (``model.dtype=float32``, ``cloak.matmul_precision=default``, ``objective.mode=lm``, ...).
 
 MFU is the model FLOPs of :mod:`sgt_jax.tools.flops` over the step time, each part against its own dtype's
 peak.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -20,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, get_args
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence, get_args
 
 import grain
 import jax
@@ -28,8 +31,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from sgt_jax.config import SGTConfig, load_config
-from sgt_jax.config.commands import BenchCommand, BenchShape, parse_command
+from sgt_jax.config import ConfigError, SGTConfig, load_config
+from sgt_jax.config.commands import RUN_FLAGS, BenchCommand, BenchShape, parse_command
 from sgt_jax.models.decoder import CausalLM, DecoderConfig
 from sgt_jax.training import builder
 from sgt_jax.training import step as step_lib
@@ -122,7 +125,7 @@ def _memory(compiled, device) -> dict[str, Any]:
     return out
 
 
-def _loop_batches(args: BenchArgs, shape, sharding, steps: int) -> Iterator[Mapping[str, jax.Array]]:
+def _loop_batches(args: BenchArgs, shape, sharding, steps: int, accum: int) -> Iterator[Mapping[str, jax.Array]]:
     """The step loop's batches, made on the host (with ``--host-delay-ms`` of simulated loader work each) and
     put on the device: ``--prefetch N > 0`` by Grain's ``device_put`` in background threads, N batches ahead
     on the host and N on the device; ``--prefetch 0`` inside the loop, between steps."""
@@ -131,7 +134,7 @@ def _loop_batches(args: BenchArgs, shape, sharding, steps: int) -> Iterator[Mapp
         if args.host_delay_ms:
             time.sleep(args.host_delay_ms / 1000.0)  # stands in for the data loader's per-batch work
         raw = host_batch(args.batch, args.seq, shape["vocab"], valid=args.valid_tokens, seed=i)
-        return step_lib.split_micro_batches(raw, args.accum)
+        return step_lib.split_micro_batches(raw, accum)
 
     if args.prefetch > 0:
         batches = grain.MapDataset.range(steps).map(host_batch_at).to_iter_dataset()
@@ -142,6 +145,7 @@ def _loop_batches(args: BenchArgs, shape, sharding, steps: int) -> Iterator[Mapp
 
 class _Step(NamedTuple):
     """The benchmarked train step, jitted, and what it runs on."""
+    cfg: SGTConfig
     config: DecoderConfig
     jitted: Any
     state: Any
@@ -151,34 +155,38 @@ class _Step(NamedTuple):
     batch: Mapping[str, jax.Array]
 
 
-def bench_config(args: BenchArgs, shape: dict[str, int], model_dir: Path) -> SGTConfig:
-    """The run configuration the benchmark's flags describe, over a model directory holding only the
-    ``config.json`` of the requested shape: ssl keeps ``--base-layers`` layers (truncated at K-1, as a loaded
-    ``truncate_at_layer=K-1`` model), lm/distill runs a K-layer model with its LM head."""
+def bench_config(args: BenchArgs, shape: dict[str, int], model_dir: Path, overrides: Sequence[str] = ()
+                 ) -> SGTConfig:
+    """The run configuration of the benchmark: the schema's defaults, the settings below, then the command
+    line's run-config ``overrides`` (``model.dtype=float32``, ``objective.mode=lm``, ...), over a model directory
+    holding only the ``config.json`` of the requested shape: ssl keeps ``--base-layers`` layers (truncated at
+    K-1, as a loaded ``truncate_at_layer=K-1`` model), lm/distill runs a K-layer model with its LM head."""
+    run = load_config(None, list(overrides))  # what the settings below depend on: the objective, accumulation
+    accum = run.optimizer.grad_accum_steps
+    if args.batch % accum:
+        raise ConfigError(f"bench.batch={args.batch} is not a multiple of optimizer.grad_accum_steps={accum}.")
     config = decoder_config(hidden=shape["hidden"], heads=shape["heads"], kv_heads=shape["kv_heads"],
                             intermediate=shape["intermediate"], vocab=shape["vocab"],
                             layers=args.model_layers or args.base_layers, max_positions=max(4096, args.seq))
     (model_dir / "config.json").write_text(json.dumps(hf_config_dict(config)))
-    truncate = args.base_layers - 1 if args.objective == "ssl" else None
+    truncate = args.base_layers - 1 if run.objective.mode == "ssl" else None
     return load_config(None, [
-        f"model.path={model_dir}", f"model.dtype={args.dtype}", f"model.attention_impl={args.attention}",
-        f"model.remat_policy={args.remat}", f"model.truncate_at_layer={'null' if truncate is None else truncate}",
-        f"objective.mode={args.objective}", f"objective.vocab_chunk_size={args.vocab_chunk}",
-        f"cloak.remat_policy={args.cloak_remat}", f"cloak.estimator_kwargs.num_hidden_layers={args.estimator_layers}",
-        "cloak.seed=0", f"optimizer.grad_accum_steps={args.accum}", f"data.batch_size={args.batch // args.accum}",
-        "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "validation.perplexity=false",
-        "validation.generation_examples=0"])
+        f"model.path={model_dir}", f"model.truncate_at_layer={'null' if truncate is None else truncate}",
+        f"cloak.estimator_kwargs.num_hidden_layers={args.estimator_layers}", "cloak.seed=0",
+        f"data.batch_size={args.batch // accum}", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1",
+        "validation.perplexity=false", "validation.generation_examples=0", *overrides])
 
 
-def _build_step(args: BenchArgs, shape: dict[str, int], device: jax.Device) -> _Step:
+def _build_step(args: BenchArgs, shape: dict[str, int], device: jax.Device, overrides: Sequence[str]) -> _Step:
     """Random-weight base and cloak of the requested shape, and the train step the experiment builder makes of
     them (the one training and --compile-only run)."""
     with tempfile.TemporaryDirectory(prefix="sgt_bench_") as tmp:
-        cfg = bench_config(args, shape, Path(tmp))
+        cfg = bench_config(args, shape, Path(tmp), overrides)
         config = DecoderConfig.from_hf(tmp)
         mesh = make_mesh(cfg.mesh, devices=[device])
-        base = CausalLM(config, dtype=args.dtype, truncate_at_layer=cfg.model.truncate_at_layer,
-                        attention_impl=args.attention, remat_policy=args.remat, rngs=nnx.Rngs(0))
+        base = CausalLM(config, dtype=cfg.model.dtype, truncate_at_layer=cfg.model.truncate_at_layer,
+                        attention_impl=cfg.model.attention_impl, remat_policy=cfg.model.remat_policy,
+                        rngs=nnx.Rngs(0))
         cloak = TransformerCloak.from_config(cfg.cloak, tmp, rngs=nnx.Rngs(0))
         experiment = builder.build(cfg, mesh, total_steps=1000, base=base, cloak=cloak)
     state = jax.device_put(experiment.fresh_state(jax.random.key_data(jax.random.key(0))), experiment.state_sharding)
@@ -186,9 +194,9 @@ def _build_step(args: BenchArgs, shape: dict[str, int], device: jax.Device) -> _
                                      base_sharding=experiment.base_sharding, donate=args.donate)
     batch_in = batch_sharding(mesh, accumulated=True)
     raw = host_batch(args.batch, args.seq, shape["vocab"], valid=args.valid_tokens)
-    batch = jax.device_put(step_lib.split_micro_batches(raw, args.accum), batch_in)
+    batch = jax.device_put(step_lib.split_micro_batches(raw, cfg.optimizer.grad_accum_steps), batch_in)
     base_state = jax.device_put(experiment.base_state, experiment.base_sharding)
-    return _Step(config, jitted, state, base_state, experiment.cloak_params, batch_in, batch)
+    return _Step(cfg, config, jitted, state, base_state, experiment.cloak_params, batch_in, batch)
 
 
 def _time_steps(args: BenchArgs, compiled, state, base_state, batch):
@@ -204,10 +212,10 @@ def _time_steps(args: BenchArgs, compiled, state, base_state, batch):
     return state, metrics, times, cpu_times
 
 
-def _time_loop(args: BenchArgs, shape, compiled, state, base_state, batch_sharding) -> dict[str, Any]:
+def _time_loop(args: BenchArgs, shape, compiled, state, base_state, batch_sharding, accum: int) -> dict[str, Any]:
     """Seconds per step of a loop fed from a host iterator, as the training loop is."""
     loop_steps = max(args.steps, 4)
-    it = _loop_batches(args, shape, batch_sharding, loop_steps + 1)
+    it = _loop_batches(args, shape, batch_sharding, loop_steps + 1, accum)
     state, metrics = compiled(state, base_state, next(it))  # first batch: pipeline fill, not timed
     jax.block_until_ready(state)
     t = time.perf_counter()
@@ -222,10 +230,11 @@ def _time_loop(args: BenchArgs, shape, compiled, state, base_state, batch_shardi
             "tokens_per_s": args.batch * args.seq / loop_s}
 
 
-def run_bench(args: BenchArgs) -> dict[str, Any]:
+def run_bench(args: BenchArgs, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The benchmark of the settings ``args`` with the run-config ``overrides``."""
     shape = shape_of(args)
     device = jax.devices()[0]
-    step = _build_step(args, shape, device)
+    step = _build_step(args, shape, device, overrides)
     t0 = time.perf_counter()
     lowered = step.jitted.lower(step.state, step.base_state, step.batch)
     t1 = time.perf_counter()
@@ -233,11 +242,12 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
     t2 = time.perf_counter()
 
     flops = flop_model(step.config, batch=args.batch, seq=args.seq, base_layers=args.base_layers,
-                       estimator_layers=args.estimator_layers, objective=args.objective)
+                       estimator_layers=args.estimator_layers, objective=step.cfg.objective.mode)
     result: dict[str, Any] = {
         "bench": "sgt_train_step",
         "date": datetime.date.today().isoformat(),
         "args": dataclasses.asdict(args),
+        "run": {key: functools.reduce(getattr, key.split("."), step.cfg) for key in RUN_FLAGS["bench"].values()},
         "shape": shape,
         "base_param_count": int(sum(x.size for x in jax.tree.leaves(step.base_state))),
         "cloak_param_count": int(sum(x.size for x in jax.tree.leaves(step.cloak_params))),
@@ -257,7 +267,7 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
     step_s = statistics.median(times)
     tokens = args.batch * args.seq
     valid = args.batch * min(args.valid_tokens or args.seq, args.seq)
-    peaks = peak_flops(device, args.dtype)
+    peaks = peak_flops(device, step.cfg.model.dtype)
     ideal_s = flops["base"] / peaks["base"] + flops["cloak"] / peaks["cloak"]
     result.update({
         "step_s_median": step_s,
@@ -275,18 +285,20 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
     })
     result.update(_memory(compiled, device))  # allocator peak now includes the run
     if args.prefetch >= 0:
-        result["loop"] = _time_loop(args, shape, compiled, state, step.base_state, step.batch_sharding)
+        result["loop"] = _time_loop(args, shape, compiled, state, step.base_state, step.batch_sharding,
+                                    step.cfg.optimizer.grad_accum_steps)
     return result
 
 
-def parse_args(argv=None) -> BenchArgs:
+def parse_args(argv=None) -> tuple[BenchArgs, list[str]]:
+    """The bench's settings and the run-config overrides of a command line."""
     return parse_command("bench", sys.argv[1:] if argv is None else argv, prog="python -m sgt_jax.bench",
-                         doc=__doc__, run_overrides=False)[0]
+                         doc=__doc__)
 
 
 def main(argv=None) -> dict[str, Any]:
-    args = parse_args(argv)
-    result = run_bench(args)
+    args, overrides = parse_args(argv)
+    result = run_bench(args, overrides)
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
