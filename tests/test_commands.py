@@ -26,6 +26,9 @@ def test_a_flag_and_a_section_key_are_the_same_setting_and_other_keys_override_t
 def test_lists_take_several_values_and_repeated_flags_add():
     args, rest = parse("attack", ["--frontier", "a", "b", "c", "--out", "f.png"])
     assert args.frontier == ["a", "b", "c"] and args.out == "f.png" and rest == []
+    assert parse("attack", ["attack.frontier=[a, b]", "attack.frontier=c"])[0].frontier == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="is not a list"):
+        parse("attack", ["attack.frontier=[a, b"])
     args, rest = parse("sweep", ["--out", "o", "--setting", "x=1 y=2", "--setting", "z=3", "sweep.setting=w=4",
                                  "train.max_steps=5", "--no-transfer"])
     assert args.setting == ["x=1 y=2", "z=3", "w=4"] and rest == ["train.max_steps=5"] and args.transfer is False

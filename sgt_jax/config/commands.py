@@ -3,7 +3,8 @@
 
 A command reads its section from ``<section>.key=value`` (``attack.steps=600``) or the same setting spelled
 as a flag (``--steps 600``, ``--steps=600``; a boolean as ``--key`` / ``--no-key``; a list setting takes the
-value after it and every further one up to the next flag or ``key=value``, and a repeated flag adds to it).
+value after it and every further one up to the next flag or ``key=value``, or a YAML list ``key=[a, b]``; a
+repeated setting adds to it).
 Every other ``key=value`` overrides the run's configuration, as in ``python -m sgt_jax.train``. ``--help``
 prints the section's reference, generated from the fields' ``help`` metadata like the configuration reference.
 """
@@ -12,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Literal, Optional, Sequence, Tuple, get_args, get_origin
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -167,6 +169,18 @@ def section_table(name: str, cls) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _values(value: str) -> list:
+    """A list setting's ``key=value``: one value, or several written as a YAML list (``[a, b]``)."""
+    if value.startswith("["):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{value!r} is not a list: write it as [a, b] or repeat the setting.") from None
+        if isinstance(parsed, list):
+            return [str(v) for v in parsed]
+    return [value]
+
+
 def _tokens(section: str, argv: Sequence[str]) -> Tuple[dict, List[str]]:
     """(the section's values as given, by key; the run-config overrides)."""
     fields = {f.name: f for f in dataclasses.fields(COMMANDS[section])}
@@ -196,7 +210,7 @@ def _tokens(section: str, argv: Sequence[str]) -> Tuple[dict, List[str]]:
                 continue
             f = field_of(name, token.split("=")[0])
             if has_value:
-                given[f.name] = given.get(f.name, []) + [value] if _is_list(f) else value
+                given[f.name] = given.get(f.name, []) + _values(value) if _is_list(f) else value
             elif _is_bool(f):
                 given[f.name] = "true"
             elif _is_list(f):
@@ -213,7 +227,7 @@ def _tokens(section: str, argv: Sequence[str]) -> Tuple[dict, List[str]]:
         elif token.startswith(section + ".") and "=" in token:
             key, _, value = token[len(section) + 1:].partition("=")
             f = field_of(key, f"{section}.{key}")
-            given[f.name] = given.get(f.name, []) + [value] if _is_list(f) else value
+            given[f.name] = given.get(f.name, []) + _values(value) if _is_list(f) else value
         elif "=" in token:
             overrides.append(token)
         else:
