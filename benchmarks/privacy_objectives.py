@@ -71,7 +71,7 @@ def load():
                              for t in ("white-box", "server"))
         objective = objective_of(p)
         rows.append({"run": Path(p["run_dir"]).name, "objective": objective, "steps": steps,
-                     "weight": settings_of(p).get(WEIGHTS.get(objective, ""), ""),
+                     "weight": "+".join(settings_of(p).get(WEIGHTS.get(name, ""), "") for name in objective.split("+")),
                      "transform_variance_priority": settings_of(p).get("objective.transform_variance_priority"),
                      "top1_agreement": agreement, "utility_loss": p["utility_loss"],
                      "sigma_over_spacing": p.get("sigma_over_spacing"), "leakage_bits": p["leakage_bits"],
@@ -99,12 +99,12 @@ def plot(baseline, rows, path) -> None:
             if threat == "white-box" and len(base) > 1:
                 front = pareto(base)
                 ax.plot([r for _, r in front], [a for a, _ in front], c=COLOURS["recommendations"], lw=1)
-            for name in ("fresh adversary", "posterior penalty", "bounded mean"):
+            for name in sorted({r["objective"] for r in rows}):
                 chosen = [r for r in rows if r["objective"] == name and r["steps"] == steps]
                 if not chosen:
                     continue
                 ax.scatter([r["recovery"][threat] for r in chosen], [r["top1_agreement"] for r in chosen],
-                           c=COLOURS[name], marker=marker, s=30, label=f"{name}, {steps} steps")
+                           c=COLOURS.get(name, "tab:purple"), marker=marker, s=30, label=f"{name}, {steps} steps")
                 for r in chosen:
                     ax.annotate(f"w{r['weight']} v{r['transform_variance_priority']}",
                                 (r["recovery"][threat], r["top1_agreement"]), xytext=(3, 2),
