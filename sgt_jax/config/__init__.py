@@ -15,7 +15,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, get_args, get_origin
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +25,7 @@ from sgt_jax.config.checks import (ADVERSARY_KINDS, ATTENTION_IMPLS, DATA_FORMAT
                                    OBJECTIVE_MODES, REMAT_POLICIES, SCHEDULES, AdversaryKind, AttentionImpl,
                                    ConfigError, DataFormat, Distributed, Dtype, MatmulPrecision, ObjectiveMode,
                                    RematPolicy, Schedule, check_choice, check_cloak, choice_message, validate)
-from sgt_jax.config.commands import COMMANDS, REFERENCE as COMMANDS_REFERENCE, section_table
+from sgt_jax.config.commands import COMMANDS, REFERENCE as COMMANDS_REFERENCE, literal_choices, section_table
 from sgt_jax.config.platform_blocks import PLATFORM_BLOCKS, REFERENCE as PLATFORM_REFERENCE, file_layers, one_line
 
 __all__ = [
@@ -311,7 +311,7 @@ class SGTConfig:
 
 def _choices(cls) -> Dict[str, tuple]:
     """The ``Literal`` choices of each choice setting of a schema dataclass, by field name."""
-    return {f.name: get_args(f.type) for f in dataclasses.fields(cls) if get_origin(f.type) is Literal}
+    return {f.name: choices for f in dataclasses.fields(cls) if (choices := literal_choices(f.type))}
 
 
 def _spell_booleans(layer: DictConfig) -> DictConfig:

@@ -21,7 +21,7 @@ from sgt_jax.config.checks import ConfigError, DataFormat, choice_message
 from sgt_jax.config.platform_blocks import one_line
 
 __all__ = ["EvaluateCommand", "AttackCommand", "SweepCommand", "BenchCommand", "COMMANDS", "parse_command",
-           "section_table", "REFERENCE", "RUN_FLAGS"]
+           "section_table", "literal_choices", "REFERENCE", "RUN_FLAGS"]
 
 THREAT_MODELS = "lookup,white-box,server"
 SERVER_ATTACKS = "transfer,reader,lm_prior"
@@ -147,11 +147,11 @@ def _is_bool(f: dataclasses.Field) -> bool:
     return f.type is bool
 
 
-def _choices(tp) -> tuple:
+def literal_choices(tp) -> tuple:
     """The ``Literal`` choices of a (possibly Optional) type, else ()."""
     if get_origin(tp) is Literal:
         return get_args(tp)
-    return next((_choices(a) for a in get_args(tp) if get_origin(a) is Literal), ())
+    return next((literal_choices(a) for a in get_args(tp) if get_origin(a) is Literal), ())
 
 
 def section_table(name: str, cls) -> str:
@@ -162,7 +162,7 @@ def section_table(name: str, cls) -> str:
     for f in dataclasses.fields(cls):
         default = getattr(defaults, f.name)
         shown = "null" if default is None else OmegaConf.to_yaml({"v": default}).strip()[3:].strip().replace("\n", " ")
-        meaning, choices = f.metadata["help"], _choices(f.type)
+        meaning, choices = f.metadata["help"], literal_choices(f.type)
         if choices:
             meaning = f"{meaning.rstrip('.')}. One of: {', '.join(f'`{c}`' for c in choices)}."
         lines.append(f"| `{name}.{f.name}` | `{shown}` | {meaning.replace('|', chr(92) + '|')} |")
@@ -259,7 +259,7 @@ def parse_command(section: str, argv: Sequence[str], *, prog: str, doc: str = ""
                 layer[k] = v
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), layer)), overrides
     except OmegaConfBaseException as exc:
-        choices = _choices(cls.__annotations__.get(exc.key)) if exc.key else ()
+        choices = literal_choices(cls.__annotations__.get(exc.key)) if exc.key else ()
         if choices and exc.value is not None:
             raise ConfigError(choice_message(exc.value, choices, f"{section}.{exc.key}")) from None
         raise ConfigError(f"invalid {section} setting: {one_line(exc)}") from None

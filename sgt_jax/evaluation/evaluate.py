@@ -73,7 +73,8 @@ def _data_pass(sgt, base, dataset, key, max_batches: Optional[int], num_prompts:
         forward = max_batches is None or i < max_batches
         if not forward and len(prompts) >= num_prompts:
             break
-        prompts.extend(prompts_from_batch(host_batch)[: max(0, num_prompts - len(prompts))])
+        if len(prompts) < num_prompts:
+            prompts.extend(prompts_from_batch(host_batch)[: num_prompts - len(prompts)])
         if forward:
             # One process: example i of the batch is its example_index, as in a one-host validation.
             batch = {k: jnp.asarray(host_batch[k]) for k in ("input_ids", "attention_mask", "noise_mask")}

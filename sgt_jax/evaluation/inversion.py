@@ -137,17 +137,19 @@ def train_inverter(kind: str, transform: Transform, data: PromptSet, *, hidden_s
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1),
                                                   learning_rate * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-    train_step = jax.jit(inverter_update, static_argnums=(0, 1), donate_argnums=(2, 3))
     opt_state = tx.init(params)
     for step, (_, _, batch) in enumerate(noised_batches(data, transform, noise_key, batch_size=batch_size,
                                                         steps=steps)):
         if kind == "mlp":  # per position: train on the noised positions only (a fraction of each prompt)
             batch = _target_positions(batch, slots=16 * batch_size)
-        params, opt_state, loss, _ = train_step(graphdef, tx, params, opt_state, batch["x_t"], batch["input_ids"],
+        params, opt_state, loss, _ = _inverter_step(graphdef, tx, params, opt_state, batch["x_t"], batch["input_ids"],
                                                 batch["target_mask"], batch["attention_mask"])
         if on_step is not None:
             on_step(step + 1, loss)
     return graphdef, params
+
+
+_inverter_step = jax.jit(inverter_update, static_argnums=(0, 1), donate_argnums=(2, 3))
 
 
 def _target_positions(batch: dict, slots: int) -> dict:
